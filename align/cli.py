@@ -1,0 +1,309 @@
+"""The `align` command line.
+
+Each subcommand's handler imports what it needs when it runs, so `align --help` stays fast.
+Problems a user can fix (AlignError) print one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from align.errors import AlignError
+
+KIND_CHOICES = ("sft", "prompts", "candidates", "preference")
+FORMAT_CHOICES = ("auto", "trl", "alpaca", "self-instruct", "sharegpt", "hh")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --workspace is accepted before or after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workspace", default=argparse.SUPPRESS, metavar="DIR",
+                        help="registry workspace (default: $ALIGN_WORKSPACE or ./align-workspace)")
+
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="RLHF and preference alignment in one loop: SFT, a ranking UI, reward models, DPO and PPO "
+        "over one dataset registry.",
+    )
+    parser.add_argument("--workspace", default=None, metavar="DIR",
+                        help="registry workspace (default: $ALIGN_WORKSPACE or ./align-workspace)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # align data ...
+    data = commands.add_parser("data", help="import, inspect, split and export registry datasets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    p = data_commands.add_parser("import", parents=[common], help="import a file as a new dataset version",
+                                 description="Import JSONL/JSON/Parquet/CSV or a saved HF dataset folder. Every row is "
+                                 "validated; nothing is registered unless all rows are valid.")
+    p.add_argument("path", help="file or saved-dataset folder")
+    p.add_argument("--name", required=True, help="dataset name")
+    p.add_argument("--kind", choices=KIND_CHOICES, help="kind to store (default: what the format holds)")
+    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto", help="input format (default: auto)")
+    p.set_defaults(handler=cmd_data_import)
+
+    p = data_commands.add_parser("list", parents=[common], help="list every dataset version")
+    p.set_defaults(handler=cmd_data_list)
+
+    p = data_commands.add_parser("show", parents=[common], help="schema, row count, lineage and sample rows")
+    p.add_argument("ref", metavar="NAME[@V]")
+    p.add_argument("--samples", type=int, default=3, help="sample rows to print (default: 3)")
+    p.set_defaults(handler=cmd_data_show)
+
+    p = data_commands.add_parser("export", parents=[common], help="write a version to .jsonl or .parquet")
+    p.add_argument("ref", metavar="NAME[@V]")
+    p.add_argument("--to", required=True, metavar="FILE", help="FILE.jsonl or FILE.parquet")
+    p.set_defaults(handler=cmd_data_export)
+
+    p = data_commands.add_parser("split", parents=[common], help="seeded train/test split into two new versions")
+    p.add_argument("ref", metavar="NAME[@V]")
+    p.add_argument("--test-size", type=float, default=0.1, help="fraction (0-1) or row count (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-name", help="default: NAME-train")
+    p.add_argument("--test-name", help="default: NAME-test")
+    p.set_defaults(handler=cmd_data_split)
+
+    p = data_commands.add_parser("prompts-from", parents=[common],
+                                 help="build a prompts version from sft, preference or candidates data")
+    p.add_argument("ref", metavar="NAME[@V]")
+    p.add_argument("--name", required=True, help="name of the prompts dataset")
+    p.set_defaults(handler=cmd_data_prompts_from)
+
+    # align runs ...
+    runs = commands.add_parser("runs", help="list and inspect training and generation runs")
+    run_commands = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    p = run_commands.add_parser("list", parents=[common], help="every run with its status")
+    p.set_defaults(handler=cmd_runs_list)
+    p = run_commands.add_parser("show", parents=[common], help="config, inputs, outputs and metrics of a run")
+    p.add_argument("run_id", metavar="ID")
+    p.set_defaults(handler=cmd_runs_show)
+
+    # align models ...
+    models = commands.add_parser("models", help="the embedded model and registered model artifacts")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    p = model_commands.add_parser("list", parents=[common], help="the embedded alias and registered artifacts")
+    p.set_defaults(handler=cmd_models_list)
+    p = model_commands.add_parser("prepare", parents=[common],
+                                  help="resolve a model reference (converts the embedded model on first use)")
+    p.add_argument("ref", nargs="?", default="smollm2-135m", metavar="REF", help="default: smollm2-135m")
+    p.set_defaults(handler=cmd_models_prepare)
+
+    # align chat
+    p = commands.add_parser("chat", parents=[common], help="terminal chat with any model reference",
+                            description="Streams replies token by token. Without --prompt it is an interactive, "
+                            "multi-turn chat: /reset clears the history, /exit (or Ctrl-D) quits.")
+    p.add_argument("--model", default="smollm2-135m", metavar="REF",
+                   help="smollm2-135m, a HF id or folder, adapter:NAME[@V] (default: smollm2-135m)")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(handler=cmd_chat)
+
+    return parser
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser | None = None, prefix: tuple = ()) -> dict:
+    """Every (sub)command path -> its parser; the --help test walks this."""
+    parser = parser or build_parser()
+    found = {prefix: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found.update(subcommand_parsers(child, prefix + (name,)))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except AlignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _registry(args):
+    from align.registry import Registry
+
+    return Registry(args.workspace)
+
+
+# Handlers
+
+
+def cmd_data_import(args) -> int:
+    registry = _registry(args)
+    version, result = registry.import_file(args.path, name=args.name, kind=args.kind, fmt=args.fmt)
+    print(f"{version.ref}  {version.num_rows} rows  kind={version.kind}  (format {result.format})")
+    for line in result.summary():
+        print(line)
+    return 0
+
+
+def cmd_data_list(args) -> int:
+    registry = _registry(args)
+    versions = registry.list_datasets()
+    if not versions:
+        print(f"no datasets in {registry.root} yet: `align data import FILE --name NAME` adds one")
+        return 0
+    rows = [("DATASET", "KIND", "ROWS", "CREATED", "FROM")]
+    for version in versions:
+        parents = ", ".join(_node_label(parent) for _, parent in registry.parents(version)) or "-"
+        rows.append((version.ref, version.kind, str(version.num_rows), version.created_at, parents))
+    _print_table(rows)
+    return 0
+
+
+def cmd_data_show(args) -> int:
+    import pyarrow.parquet as pq
+
+    registry = _registry(args)
+    version = registry.resolve(args.ref)
+    print(f"{version.ref}  kind={version.kind}  rows={version.num_rows}")
+    print(f"created {version.created_at}  content {version.content_hash[:16]}  file {version.path}")
+    if version.meta:
+        print("meta: " + json.dumps(version.meta, ensure_ascii=False))
+    print("\nschema:")
+    for column in pq.read_schema(version.path):
+        print(f"  {column.name}: {column.type}")
+    print("\nlineage:")
+    _print_lineage(registry, version, depth=0)
+    children = registry.children(version)
+    if children:
+        print("used by: " + ", ".join(f"{_node_label(child)} ({role})" for role, child in children))
+    print(f"\nsample rows ({min(args.samples, version.num_rows)} of {version.num_rows}):")
+    for row in registry.rows(version)[: args.samples]:
+        print(textwrap.indent(_shorten_row(row), "  "))
+    return 0
+
+
+def cmd_data_export(args) -> int:
+    registry = _registry(args)
+    version = registry.resolve(args.ref)
+    target = registry.export(version, args.to)
+    print(f"wrote {version.num_rows} rows of {version.ref} to {target}")
+    return 0
+
+
+def cmd_data_split(args) -> int:
+    registry = _registry(args)
+    train, test = registry.split(args.ref, test_size=args.test_size, seed=args.seed, train_name=args.train_name,
+                                 test_name=args.test_name)
+    print(f"{train.ref}  {train.num_rows} rows  kind={train.kind}")
+    print(f"{test.ref}  {test.num_rows} rows  kind={test.kind}")
+    return 0
+
+
+def cmd_data_prompts_from(args) -> int:
+    registry = _registry(args)
+    version = registry.convert(args.ref, name=args.name, kind="prompts")
+    print(f"{version.ref}  {version.num_rows} rows  kind=prompts  (from {registry.resolve(args.ref).ref})")
+    return 0
+
+
+def cmd_runs_list(args) -> int:
+    registry = _registry(args)
+    runs = registry.list_runs()
+    if not runs:
+        print(f"no runs in {registry.root} yet")
+        return 0
+    rows = [("RUN", "STAGE", "STATUS", "STARTED", "OUTPUTS")]
+    rows += [(run.id, run.stage, run.shown_status, run.created_at, ", ".join(run.outputs) or "-") for run in runs]
+    _print_table(rows)
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    registry = _registry(args)
+    run = registry.get_run(args.run_id)
+    print(f"{run.id}  stage={run.stage}  status={run.shown_status}  seed={run.seed}")
+    print(f"started {run.created_at}  finished {run.finished_at or '-'}  folder {run.dir}")
+    if run.error:
+        print(f"error: {run.error}")
+    print("inputs: " + (", ".join(run.inputs) or "-"))
+    print("outputs: " + (", ".join(run.outputs) or "-"))
+    print("config:\n" + textwrap.indent(json.dumps(run.config, indent=2, ensure_ascii=False), "  "))
+    if run.metrics:
+        print("metrics:\n" + textwrap.indent(json.dumps(run.metrics, indent=2), "  "))
+    print("libraries: " + ", ".join(f"{name} {version}" for name, version in run.library_versions.items()))
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from align.models import EMBEDDED_ALIAS, embedded_status
+
+    print(f"{EMBEDDED_ALIAS}  embedded SmolLM2-135M-Instruct  ({embedded_status()})")
+    registry = _registry(args)
+    for artifact in registry.list_artifacts():
+        print(f"{artifact.ref}  base={artifact.base_model}  {artifact.path}")
+    return 0
+
+
+def cmd_models_prepare(args) -> int:
+    from align.models import resolve_model
+
+    resolved = resolve_model(args.ref, registry=_registry(args) if ":" in args.ref else None)
+    print(resolved.describe())
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from align.chat import run_chat
+
+    registry = _registry(args) if ":" in args.model else None
+    run_chat(args.model, registry=registry, prompt=args.prompt, system=args.system,
+             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return 0
+
+
+# Printing helpers
+
+
+def _print_table(rows: list[tuple]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _node_label(node) -> str:
+    if isinstance(node, str):
+        return node
+    if hasattr(node, "ref"):
+        return node.ref
+    return f"run {node.id}"
+
+
+def _print_lineage(registry, node, depth: int) -> None:
+    parents = registry.parents(node)
+    if not parents and depth == 0:
+        print("  (imported; no parents)")
+    for role, parent in parents:
+        print("  " * (depth + 1) + f"<- {_node_label(parent)} ({role})")
+        if not isinstance(parent, str) and depth < 8:
+            _print_lineage(registry, parent, depth + 1)
+
+
+def _shorten_row(row: dict, limit: int = 160) -> str:
+    def shorten(value):
+        if isinstance(value, str):
+            return value if len(value) <= limit else value[:limit] + "..."
+        if isinstance(value, list):
+            return [shorten(item) for item in value]
+        if isinstance(value, dict):
+            return {key: shorten(item) for key, item in value.items()}
+        return value
+
+    return json.dumps(shorten(row), ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""The dataset registry: a SQLite catalog plus one Parquet file per immutable dataset version."""
+
+from align.registry.registry import (
+    Artifact,
+    DatasetVersion,
+    Registry,
+    Run,
+    check_name,
+    parse_ref,
+    workspace_path,
+)
+
+__all__ = ["Artifact", "DatasetVersion", "Registry", "Run", "check_name", "parse_ref", "workspace_path"]

@@ -1,0 +1,97 @@
+"""The SQLite catalog: tables for dataset versions, runs, artifacts and lineage.
+
+One file, `registry.sqlite`, in WAL mode so readers never block the writer. Every write is one
+transaction: a version, run or artifact is either fully recorded or not at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Each entry upgrades the catalog by one step; `PRAGMA user_version` records how many have run.
+MIGRATIONS = [
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        stage TEXT NOT NULL,
+        status TEXT NOT NULL,             -- running | completed | failed
+        dir TEXT NOT NULL,                -- relative to the workspace
+        config TEXT NOT NULL DEFAULT '{}',
+        inputs TEXT NOT NULL DEFAULT '[]',
+        outputs TEXT NOT NULL DEFAULT '[]',
+        metrics TEXT NOT NULL DEFAULT '{}',
+        seed INTEGER,
+        library_versions TEXT NOT NULL DEFAULT '{}',
+        pid INTEGER,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        finished_at TEXT
+    );
+    CREATE TABLE datasets (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        num_rows INTEGER NOT NULL,
+        path TEXT NOT NULL,               -- relative to the workspace
+        run_id TEXT REFERENCES runs(id),
+        meta TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        UNIQUE (name, version),
+        UNIQUE (name, content_hash)
+    );
+    CREATE TABLE artifacts (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,               -- adapter | rm | merged
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        base_model TEXT NOT NULL,         -- a model reference
+        run_id TEXT REFERENCES runs(id),
+        meta TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        UNIQUE (kind, name, version)
+    );
+    -- Edges between nodes written as 'dataset:ID', 'artifact:ID', 'run:ID' or 'model:REFERENCE'.
+    CREATE TABLE lineage (
+        child TEXT NOT NULL,
+        parent TEXT NOT NULL,
+        role TEXT NOT NULL DEFAULT 'input',
+        PRIMARY KEY (child, parent, role)
+    );
+    CREATE INDEX lineage_parent ON lineage (parent);
+    """,
+]
+
+
+def open_catalog(path: Path) -> sqlite3.Connection:
+    """Open (and create or upgrade) the catalog. Autocommit mode: transactions are explicit."""
+    connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    connection.row_factory = sqlite3.Row
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")  # an acknowledged write survives a crash
+    connection.execute("PRAGMA foreign_keys=ON")
+    with transaction(connection):
+        current = connection.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={number}")
+    return connection
+
+
+@contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE takes the write lock up front, so two writers queue instead of failing midway."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")

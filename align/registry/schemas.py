@@ -1,0 +1,229 @@
+"""The four dataset kinds, their canonical row schemas, and the checks every stored row passes.
+
+Rows follow TRL's conversational formats, so a registry version loads straight into a TRL trainer:
+
+    sft          {"messages": [msg, ...]}
+    prompts      {"prompt": [msg, ...]}                       (+ optional "reference": str)
+    candidates   {"prompt": [...], "completions": [[msg, ...], ...], "sources": [str, ...]}
+                                                               (+ optional "gold": int, "generation": str)
+    preference   {"prompt": [...], "chosen": [msg, ...], "rejected": [msg, ...]}
+                                                               (+ optional "margin", "tie", "weight")
+
+A message is {"role": "system" | "user" | "assistant" | "tool", "content": str}.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+KINDS = ("sft", "prompts", "candidates", "preference")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class RowError(ValueError):
+    """One bad field in one row; the importer adds the file and line."""
+
+    def __init__(self, field: str, value: object, problem: str):
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"field '{field}' {problem} (got {short_repr(value)})")
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class KindSchema:
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+
+
+SCHEMAS = {
+    "sft": KindSchema(required=("messages",), optional=()),
+    "prompts": KindSchema(required=("prompt",), optional=("reference",)),
+    "candidates": KindSchema(required=("prompt", "completions", "sources"), optional=("gold", "generation")),
+    "preference": KindSchema(required=("prompt", "chosen", "rejected"), optional=("margin", "tie", "weight")),
+}
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind '{kind}': choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def validate_messages(field: str, value: object, *, last_role: str | None = None) -> list[dict]:
+    """Check a conversation and return it as plain {"role", "content"} dicts."""
+    if not isinstance(value, list):
+        raise RowError(field, value, "must be a list of messages")
+    if not value:
+        raise RowError(field, value, "must hold at least one message")
+    clean = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise RowError(where, message, "must be a message object with 'role' and 'content'")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise RowError(f"{where}.{sorted(extra)[0]}", message[sorted(extra)[0]], "is not a message field")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowError(f"{where}.role", role, f"must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError(f"{where}.content", content, "must be a string")
+        clean.append({"role": role, "content": content})
+    if last_role and clean[-1]["role"] != last_role:
+        raise RowError(f"{field}[{len(clean) - 1}].role", clean[-1]["role"], f"must be '{last_role}' (the last turn)")
+    return clean
+
+
+def validate_reply(field: str, value: object) -> list[dict]:
+    """A completion: assistant turns only (usually exactly one)."""
+    messages = validate_messages(field, value)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            raise RowError(f"{field}[{i}].role", message["role"], "must be 'assistant' in a completion")
+    return messages
+
+
+def _number(field: str, value: object, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError(field, value, "must be a finite number")
+    if minimum is not None and value < minimum:
+        raise RowError(field, value, f"must be at least {minimum}")
+    return float(value)
+
+
+def validate_row(kind: str, row: dict) -> dict:
+    """Return the canonical form of one row of `kind`, or raise RowError naming the field."""
+    if not isinstance(row, dict):
+        raise RowError("(row)", row, "must be an object")
+    schema = SCHEMAS[check_kind(kind)]
+    for name in schema.required:
+        if name not in row or row[name] is None:
+            raise RowError(name, row.get(name), f"is required for a '{kind}' row")
+    unknown = set(row) - set(schema.required) - set(schema.optional)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise RowError(name, row[name], f"is not a field of a '{kind}' row")
+
+    if kind == "sft":
+        messages = validate_messages("messages", row["messages"])
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RowError("messages", row["messages"], "must contain at least one assistant turn")
+        return {"messages": messages}
+
+    prompt = validate_messages("prompt", row["prompt"], last_role="user")
+    out: dict = {"prompt": prompt}
+    if kind == "prompts":
+        if row.get("reference") is not None:
+            if not isinstance(row["reference"], str):
+                raise RowError("reference", row["reference"], "must be a string (a reference answer)")
+            out["reference"] = row["reference"]
+        return out
+
+    if kind == "preference":
+        out["chosen"] = validate_reply("chosen", row["chosen"])
+        out["rejected"] = validate_reply("rejected", row["rejected"])
+        if row.get("margin") is not None:
+            out["margin"] = _number("margin", row["margin"])
+        if row.get("weight") is not None:
+            out["weight"] = _number("weight", row["weight"], minimum=0.0)
+        if row.get("tie") is not None:
+            if not isinstance(row["tie"], bool):
+                raise RowError("tie", row["tie"], "must be true or false")
+            out["tie"] = row["tie"]
+        return out
+
+    # candidates
+    completions, sources = row["completions"], row["sources"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise RowError("completions", completions, "must be a list of at least two completions")
+    out["completions"] = [validate_reply(f"completions[{i}]", c) for i, c in enumerate(completions)]
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise RowError("sources", sources, "must be a list of strings (one source name per completion)")
+    if len(sources) != len(completions):
+        raise RowError("sources", sources, f"must have one name per completion ({len(completions)})")
+    out["sources"] = list(sources)
+    if row.get("gold") is not None:
+        gold = row["gold"]
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(completions):
+            raise RowError("gold", gold, f"must be the index of the best completion (0..{len(completions) - 1})")
+        out["gold"] = gold
+    if row.get("generation") is not None:
+        if not isinstance(row["generation"], str):
+            raise RowError("generation", row["generation"], "must be a string (JSON of the sampling settings)")
+        out["generation"] = row["generation"]
+    return out
+
+
+def arrow_schema(kind: str, columns: list[str]):
+    """The Parquet schema of a kind, for the columns present (optional ones only when used)."""
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    messages = pa.list_(message)
+    types = {
+        "messages": messages,
+        "prompt": messages,
+        "chosen": messages,
+        "rejected": messages,
+        "completions": pa.list_(messages),
+        "sources": pa.list_(pa.string()),
+        "reference": pa.string(),
+        "gold": pa.int64(),
+        "generation": pa.string(),
+        "margin": pa.float64(),
+        "tie": pa.bool_(),
+        "weight": pa.float64(),
+    }
+    return pa.schema([(name, types[name]) for name in columns])
+
+
+def ordered_columns(kind: str, rows: list[dict]) -> list[str]:
+    schema = SCHEMAS[kind]
+    used = set().union(*(row.keys() for row in rows)) if rows else set()
+    return list(schema.required) + [name for name in schema.optional if name in used]
+
+
+# Conversions between kinds: what `--kind` and `align data prompts-from` may ask for.
+
+
+def last_assistant_split(messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Split a conversation into (context up to the last user turn, the assistant turns after it)."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    return messages[: last_user + 1], messages[last_user + 1 :]
+
+
+def convert_row(row: dict, source_kind: str, target_kind: str) -> dict:
+    """Turn a canonical row of one kind into another kind, where that makes sense."""
+    if source_kind == target_kind:
+        return row
+    if target_kind == "prompts":
+        if source_kind == "sft":
+            context, replies = last_assistant_split(row["messages"])
+            if not context:
+                raise RowError("messages", row["messages"], "has no user turn to use as a prompt")
+            out = {"prompt": context}
+            text = "\n".join(m["content"] for m in replies if m["role"] == "assistant")
+            if text:
+                out["reference"] = text
+            return out
+        if source_kind in ("preference", "candidates"):
+            out = {"prompt": row["prompt"]}
+            if source_kind == "preference" and not row.get("tie"):
+                out["reference"] = "\n".join(m["content"] for m in row["chosen"])
+            return out
+    if target_kind == "candidates" and source_kind == "preference":
+        # A known pair becomes a gold item for the ranking UI: completion 0 is the preferred one.
+        out = {"prompt": row["prompt"], "completions": [row["chosen"], row["rejected"]], "sources": ["chosen", "rejected"]}
+        if not row.get("tie"):
+            out["gold"] = 0
+        return out
+    if target_kind == "sft" and source_kind == "preference":
+        return {"messages": row["prompt"] + row["chosen"]}
+    raise ValueError(f"'{source_kind}' rows cannot become '{target_kind}' rows")
