@@ -1,7 +1,7 @@
 """Chat with any model reference in the terminal, streaming tokens as they are generated.
 
-    align chat --model smollm2-135m --prompt "What is the capital of France?" --temperature 0
-    align chat --model adapter:sft          # interactive: /reset clears the conversation, /exit quits
+align chat --model smollm2-135m --prompt "What is the capital of France?" --temperature 0
+align chat --model adapter:sft          # interactive: /reset clears the conversation, /exit quits
 """
 
 import sys
@@ -68,7 +68,9 @@ def run_chat(
             continue
         history.append({"role": "user", "content": text})
         output.write("assistant> ")
-        history.append({"role": "assistant", "content": _reply(model, tokenizer, history, gen_kwargs, output)})
+        history.append(
+            {"role": "assistant", "content": _reply(model, tokenizer, history, gen_kwargs, output)}
+        )
 
 
 def _reply(model: Any, tokenizer: Any, messages: list[dict], gen_kwargs: dict, output: TextIO) -> str:

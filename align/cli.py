@@ -20,29 +20,43 @@ FORMAT_CHOICES = ("auto", "trl", "alpaca", "self-instruct", "sharegpt", "hh")
 def build_parser() -> argparse.ArgumentParser:
     # --workspace is accepted before or after the subcommand.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workspace", default=argparse.SUPPRESS, metavar="DIR",
-                        help="registry workspace (default: $ALIGN_WORKSPACE or ./align-workspace)")
+    common.add_argument(
+        "--workspace",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="registry workspace (default: $ALIGN_WORKSPACE or ./align-workspace)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="align",
         description="RLHF and preference alignment in one loop: SFT, a ranking UI, reward models, DPO and PPO "
         "over one dataset registry.",
     )
-    parser.add_argument("--workspace", default=None, metavar="DIR",
-                        help="registry workspace (default: $ALIGN_WORKSPACE or ./align-workspace)")
+    parser.add_argument(
+        "--workspace",
+        default=None,
+        metavar="DIR",
+        help="registry workspace (default: $ALIGN_WORKSPACE or ./align-workspace)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # align data ...
     data = commands.add_parser("data", help="import, inspect, split and export registry datasets")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    p = data_commands.add_parser("import", parents=[common], help="import a file as a new dataset version",
-                                 description="Import JSONL/JSON/Parquet/CSV or a saved HF dataset folder. Every row is "
-                                 "validated; nothing is registered unless all rows are valid.")
+    p = data_commands.add_parser(
+        "import",
+        parents=[common],
+        help="import a file as a new dataset version",
+        description="Import JSONL/JSON/Parquet/CSV or a saved HF dataset folder. Every row is "
+        "validated; nothing is registered unless all rows are valid.",
+    )
     p.add_argument("path", help="file or saved-dataset folder")
     p.add_argument("--name", required=True, help="dataset name")
     p.add_argument("--kind", choices=KIND_CHOICES, help="kind to store (default: what the format holds)")
-    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto", help="input format (default: auto)")
+    p.add_argument(
+        "--format", dest="fmt", choices=FORMAT_CHOICES, default="auto", help="input format (default: auto)"
+    )
     p.set_defaults(handler=cmd_data_import)
 
     p = data_commands.add_parser("list", parents=[common], help="list every dataset version")
@@ -58,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="FILE", help="FILE.jsonl or FILE.parquet")
     p.set_defaults(handler=cmd_data_export)
 
-    p = data_commands.add_parser("split", parents=[common], help="seeded train/test split into two new versions")
+    p = data_commands.add_parser(
+        "split", parents=[common], help="seeded train/test split into two new versions"
+    )
     p.add_argument("ref", metavar="NAME[@V]")
     p.add_argument("--test-size", type=float, default=0.1, help="fraction (0-1) or row count (default: 0.1)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-name", help="default: NAME-test")
     p.set_defaults(handler=cmd_data_split)
 
-    p = data_commands.add_parser("prompts-from", parents=[common],
-                                 help="build a prompts version from sft, preference or candidates data")
+    p = data_commands.add_parser(
+        "prompts-from",
+        parents=[common],
+        help="build a prompts version from sft, preference or candidates data",
+    )
     p.add_argument("ref", metavar="NAME[@V]")
     p.add_argument("--name", required=True, help="name of the prompts dataset")
     p.set_defaults(handler=cmd_data_prompts_from)
@@ -84,19 +103,78 @@ def build_parser() -> argparse.ArgumentParser:
     # align models ...
     models = commands.add_parser("models", help="the embedded model and registered model artifacts")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    p = model_commands.add_parser("list", parents=[common], help="the embedded alias and registered artifacts")
+    p = model_commands.add_parser(
+        "list", parents=[common], help="the embedded alias and registered artifacts"
+    )
     p.set_defaults(handler=cmd_models_list)
-    p = model_commands.add_parser("prepare", parents=[common],
-                                  help="resolve a model reference (converts the embedded model on first use)")
+    p = model_commands.add_parser(
+        "prepare",
+        parents=[common],
+        help="resolve a model reference (converts the embedded model on first use)",
+    )
     p.add_argument("ref", nargs="?", default="smollm2-135m", metavar="REF", help="default: smollm2-135m")
     p.set_defaults(handler=cmd_models_prepare)
 
+    # align sft
+    p = commands.add_parser(
+        "sft",
+        parents=[common],
+        allow_abbrev=False,
+        help="supervised fine-tuning (LoRA by default) on an sft dataset",
+        description="Train TRL's SFTTrainer from a recipe. Any config key can be overridden as "
+        "--key value (e.g. --max_steps 20 --dataset seed-tasks@1).",
+    )
+    p.add_argument("--config", metavar="RECIPE.yaml", help="recipe, e.g. recipes/sft/smollm2-135m-lora.yaml")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_ID",
+        help="continue the last interrupted sft run (or RUN_ID) from its last checkpoint",
+    )
+    p.set_defaults(handler=cmd_sft, accepts_overrides=True)
+
+    # align generate
+    p = commands.add_parser(
+        "generate",
+        parents=[common],
+        help="sample candidates from one or more models",
+        description="N completions per prompt from each model, registered as a candidates "
+        "version for the ranking UI.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="REF",
+        help="model reference; repeat to compare models (e.g. an adapter and its base)",
+    )
+    p.add_argument("--prompts", required=True, metavar="DATASET[@V]", help="a prompts dataset")
+    p.add_argument("--n", type=int, default=2, help="completions per prompt per model (default: 2)")
+    p.add_argument("--name", required=True, help="name of the candidates dataset")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.set_defaults(handler=cmd_generate)
+
     # align chat
-    p = commands.add_parser("chat", parents=[common], help="terminal chat with any model reference",
-                            description="Streams replies token by token. Without --prompt it is an interactive, "
-                            "multi-turn chat: /reset clears the history, /exit (or Ctrl-D) quits.")
-    p.add_argument("--model", default="smollm2-135m", metavar="REF",
-                   help="smollm2-135m, a HF id or folder, adapter:NAME[@V] (default: smollm2-135m)")
+    p = commands.add_parser(
+        "chat",
+        parents=[common],
+        help="terminal chat with any model reference",
+        description="Streams replies token by token. Without --prompt it is an interactive, "
+        "multi-turn chat: /reset clears the history, /exit (or Ctrl-D) quits.",
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        metavar="REF",
+        help="smollm2-135m, a HF id or folder, adapter:NAME[@V] (default: smollm2-135m)",
+    )
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -120,7 +198,11 @@ def subcommand_parsers(parser: argparse.ArgumentParser | None = None, prefix: tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.handler(args) or 0
     except AlignError as exc:
@@ -196,8 +278,13 @@ def cmd_data_export(args) -> int:
 
 def cmd_data_split(args) -> int:
     registry = _registry(args)
-    train, test = registry.split(args.ref, test_size=args.test_size, seed=args.seed, train_name=args.train_name,
-                                 test_name=args.test_name)
+    train, test = registry.split(
+        args.ref,
+        test_size=args.test_size,
+        seed=args.seed,
+        train_name=args.train_name,
+        test_name=args.test_name,
+    )
     print(f"{train.ref}  {train.num_rows} rows  kind={train.kind}")
     print(f"{test.ref}  {test.num_rows} rows  kind={test.kind}")
     return 0
@@ -217,7 +304,9 @@ def cmd_runs_list(args) -> int:
         print(f"no runs in {registry.root} yet")
         return 0
     rows = [("RUN", "STAGE", "STATUS", "STARTED", "OUTPUTS")]
-    rows += [(run.id, run.stage, run.shown_status, run.created_at, ", ".join(run.outputs) or "-") for run in runs]
+    rows += [
+        (run.id, run.stage, run.shown_status, run.created_at, ", ".join(run.outputs) or "-") for run in runs
+    ]
     _print_table(rows)
     return 0
 
@@ -256,12 +345,50 @@ def cmd_models_prepare(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from align.sft import main as sft_main
+
+    sft_main(args.config, args.overrides, workspace=args.workspace, resume=args.resume)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from align.generate import SamplingSettings, generate_candidates
+
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    version = generate_candidates(
+        _registry(args),
+        args.model,
+        args.prompts,
+        n=args.n,
+        name=args.name,
+        limit=args.limit,
+        settings=settings,
+    )
+    print(f"{version.ref}  {version.num_rows} rows  kind=candidates")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from align.chat import run_chat
 
     registry = _registry(args) if ":" in args.model else None
-    run_chat(args.model, registry=registry, prompt=args.prompt, system=args.system,
-             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    run_chat(
+        args.model,
+        registry=registry,
+        prompt=args.prompt,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     return 0
 
 

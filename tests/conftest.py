@@ -27,7 +27,9 @@ def make_tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(alphabet)])}
+    vocab = {
+        tok: i for i, tok in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(alphabet)])
+    }
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -39,6 +41,12 @@ def make_tiny_tokenizer():
     )
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A fresh tiny ChatML tokenizer (no pad token), the one saved in `tiny_model_dir`."""
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +66,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # tied random tiny models just repeat the last token ("\n")
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-model")

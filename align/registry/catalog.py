@@ -46,7 +46,7 @@ MIGRATIONS = [
     );
     CREATE TABLE artifacts (
         id INTEGER PRIMARY KEY,
-        kind TEXT NOT NULL,               -- adapter | rm | merged
+        kind TEXT NOT NULL,               -- adapter | rm | model
         name TEXT NOT NULL,
         version INTEGER NOT NULL,
         path TEXT NOT NULL,
@@ -56,7 +56,7 @@ MIGRATIONS = [
         created_at TEXT NOT NULL,
         UNIQUE (kind, name, version)
     );
-    -- Edges between nodes written as 'dataset:ID', 'artifact:ID', 'run:ID' or 'model:REFERENCE'.
+    -- Edges between nodes written as 'dataset:ID', 'artifact:ID', 'run:ID' or 'base:MODEL_REFERENCE'.
     CREATE TABLE lineage (
         child TEXT NOT NULL,
         parent TEXT NOT NULL,

@@ -84,20 +84,25 @@ def _read_text(path: Path) -> str:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         bad = data[exc.start : exc.start + 1].hex()
         raise DataError(
-            [f"{path} line {line}: text is not UTF-8 (byte 0x{bad} at column {column}); re-save the file as UTF-8"],
+            [
+                f"{path} line {line}: text is not UTF-8 (byte 0x{bad} at column {column}); re-save the file as UTF-8"
+            ],
             str(path),
         ) from None
 
 
 def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 etc., which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             yield f"line {number}", json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(
-                [f"{path} line {number}: malformed JSON: {exc.msg} at column {exc.colno} ({short_repr(line)})"],
+                [
+                    f"{path} line {number}: malformed JSON: {exc.msg} at column {exc.colno} ({short_repr(line)})"
+                ],
                 str(path),
             ) from None
 
@@ -110,11 +115,19 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
     while True:
         position = _skip_space(text, position)
         if position < len(text) and text[position] == "]":
+            rest = _skip_space(text, position + 1)
+            if rest < len(text):
+                line = text.count("\n", 0, rest) + 1
+                raise DataError(
+                    [f"{path} line {line}: malformed JSON: extra data after the closing ']'"], str(path)
+                )
             return
         try:
             item, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
-            raise DataError([f"{path} line {exc.lineno}: malformed JSON: {exc.msg} at column {exc.colno}"], str(path)) from None
+            raise DataError(
+                [f"{path} line {exc.lineno}: malformed JSON: {exc.msg} at column {exc.colno}"], str(path)
+            ) from None
         number += 1
         yield f"line {text.count(chr(10), 0, position) + 1}", item
         position = _skip_space(text, end)
@@ -122,7 +135,9 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
             position += 1
         elif position >= len(text) or text[position] != "]":
             line = text.count("\n", 0, position) + 1
-            raise DataError([f"{path} line {line}: malformed JSON: expected ',' or ']' after item {number}"], str(path))
+            raise DataError(
+                [f"{path} line {line}: malformed JSON: expected ',' or ']' after item {number}"], str(path)
+            )
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -132,8 +147,18 @@ def _skip_space(text: str, position: int) -> int:
 
 
 # CSV cells are strings: these fields are decoded from JSON or numbers when they look like them.
-_CSV_JSON_FIELDS = {"messages", "prompt", "chosen", "rejected", "completion", "completions", "sources", "conversations",
-                    "instances", "history"}
+_CSV_JSON_FIELDS = {
+    "messages",
+    "prompt",
+    "chosen",
+    "rejected",
+    "completion",
+    "completions",
+    "sources",
+    "conversations",
+    "instances",
+    "history",
+}
 _CSV_NUMBER_FIELDS = {"margin", "weight", "gold"}
 
 
@@ -144,7 +169,9 @@ def _read_csv(path: Path, text: str) -> Iterator[tuple[str, object]]:
         clean = {}
         for key, value in row.items():
             if key is None:
-                raise DataError([f"{path} line {line}: more cells than header columns ({short_repr(value)})"], str(path))
+                raise DataError(
+                    [f"{path} line {line}: more cells than header columns ({short_repr(value)})"], str(path)
+                )
             clean[key] = _csv_cell(key, value)
         yield f"line {line}", clean
 
@@ -177,7 +204,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _read_saved_dataset(path: Path) -> Iterator[tuple[str, object]]:
-    if not ((path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+    if not (
+        (path / "dataset_info.json").exists()
+        or (path / "state.json").exists()
+        or (path / "dataset_dict.json").exists()
+    ):
         raise AlignError(f"{path}: a folder must be a dataset saved with datasets' save_to_disk")
     import datasets
 
@@ -185,7 +216,9 @@ def _read_saved_dataset(path: Path) -> Iterator[tuple[str, object]]:
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
             splits = ", ".join(loaded)
-            raise AlignError(f"{path} holds several splits ({splits}): import one, e.g. {path / next(iter(loaded))}")
+            raise AlignError(
+                f"{path} holds several splits ({splits}): import one, e.g. {path / next(iter(loaded))}"
+            )
         loaded = next(iter(loaded.values()))
     for number, row in enumerate(loaded, start=1):
         yield f"row {number}", row
@@ -326,15 +359,26 @@ def convert_self_instruct(row: dict) -> tuple[list[dict], set]:
         if not isinstance(output, str):
             raise RowError(f"instances[{i}].output", output, "must be a string")
         user = _join_instruction(instruction, extra)
-        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+        )
     # id, name and is_classification describe the task, not the conversation.
     return rows, set(row) - {"instruction", "instances", "id", "name", "is_classification"}
 
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system", "tool": "tool",
-    "function_response": "tool", "observation": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function_response": "tool",
+    "observation": "tool",
 }
 
 
@@ -366,9 +410,14 @@ def parse_hh_transcript(field_name: str, text: object) -> list[dict]:
         raise RowError(field_name, text, "must be a transcript string")
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
-        raise RowError(field_name, text, "must be a transcript of '\\n\\nHuman:' and '\\n\\nAssistant:' turns")
+        raise RowError(
+            field_name, text, "must be a transcript of '\\n\\nHuman:' and '\\n\\nAssistant:' turns"
+        )
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": roles[speaker], "content": content.strip()}
+        for speaker, content in zip(parts[1::2], parts[2::2])
+    ]
 
 
 class SkipRow(Exception):
@@ -384,7 +433,10 @@ def convert_hh(row: dict) -> tuple[dict, set]:
         raise SkipRow("the two transcripts do not share the conversation before the final assistant turn")
     if not chosen[:-1] or chosen[-2]["role"] != "user":
         raise SkipRow("no human turn before the final assistant turn")
-    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}, set(row) - {"chosen", "rejected"}
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}, set(row) - {
+        "chosen",
+        "rejected",
+    }
 
 
 NATURAL_KIND = {"alpaca": "sft", "self-instruct": "sft", "sharegpt": "sft", "hh": "preference"}
@@ -400,7 +452,9 @@ def import_file(path: str | Path, *, kind: str | None = None, fmt: str = "auto")
     source_kind = None
     for location, raw in read_rows(path):
         if not isinstance(raw, dict):
-            problems.append(f"{path} {location}: expected a JSON object per row, got {type(raw).__name__} ({short_repr(raw)})")
+            problems.append(
+                f"{path} {location}: expected a JSON object per row, got {type(raw).__name__} ({short_repr(raw)})"
+            )
             continue
         if result is None:
             fmt = fmt if fmt != "auto" else detect_format(raw) or _undetectable(path, location, raw)

@@ -30,7 +30,7 @@ from align.registry.catalog import open_catalog, transaction
 from align.registry.schemas import KINDS, RowError, arrow_schema, convert_row, ordered_columns, validate_row
 
 DEFAULT_WORKSPACE = "align-workspace"
-ARTIFACT_KINDS = ("adapter", "rm", "merged")
+ARTIFACT_KINDS = ("adapter", "rm", "model")  # model: full weights (full fine-tune or merged LoRA)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -146,7 +146,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-
 class Registry:
     """The Python API: `Registry(workspace).load("name@3")`, `.register(rows, name=, kind=, parents=, run=)`."""
 
@@ -177,7 +176,7 @@ class Registry:
         """Validate and store rows as a new version of `name`, or return the version that already holds them.
 
         `dataset` is a `datasets.Dataset`, a pyarrow Table or a list of dicts. `parents` are what the rows
-        were made from: versions, artifacts, runs, references ('name@2', 'adapter:x@1', 'model:REF') or
+        were made from: versions, artifacts, runs, references ('name@2', 'adapter:x@1', 'base:MODEL_REF') or
         (parent, role) pairs.
         """
         check_name(name)
@@ -219,8 +218,17 @@ class Registry:
                 cursor = self.db.execute(
                     "INSERT INTO datasets (name, version, kind, content_hash, num_rows, path, run_id, meta, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, kind, content_hash, len(clean), str(relative), run_id,
-                     json.dumps(meta or {}), _now()),
+                    (
+                        name,
+                        version,
+                        kind,
+                        content_hash,
+                        len(clean),
+                        str(relative),
+                        run_id,
+                        json.dumps(meta or {}),
+                        _now(),
+                    ),
                 )
                 for parent, role in edges:
                     self.db.execute(
@@ -232,7 +240,9 @@ class Registry:
                 raise
         return self.resolve(f"{name}@{version}")
 
-    def resolve(self, ref: str | DatasetVersion, *, kind: str | Sequence[str] | None = None) -> DatasetVersion:
+    def resolve(
+        self, ref: str | DatasetVersion, *, kind: str | Sequence[str] | None = None
+    ) -> DatasetVersion:
         """'name' (latest) or 'name@3' -> the version; with `kind`, insist on that kind."""
         if isinstance(ref, DatasetVersion):
             found = ref
@@ -248,7 +258,9 @@ class Registry:
                 raise AlignError(f"no dataset {ref!r} in the registry at {self.root}{hint}")
         kinds = (kind,) if isinstance(kind, str) else tuple(kind or ())
         if kinds and found.kind not in kinds:
-            raise AlignError(f"dataset {found.ref} holds '{found.kind}' rows, but {' or '.join(kinds)} rows are needed")
+            raise AlignError(
+                f"dataset {found.ref} holds '{found.kind}' rows, but {' or '.join(kinds)} rows are needed"
+            )
         return found
 
     def rows(self, ref: str | DatasetVersion) -> list[dict]:
@@ -275,8 +287,12 @@ class Registry:
 
         check_name(name)
         result = import_file(path, kind=kind, fmt=fmt)
-        meta = {"source": str(Path(path).resolve()), "format": result.format, "skipped": len(result.skipped),
-                "source_rows": result.source_rows}
+        meta = {
+            "source": str(Path(path).resolve()),
+            "format": result.format,
+            "skipped": len(result.skipped),
+            "source_rows": result.source_rows,
+        }
         version = self.register(result.rows, name=name, kind=result.kind, meta=meta)
         return version, result
 
@@ -291,8 +307,15 @@ class Registry:
             raise AlignError(f"cannot make '{kind}' rows from {source.ref}: {exc}") from None
         return self.register(rows, name=name, kind=kind, parents=[(source, f"converted-to-{kind}")])
 
-    def split(self, ref: str, *, test_size: float = 0.1, seed: int = 0, train_name: str | None = None,
-              test_name: str | None = None) -> tuple[DatasetVersion, DatasetVersion]:
+    def split(
+        self,
+        ref: str,
+        *,
+        test_size: float = 0.1,
+        seed: int = 0,
+        train_name: str | None = None,
+        test_name: str | None = None,
+    ) -> tuple[DatasetVersion, DatasetVersion]:
         """A seeded split into NAME-train and NAME-test versions, each with lineage to the source."""
         source = self.resolve(ref)
         rows = self.rows(source)
@@ -306,12 +329,15 @@ class Registry:
         random.Random(seed).shuffle(order)
         test_indices = set(order[:count])
         parts = {}
-        for part, part_name in (("train", train_name or f"{source.name}-train"),
-                                ("test", test_name or f"{source.name}-test")):
+        for part, part_name in (
+            ("train", train_name or f"{source.name}-train"),
+            ("test", test_name or f"{source.name}-test"),
+        ):
             chosen = [row for i, row in enumerate(rows) if (i in test_indices) == (part == "test")]
             meta = {"split": part, "source": source.ref, "test_size": test_size, "seed": seed}
-            parts[part] = self.register(chosen, name=part_name, kind=source.kind, parents=[(source, f"split:{part}")],
-                                        meta=meta)
+            parts[part] = self.register(
+                chosen, name=part_name, kind=source.kind, parents=[(source, f"split:{part}")], meta=meta
+            )
         return parts["train"], parts["test"]
 
     def export(self, ref: str, to: str | os.PathLike) -> Path:
@@ -342,16 +368,20 @@ class Registry:
     def parents(self, node) -> list[tuple[str, object]]:
         """(role, parent) pairs of a version, artifact or run; a parent is an object or a plain reference."""
         node = node if isinstance(node, str) else node.node
-        found = self.db.execute("SELECT parent, role FROM lineage WHERE child = ? ORDER BY role, parent", (node,))
+        found = self.db.execute(
+            "SELECT parent, role FROM lineage WHERE child = ? ORDER BY role, parent", (node,)
+        )
         return [(row["role"], self.node(row["parent"])) for row in found.fetchall()]
 
     def children(self, node) -> list[tuple[str, object]]:
         node = node if isinstance(node, str) else node.node
-        found = self.db.execute("SELECT child, role FROM lineage WHERE parent = ? ORDER BY role, child", (node,))
+        found = self.db.execute(
+            "SELECT child, role FROM lineage WHERE parent = ? ORDER BY role, child", (node,)
+        )
         return [(row["role"], self.node(row["child"])) for row in found.fetchall()]
 
     def node(self, node: str):
-        """'dataset:12' -> DatasetVersion, 'artifact:3' -> Artifact, 'run:ID' -> Run, 'model:REF' -> 'REF'."""
+        """'dataset:12' -> DatasetVersion, 'artifact:3' -> Artifact, 'run:ID' -> Run, 'base:REF' -> 'REF'."""
         kind, _, key = node.partition(":")
         if kind == "dataset":
             return self._version_row("id = ?", (int(key),)) or node
@@ -361,7 +391,7 @@ class Registry:
         if kind == "run":
             row = self.db.execute("SELECT * FROM runs WHERE id = ?", (key,)).fetchone()
             return self._run(row) if row else node
-        return key if kind == "model" else node
+        return key if kind == "base" else node
 
     def _parent_edge(self, parent) -> tuple[str, str]:
         role = "input"
@@ -370,7 +400,7 @@ class Registry:
         if isinstance(parent, (DatasetVersion, Artifact, Run)):
             return parent.node, role
         text = str(parent)
-        if text.startswith("model:") or text.startswith("comparisons:"):
+        if text.startswith("base:") or text.startswith("comparisons:"):
             return text, role
         if text.split(":", 1)[0] in ARTIFACT_KINDS:
             return self.resolve_artifact(text).node, role
@@ -378,8 +408,15 @@ class Registry:
 
     # Runs
 
-    def start_run(self, stage: str, *, config: dict | None = None, inputs: Sequence[str] = (),
-                  seed: int | None = None, run_id: str | None = None) -> Run:
+    def start_run(
+        self,
+        stage: str,
+        *,
+        config: dict | None = None,
+        inputs: Sequence[str] = (),
+        seed: int | None = None,
+        run_id: str | None = None,
+    ) -> Run:
         """Record a run as running and make its folder runs/ID/."""
         run_id = run_id or f"{stage}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         relative = Path("runs") / run_id
@@ -388,8 +425,17 @@ class Registry:
             self.db.execute(
                 "INSERT INTO runs (id, stage, status, dir, config, inputs, seed, library_versions, pid, created_at)"
                 " VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, stage, str(relative), json.dumps(config or {}, default=str), json.dumps(list(inputs)),
-                 seed, json.dumps(library_versions()), os.getpid(), _now()),
+                (
+                    run_id,
+                    stage,
+                    str(relative),
+                    json.dumps(config or {}, default=str),
+                    json.dumps(list(inputs)),
+                    seed,
+                    json.dumps(library_versions()),
+                    os.getpid(),
+                    _now(),
+                ),
             )
         return self.get_run(run_id)
 
@@ -397,19 +443,35 @@ class Registry:
         """Mark an interrupted or failed run as running again, in this process."""
         self.get_run(run_id)
         with transaction(self.db):
-            self.db.execute("UPDATE runs SET status = 'running', pid = ?, error = NULL, finished_at = NULL WHERE id = ?",
-                            (os.getpid(), run_id))
+            self.db.execute(
+                "UPDATE runs SET status = 'running', pid = ?, error = NULL, finished_at = NULL WHERE id = ?",
+                (os.getpid(), run_id),
+            )
         return self.get_run(run_id)
 
-    def finish_run(self, run: Run | str, *, status: str = "completed", metrics: dict | None = None,
-                   outputs: Sequence[str] = (), error: str | None = None) -> Run:
+    def finish_run(
+        self,
+        run: Run | str,
+        *,
+        status: str = "completed",
+        metrics: dict | None = None,
+        outputs: Sequence[str] = (),
+        error: str | None = None,
+    ) -> Run:
         run_id = run.id if isinstance(run, Run) else run
         if status not in ("completed", "failed"):
             raise ValueError(f"a run finishes as completed or failed, not {status!r}")
         with transaction(self.db):
             self.db.execute(
                 "UPDATE runs SET status = ?, metrics = ?, outputs = ?, error = ?, finished_at = ? WHERE id = ?",
-                (status, json.dumps(metrics or {}, default=float), json.dumps(list(outputs)), error, _now(), run_id),
+                (
+                    status,
+                    json.dumps(metrics or {}, default=float),
+                    json.dumps(list(outputs)),
+                    error,
+                    _now(),
+                    run_id,
+                ),
             )
         return self.get_run(run_id)
 
@@ -420,44 +482,71 @@ class Registry:
         return self._run(row)
 
     def list_runs(self) -> list[Run]:
-        return [self._run(row) for row in self.db.execute("SELECT * FROM runs ORDER BY created_at, id").fetchall()]
+        return [
+            self._run(row) for row in self.db.execute("SELECT * FROM runs ORDER BY created_at, id").fetchall()
+        ]
 
     # Artifacts: adapters, reward models, merged models
 
-    def register_artifact(self, kind: str, name: str, path: str | os.PathLike, *, base_model: str,
-                          run: Run | str | None = None, parents: Iterable = (), meta: dict | None = None) -> Artifact:
+    def register_artifact(
+        self,
+        kind: str,
+        name: str,
+        path: str | os.PathLike,
+        *,
+        base_model: str,
+        run: Run | str | None = None,
+        parents: Iterable = (),
+        meta: dict | None = None,
+    ) -> Artifact:
         if kind not in ARTIFACT_KINDS:
             raise AlignError(f"unknown artifact kind {kind!r}: choose one of {', '.join(ARTIFACT_KINDS)}")
-        check_name(name, f"{kind} name")
+        check_name(name, kind)
         location = Path(path).resolve()
         if not location.exists():
             raise AlignError(f"cannot register {kind}:{name}: {location} does not exist")
         stored = location.relative_to(self.root) if location.is_relative_to(self.root) else location
-        edges = [self._parent_edge(parent) for parent in parents] + [(f"model:{base_model}", "base-model")]
+        base_is_artifact = base_model.split(":", 1)[0] in ARTIFACT_KINDS
+        base_node = self.resolve_artifact(base_model).node if base_is_artifact else f"base:{base_model}"
+        edges = [self._parent_edge(parent) for parent in parents] + [(base_node, "base-model")]
         run_id = run.id if isinstance(run, Run) else run
         if run_id:
             edges.append((f"run:{run_id}", "produced-by"))
         with transaction(self.db):
             version = self.db.execute(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM artifacts WHERE kind = ? AND name = ?", (kind, name)
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM artifacts WHERE kind = ? AND name = ?",
+                (kind, name),
             ).fetchone()[0]
             cursor = self.db.execute(
                 "INSERT INTO artifacts (kind, name, version, path, base_model, run_id, meta, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, name, version, str(stored), base_model, run_id, json.dumps(meta or {}, default=str), _now()),
+                (
+                    kind,
+                    name,
+                    version,
+                    str(stored),
+                    base_model,
+                    run_id,
+                    json.dumps(meta or {}, default=str),
+                    _now(),
+                ),
             )
             for parent, role in edges:
-                self.db.execute("INSERT OR IGNORE INTO lineage (child, parent, role) VALUES (?, ?, ?)",
-                                (f"artifact:{cursor.lastrowid}", parent, role))
+                self.db.execute(
+                    "INSERT OR IGNORE INTO lineage (child, parent, role) VALUES (?, ?, ?)",
+                    (f"artifact:{cursor.lastrowid}", parent, role),
+                )
         return self.resolve_artifact(f"{kind}:{name}@{version}")
 
     def resolve_artifact(self, ref: str) -> Artifact:
         """'adapter:NAME' (latest) or 'rm:NAME@2' -> the artifact."""
         kind, colon, rest = str(ref).partition(":")
         if not colon or kind not in ARTIFACT_KINDS:
-            raise AlignError(f"invalid artifact reference {ref!r}: write KIND:NAME[@V] with KIND one of "
-                             f"{', '.join(ARTIFACT_KINDS)}")
-        name, version = parse_ref(rest, f"{kind} name")
+            raise AlignError(
+                f"invalid artifact reference {ref!r}: write KIND:NAME[@V] with KIND one of "
+                f"{', '.join(ARTIFACT_KINDS)}"
+            )
+        name, version = parse_ref(rest, kind)
         if version is None:
             query, args = "kind = ? AND name = ? ORDER BY version DESC LIMIT 1", (kind, name)
         else:
@@ -479,24 +568,47 @@ class Registry:
 
     def _version(self, row: sqlite3.Row) -> DatasetVersion:
         return DatasetVersion(
-            id=row["id"], name=row["name"], version=row["version"], kind=row["kind"], num_rows=row["num_rows"],
-            content_hash=row["content_hash"], path=self.root / row["path"], created_at=row["created_at"],
-            run_id=row["run_id"], meta=json.loads(row["meta"]),
+            id=row["id"],
+            name=row["name"],
+            version=row["version"],
+            kind=row["kind"],
+            num_rows=row["num_rows"],
+            content_hash=row["content_hash"],
+            path=self.root / row["path"],
+            created_at=row["created_at"],
+            run_id=row["run_id"],
+            meta=json.loads(row["meta"]),
         )
 
     def _artifact(self, row: sqlite3.Row) -> Artifact:
         return Artifact(
-            id=row["id"], kind=row["kind"], name=row["name"], version=row["version"], path=self.root / row["path"],
-            base_model=row["base_model"], run_id=row["run_id"], created_at=row["created_at"],
+            id=row["id"],
+            kind=row["kind"],
+            name=row["name"],
+            version=row["version"],
+            path=self.root / row["path"],
+            base_model=row["base_model"],
+            run_id=row["run_id"],
+            created_at=row["created_at"],
             meta=json.loads(row["meta"]),
         )
 
     def _run(self, row: sqlite3.Row) -> Run:
         return Run(
-            id=row["id"], stage=row["stage"], status=row["status"], dir=self.root / row["dir"],
-            config=json.loads(row["config"]), inputs=json.loads(row["inputs"]), outputs=json.loads(row["outputs"]),
-            metrics=json.loads(row["metrics"]), seed=row["seed"], library_versions=json.loads(row["library_versions"]),
-            pid=row["pid"], error=row["error"], created_at=row["created_at"], finished_at=row["finished_at"],
+            id=row["id"],
+            stage=row["stage"],
+            status=row["status"],
+            dir=self.root / row["dir"],
+            config=json.loads(row["config"]),
+            inputs=json.loads(row["inputs"]),
+            outputs=json.loads(row["outputs"]),
+            metrics=json.loads(row["metrics"]),
+            seed=row["seed"],
+            library_versions=json.loads(row["library_versions"]),
+            pid=row["pid"],
+            error=row["error"],
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
         )
 
 
@@ -516,7 +628,9 @@ def _drop_nulls(row: dict) -> dict:
 
 
 def _content_hash(kind: str, rows: list[dict]) -> str:
-    payload = json.dumps({"kind": kind, "rows": rows}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps(
+        {"kind": kind, "rows": rows}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+    )
     return sha256(payload.encode("utf-8")).hexdigest()
 
 

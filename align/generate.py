@@ -1,0 +1,157 @@
+"""Candidate generation: every model writes N completions per prompt, for people to compare.
+
+    align generate --model adapter:sft --model smollm2-135m --prompts seed-prompts --n 2 --name seed-cands
+
+Sampling is batched with the KV cache, prompts sorted by length so a batch pads little. Under `--seed` the
+output is the same every time. The result is a `candidates` version whose rows name the source of each
+completion and the sampling settings, with lineage to the prompts and the models.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from align.errors import AlignError
+from align.models import load_model, resolve_model
+from align.registry import Registry
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise AlignError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise AlignError(f"--temperature must be 0 (greedy) or more (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise AlignError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.batch_size < 1:
+            raise AlignError(f"--batch-size must be at least 1 (got {self.batch_size})")
+
+
+def sample(
+    model, tokenizer, prompts: list[list[dict]], n: int, settings: SamplingSettings, progress=None
+) -> list[list[str]]:
+    """N sampled replies per prompt (a list of messages), in prompt order. Deterministic for a given seed."""
+    import torch
+
+    tokenizer.padding_side = "left"  # generation continues from the right edge
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    replies: list[list[str]] = [[] for _ in texts]
+    torch.manual_seed(settings.seed)
+    sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+    if settings.temperature == 0:
+        sampling = {"do_sample": False}
+    for start in range(0, len(order), settings.batch_size):
+        batch = order[start : start + settings.batch_size]
+        encoded = tokenizer(
+            [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        encoded = encoded.to(model.device)
+        began = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=settings.max_new_tokens,
+                num_return_sequences=n,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for position, index in enumerate(batch):
+            replies[index] = [text.strip() for text in decoded[position * n : (position + 1) * n]]
+        if progress is not None:
+            produced = int((new_tokens != tokenizer.pad_token_id).sum())
+            progress.update(len(batch))
+            progress.set_postfix(tok_s=f"{produced / max(time.perf_counter() - began, 1e-6):.1f}")
+    return replies
+
+
+def generate_candidates(
+    registry: Registry,
+    models: list[str],
+    prompts_ref: str,
+    *,
+    n: int,
+    name: str,
+    limit: int | None = None,
+    settings: SamplingSettings | None = None,
+):
+    """Generate, then register a `candidates` version. Returns it."""
+    from tqdm.auto import tqdm
+
+    settings = settings or SamplingSettings()
+    if not models:
+        raise AlignError("give at least one --model")
+    if n < 1:
+        raise AlignError(f"--n must be at least 1 (got {n})")
+    if n * len(models) < 2:
+        raise AlignError("candidates need at least two completions per prompt: raise --n or add a --model")
+    if len(set(models)) != len(models):
+        raise AlignError(f"a --model is given twice: {', '.join(models)}")
+    prompts_version = registry.resolve(prompts_ref, kind="prompts")
+    for ref in models:
+        resolve_model(ref, registry)  # fail before any generation
+    prompts = [row["prompt"] for row in registry.rows(prompts_version)]
+    if limit is not None:
+        if limit < 1:
+            raise AlignError(f"--limit must be at least 1 (got {limit})")
+        prompts = prompts[:limit]
+
+    run = registry.start_run(
+        "generate",
+        config={"models": models, "prompts": prompts_version.ref, "n": n, "limit": limit, **asdict(settings)},
+        inputs=[prompts_version.ref, *models],
+        seed=settings.seed,
+    )
+    try:
+        per_model = []
+        with tqdm(total=len(prompts) * len(models), unit="prompt", desc="generating") as progress:
+            for ref in models:
+                progress.set_description(f"generating with {ref}")
+                model, tokenizer = load_model(ref, registry)
+                per_model.append(sample(model, tokenizer, prompts, n, settings, progress))
+                del model
+        generation = json.dumps({"n": n, **asdict(settings)}, sort_keys=True)
+        rows = []
+        for index, prompt in enumerate(prompts):
+            completions, sources = [], []
+            for ref, replies in zip(models, per_model):
+                for reply in replies[index]:
+                    completions.append([{"role": "assistant", "content": reply}])
+                    sources.append(ref)
+            rows.append(
+                {"prompt": prompt, "completions": completions, "sources": sources, "generation": generation}
+            )
+        parents = [(prompts_version, "prompts")]
+        for ref in models:
+            parents.append((ref if ":" in ref else f"base:{ref}", "model"))
+        version = registry.register(
+            rows,
+            name=name,
+            kind="candidates",
+            parents=parents,
+            run=run,
+            meta={"models": models, "n": n, **asdict(settings)},
+        )
+        registry.finish_run(
+            run,
+            outputs=[version.ref],
+            metrics={"prompts": len(prompts), "completions": len(prompts) * n * len(models)},
+        )
+        return version
+    except BaseException as exc:
+        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise

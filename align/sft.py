@@ -1,0 +1,216 @@
+"""SFT stage: specialise a model on a registry `sft` dataset with TRL's SFTTrainer.
+
+    # LoRA (the default): a small adapter on a frozen base
+    align sft --config recipes/sft/smollm2-135m-lora.yaml
+    # full fine-tuning
+    align sft --config recipes/sft/smollm2-135m-full.yaml
+    # any config key can be overridden; --resume continues the last interrupted sft run
+    align sft --config recipes/sft/smollm2-135m-lora.yaml --dataset seed-tasks@1 --max_steps 20
+    align sft --config recipes/sft/smollm2-135m-lora.yaml --resume
+
+The loss is on assistant tokens only: each assistant turn becomes a conversational prompt/completion row
+(the conversation before it is the prompt), which TRL trains on the completion alone, under the model's own
+chat template. Eval loss and perplexity are measured before and after training on a split from the registry.
+The output is registered as `adapter:NAME@V` (or `model:NAME@V` for full fine-tuning) with lineage to the
+dataset, the base model and the run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import SFTConfig, SFTTrainer
+
+from align.config import AdapterFields, StageFields, build_config, config_to_dict, peft_config_for
+from align.errors import AlignError
+from align.models import load_model, resolve_model
+from align.registry import Registry
+from align.runs import (
+    history_series,
+    last_checkpoint,
+    open_run,
+    plot_series,
+    recipe_for,
+    write_metrics,
+    write_report,
+)
+
+
+@dataclass
+class SFTStageConfig(StageFields, AdapterFields, SFTConfig):
+    output_name: str | None = field(default="sft", metadata={"help": "artifact name: adapter:NAME"})
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "tensorboard, none, ..."}
+    )
+
+    def __post_init__(self):
+        self.check_stage_fields()
+        self.check_adapter_fields()
+        if self.report_to == "tensorboard" and not _tensorboard_installed():
+            self.report_to = "none"
+        super().__post_init__()
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def to_prompt_completion(rows: list[dict]) -> list[dict]:
+    """One row per assistant turn: the conversation before it is the prompt, the turn is the completion."""
+    out = []
+    for row in rows:
+        messages = row["messages"]
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant" and index > 0:
+                out.append({"prompt": messages[:index], "completion": [message]})
+    return out
+
+
+def run_sft(
+    config: SFTStageConfig,
+    registry: Registry,
+    *,
+    recipe: dict | None = None,
+    resume: str | bool | None = None,
+    callbacks=(),
+):
+    """Train, evaluate, save and register. Returns the registered artifact."""
+    import datasets
+
+    # Everything that can be wrong with the inputs fails here, before any model is loaded.
+    dataset = registry.resolve(config.dataset, kind="sft")
+    if config.eval_dataset:
+        train_version, eval_version = dataset, registry.resolve(config.eval_dataset, kind="sft")
+    else:
+        if dataset.num_rows < 2:
+            raise AlignError(
+                f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation"
+            )
+        train_version, eval_version = registry.split(dataset, test_size=config.eval_split, seed=config.seed)
+    resolve_model(config.model, registry)  # a reference that does not resolve fails now
+    if config.model.startswith(("adapter:", "rm:")):
+        raise AlignError(f"SFT starts from a base model, not {config.model}: name its base instead")
+
+    inputs = [dataset.ref, train_version.ref, eval_version.ref, config.model]
+    run = open_run(
+        registry,
+        "sft",
+        recipe=recipe or {},
+        config_dict=config_to_dict(config),
+        inputs=inputs,
+        seed=config.seed,
+        resume=resume,
+    )
+    config.output_dir = str(run.dir / "checkpoints")
+    config.logging_dir = str(run.dir / "logs")
+    print(f"run {run.id}: SFT of {config.model} on {train_version.ref} (eval on {eval_version.ref})")
+    try:
+        train_rows = to_prompt_completion(registry.rows(train_version))
+        eval_rows = to_prompt_completion(registry.rows(eval_version))
+        model, tokenizer = load_model(
+            config.model, registry, dtype=config.torch_dtype, quantization_config=_quantization(config)
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=datasets.Dataset.from_list(train_rows),
+            eval_dataset=datasets.Dataset.from_list(eval_rows),
+            processing_class=tokenizer,
+            peft_config=peft_config_for(config),
+            callbacks=list(callbacks),
+        )
+        before = trainer.evaluate(metric_key_prefix="before")
+        trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
+        after = trainer.evaluate()
+
+        kind = "model" if config.peft == "none" else "adapter"
+        output_dir = run.dir / kind
+        trainer.save_model(str(output_dir))
+        tokenizer.save_pretrained(str(output_dir))
+        metrics = {
+            "eval_loss_before": before["before_loss"],
+            "eval_perplexity_before": _perplexity(before["before_loss"]),
+            "eval_loss": after["eval_loss"],
+            "eval_perplexity": _perplexity(after["eval_loss"]),
+            "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows),
+            "steps": trainer.state.global_step,
+        }
+        artifact = registry.register_artifact(
+            kind,
+            config.output_name,
+            output_dir,
+            base_model=config.model,
+            run=run,
+            parents=[(train_version, "train"), (eval_version, "eval")],
+            meta={"peft": config.peft, "metrics": metrics},
+        )
+        _report(run, config, trainer.state.log_history, metrics, artifact)
+        registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
+        print(
+            f"registered {artifact.ref}: eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss']:.3f} "
+            f"(perplexity {metrics['eval_perplexity']:.2f}); report {run.dir / 'report.md'}"
+        )
+        return artifact
+    except BaseException as exc:
+        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def _quantization(config: SFTStageConfig):
+    if not config.load_in_4bit:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _report(run, config, log_history, metrics, artifact) -> None:
+    loss_plot = plot_series(
+        run.dir / "loss.png",
+        "SFT loss",
+        {
+            "train loss": history_series(log_history, "loss"),
+            "eval loss": history_series(log_history, "eval_loss"),
+        },
+    )
+    lr_plot = plot_series(
+        run.dir / "learning_rate.png",
+        "learning rate",
+        {
+            "learning rate": history_series(log_history, "learning_rate"),
+        },
+    )
+    write_metrics(run, metrics)
+    setup = (
+        f"Model `{config.model}`, data `{config.dataset}`, PEFT `{config.peft}`, learning rate "
+        f"{config.learning_rate}, {metrics['steps']} steps. Output `{artifact.ref}` in `{artifact.path}`."
+    )
+    write_report(run, "SFT report", summary=metrics, sections=[("Setup", setup)], plots=[loss_plot, lr_plot])
+
+
+def main(
+    config_path: str | None,
+    overrides: list[str],
+    *,
+    workspace: str | None = None,
+    resume: str | bool | None = None,
+):
+    """`align sft`: the recipe plus overrides, or on --resume the recipe the run started with."""
+    registry = Registry(workspace)
+    recipe, source, run_id = recipe_for(registry, "sft", config_path, overrides, resume)
+    config = build_config(SFTStageConfig, recipe, source=source)
+    return run_sft(config, registry, recipe=recipe, resume=run_id)
