@@ -68,9 +68,7 @@ def run_chat(
             continue
         history.append({"role": "user", "content": text})
         output.write("assistant> ")
-        history.append(
-            {"role": "assistant", "content": _reply(model, tokenizer, history, gen_kwargs, output)}
-        )
+        history.append({"role": "assistant", "content": _reply(model, tokenizer, history, gen_kwargs, output)})
 
 
 def _reply(model: Any, tokenizer: Any, messages: list[dict], gen_kwargs: dict, output: TextIO) -> str:

@@ -54,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="file or saved-dataset folder")
     p.add_argument("--name", required=True, help="dataset name")
     p.add_argument("--kind", choices=KIND_CHOICES, help="kind to store (default: what the format holds)")
-    p.add_argument(
-        "--format", dest="fmt", choices=FORMAT_CHOICES, default="auto", help="input format (default: auto)"
-    )
+    p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto", help="input format (default: auto)")
     p.set_defaults(handler=cmd_data_import)
 
     p = data_commands.add_parser("list", parents=[common], help="list every dataset version")
@@ -72,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="FILE", help="FILE.jsonl or FILE.parquet")
     p.set_defaults(handler=cmd_data_export)
 
-    p = data_commands.add_parser(
-        "split", parents=[common], help="seeded train/test split into two new versions"
-    )
+    p = data_commands.add_parser("split", parents=[common], help="seeded train/test split into two new versions")
     p.add_argument("ref", metavar="NAME[@V]")
     p.add_argument("--test-size", type=float, default=0.1, help="fraction (0-1) or row count (default: 0.1)")
     p.add_argument("--seed", type=int, default=0)
@@ -103,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     # align models ...
     models = commands.add_parser("models", help="the embedded model and registered model artifacts")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    p = model_commands.add_parser(
-        "list", parents=[common], help="the embedded alias and registered artifacts"
-    )
+    p = model_commands.add_parser("list", parents=[common], help="the embedded alias and registered artifacts")
     p.set_defaults(handler=cmd_models_list)
     p = model_commands.add_parser(
         "prepare",
@@ -140,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         parents=[common],
         help="sample candidates from one or more models",
-        description="N completions per prompt from each model, registered as a candidates "
-        "version for the ranking UI.",
+        description="N completions per prompt from each model, registered as a candidates version for the ranking UI.",
     )
     p.add_argument(
         "--model",
@@ -304,9 +297,7 @@ def cmd_runs_list(args) -> int:
         print(f"no runs in {registry.root} yet")
         return 0
     rows = [("RUN", "STAGE", "STATUS", "STARTED", "OUTPUTS")]
-    rows += [
-        (run.id, run.stage, run.shown_status, run.created_at, ", ".join(run.outputs) or "-") for run in runs
-    ]
+    rows += [(run.id, run.stage, run.shown_status, run.created_at, ", ".join(run.outputs) or "-") for run in runs]
     _print_table(rows)
     return 0
 

@@ -156,9 +156,7 @@ PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "none")
 @dataclasses.dataclass
 class StageFields:
     model: str = dataclasses.field(default="smollm2-135m", metadata={"help": "model reference to start from"})
-    dataset: str | None = dataclasses.field(
-        default=None, metadata={"help": "registry dataset, NAME or NAME@V"}
-    )
+    dataset: str | None = dataclasses.field(default=None, metadata={"help": "registry dataset, NAME or NAME@V"})
     eval_dataset: str | None = dataclasses.field(
         default=None,
         metadata={"help": "registry dataset to evaluate on; default: a seeded split of `dataset`"},
@@ -167,9 +165,7 @@ class StageFields:
         default=0.1,
         metadata={"help": "share of `dataset` held out for evaluation when eval_dataset is not set"},
     )
-    output_name: str | None = dataclasses.field(
-        default=None, metadata={"help": "name the output is registered under"}
-    )
+    output_name: str | None = dataclasses.field(default=None, metadata={"help": "name the output is registered under"})
 
     def check_stage_fields(self) -> None:
         from align.registry import check_name, parse_ref
@@ -212,30 +208,22 @@ class AdapterFields:
         default="all-linear",
         metadata={"help": "'all-linear' or a list of module names (q_proj, v_proj, ...)"},
     )
-    num_virtual_tokens: int = dataclasses.field(
-        default=20, metadata={"help": "prompt tuning: soft prompt length"}
-    )
+    num_virtual_tokens: int = dataclasses.field(default=20, metadata={"help": "prompt tuning: soft prompt length"})
     load_in_4bit: bool = dataclasses.field(
         default=False, metadata={"help": "QLoRA: a 4-bit base model (needs CUDA and bitsandbytes)"}
     )
-    torch_dtype: str = dataclasses.field(
-        default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 for the base"}
-    )
+    torch_dtype: str = dataclasses.field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 for the base"})
 
     def check_adapter_fields(self) -> None:
         if self.peft not in PEFT_METHODS:
-            raise ValueError(
-                f"config key 'peft' must be one of {', '.join(PEFT_METHODS)} (got {self.peft!r})"
-            )
+            raise ValueError(f"config key 'peft' must be one of {', '.join(PEFT_METHODS)} (got {self.peft!r})")
         for key in ("lora_r", "lora_alpha", "num_virtual_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"config key '{key}' must be at least 1 (got {getattr(self, key)!r})")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"config key 'lora_dropout' must be in [0, 1) (got {self.lora_dropout!r})")
         if self.torch_dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(
-                f"config key 'torch_dtype' must be auto, fp32, bf16 or fp16 (got {self.torch_dtype!r})"
-            )
+            raise ValueError(f"config key 'torch_dtype' must be auto, fp32, bf16 or fp16 (got {self.torch_dtype!r})")
         if self.load_in_4bit:
             if self.peft != "lora":
                 raise ValueError("config key 'load_in_4bit' (QLoRA) needs peft: lora")
@@ -273,3 +261,16 @@ def peft_config_for(config: AdapterFields, task_type: str = "CAUSAL_LM"):
     if config.peft == "ia3":
         return peft.IA3Config(task_type=task_type)
     return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens)
+
+
+# Each recipe folder's config class, imported on demand: recipes/sft/*.yaml -> SFTStageConfig, ...
+STAGE_CONFIGS = {"sft": "align.sft:SFTStageConfig"}
+
+
+def stage_config_class(stage: str):
+    import importlib
+
+    if stage not in STAGE_CONFIGS:
+        raise AlignError(f"no stage '{stage}': known stages are {', '.join(STAGE_CONFIGS)}")
+    module, _, name = STAGE_CONFIGS[stage].partition(":")
+    return getattr(importlib.import_module(module), name)

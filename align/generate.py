@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
+from align.registry.registry import ARTIFACT_KINDS
 
 
 @dataclass
@@ -54,9 +55,7 @@ def sample(
         sampling = {"do_sample": False}
     for start in range(0, len(order), settings.batch_size):
         batch = order[start : start + settings.batch_size]
-        encoded = tokenizer(
-            [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        encoded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         encoded = encoded.to(model.device)
         began = time.perf_counter()
         with torch.no_grad():
@@ -104,6 +103,8 @@ def generate_candidates(
     prompts_version = registry.resolve(prompts_ref, kind="prompts")
     for ref in models:
         resolve_model(ref, registry)  # fail before any generation
+    # Pin registry artifacts to their version, so each completion names exactly the model that wrote it.
+    models = [registry.resolve_artifact(ref).ref if ref.split(":", 1)[0] in ARTIFACT_KINDS else ref for ref in models]
     prompts = [row["prompt"] for row in registry.rows(prompts_version)]
     if limit is not None:
         if limit < 1:
@@ -132,9 +133,7 @@ def generate_candidates(
                 for reply in replies[index]:
                     completions.append([{"role": "assistant", "content": reply}])
                     sources.append(ref)
-            rows.append(
-                {"prompt": prompt, "completions": completions, "sources": sources, "generation": generation}
-            )
+            rows.append({"prompt": prompt, "completions": completions, "sources": sources, "generation": generation})
         parents = [(prompts_version, "prompts")]
         for ref in models:
             parents.append((ref if ":" in ref else f"base:{ref}", "model"))

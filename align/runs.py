@@ -16,9 +16,7 @@ from pathlib import Path
 from align.errors import AlignError
 
 
-def recipe_for(
-    registry, stage: str, config_path: str | None, overrides: list[str], resume: str | bool | None
-):
+def recipe_for(registry, stage: str, config_path: str | None, overrides: list[str], resume: str | bool | None):
     """(recipe values, where they came from, run ID to resume or None).
 
     A new run takes the recipe file plus `--key value` overrides. `--resume` (the latest unfinished run of the
@@ -65,9 +63,7 @@ def find_resumable(registry, stage: str, run_id: str | None):
             raise AlignError(f"run {run_id} is a '{run.stage}' run, not '{stage}'")
     else:
         unfinished = [
-            r
-            for r in registry.list_runs()
-            if r.stage == stage and r.shown_status in ("interrupted", "failed")
+            r for r in registry.list_runs() if r.stage == stage and r.shown_status in ("interrupted", "failed")
         ]
         if not unfinished:
             raise AlignError(f"no interrupted or failed '{stage}' run to resume (see `align runs list`)")
@@ -125,10 +121,7 @@ def history_series(log_history: list[dict], key: str) -> list[tuple[float, float
     return [
         (entry["step"], entry[key])
         for entry in log_history
-        if key in entry
-        and "step" in entry
-        and isinstance(entry[key], (int, float))
-        and math.isfinite(entry[key])
+        if key in entry and "step" in entry and isinstance(entry[key], (int, float)) and math.isfinite(entry[key])
     ]
 
 

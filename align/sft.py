@@ -18,6 +18,7 @@ dataset, the base model and the run.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
@@ -40,9 +41,7 @@ from align.runs import (
 @dataclass
 class SFTStageConfig(StageFields, AdapterFields, SFTConfig):
     output_name: str | None = field(default="sft", metadata={"help": "artifact name: adapter:NAME"})
-    report_to: None | str | list[str] = field(
-        default="tensorboard", metadata={"help": "tensorboard, none, ..."}
-    )
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
 
     def __post_init__(self):
         self.check_stage_fields()
@@ -86,9 +85,7 @@ def run_sft(
         train_version, eval_version = dataset, registry.resolve(config.eval_dataset, kind="sft")
     else:
         if dataset.num_rows < 2:
-            raise AlignError(
-                f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation"
-            )
+            raise AlignError(f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation")
         train_version, eval_version = registry.split(dataset, test_size=config.eval_split, seed=config.seed)
     resolve_model(config.model, registry)  # a reference that does not resolve fails now
     if config.model.startswith(("adapter:", "rm:")):
@@ -105,7 +102,8 @@ def run_sft(
         resume=resume,
     )
     config.output_dir = str(run.dir / "checkpoints")
-    config.logging_dir = str(run.dir / "logs")
+    # TensorBoard's writer would otherwise default to ./runs/ when the first evaluation logs before training.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "logs")
     print(f"run {run.id}: SFT of {config.model} on {train_version.ref} (eval on {eval_version.ref})")
     try:
         train_rows = to_prompt_completion(registry.rows(train_version))

@@ -84,9 +84,7 @@ def _read_text(path: Path) -> str:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         bad = data[exc.start : exc.start + 1].hex()
         raise DataError(
-            [
-                f"{path} line {line}: text is not UTF-8 (byte 0x{bad} at column {column}); re-save the file as UTF-8"
-            ],
+            [f"{path} line {line}: text is not UTF-8 (byte 0x{bad} at column {column}); re-save the file as UTF-8"],
             str(path),
         ) from None
 
@@ -100,9 +98,7 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, object]]:
             yield f"line {number}", json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(
-                [
-                    f"{path} line {number}: malformed JSON: {exc.msg} at column {exc.colno} ({short_repr(line)})"
-                ],
+                [f"{path} line {number}: malformed JSON: {exc.msg} at column {exc.colno} ({short_repr(line)})"],
                 str(path),
             ) from None
 
@@ -118,9 +114,7 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
             rest = _skip_space(text, position + 1)
             if rest < len(text):
                 line = text.count("\n", 0, rest) + 1
-                raise DataError(
-                    [f"{path} line {line}: malformed JSON: extra data after the closing ']'"], str(path)
-                )
+                raise DataError([f"{path} line {line}: malformed JSON: extra data after the closing ']'"], str(path))
             return
         try:
             item, end = decoder.raw_decode(text, position)
@@ -135,9 +129,7 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
             position += 1
         elif position >= len(text) or text[position] != "]":
             line = text.count("\n", 0, position) + 1
-            raise DataError(
-                [f"{path} line {line}: malformed JSON: expected ',' or ']' after item {number}"], str(path)
-            )
+            raise DataError([f"{path} line {line}: malformed JSON: expected ',' or ']' after item {number}"], str(path))
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -205,9 +197,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
 
 def _read_saved_dataset(path: Path) -> Iterator[tuple[str, object]]:
     if not (
-        (path / "dataset_info.json").exists()
-        or (path / "state.json").exists()
-        or (path / "dataset_dict.json").exists()
+        (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()
     ):
         raise AlignError(f"{path}: a folder must be a dataset saved with datasets' save_to_disk")
     import datasets
@@ -216,9 +206,7 @@ def _read_saved_dataset(path: Path) -> Iterator[tuple[str, object]]:
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
             splits = ", ".join(loaded)
-            raise AlignError(
-                f"{path} holds several splits ({splits}): import one, e.g. {path / next(iter(loaded))}"
-            )
+            raise AlignError(f"{path} holds several splits ({splits}): import one, e.g. {path / next(iter(loaded))}")
         loaded = next(iter(loaded.values()))
     for number, row in enumerate(loaded, start=1):
         yield f"row {number}", row
@@ -359,9 +347,7 @@ def convert_self_instruct(row: dict) -> tuple[list[dict], set]:
         if not isinstance(output, str):
             raise RowError(f"instances[{i}].output", output, "must be a string")
         user = _join_instruction(instruction, extra)
-        rows.append(
-            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
-        )
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]})
     # id, name and is_classification describe the task, not the conversation.
     return rows, set(row) - {"instruction", "instances", "id", "name", "is_classification"}
 
@@ -410,14 +396,9 @@ def parse_hh_transcript(field_name: str, text: object) -> list[dict]:
         raise RowError(field_name, text, "must be a transcript string")
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
-        raise RowError(
-            field_name, text, "must be a transcript of '\\n\\nHuman:' and '\\n\\nAssistant:' turns"
-        )
+        raise RowError(field_name, text, "must be a transcript of '\\n\\nHuman:' and '\\n\\nAssistant:' turns")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [
-        {"role": roles[speaker], "content": content.strip()}
-        for speaker, content in zip(parts[1::2], parts[2::2])
-    ]
+    return [{"role": roles[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])]
 
 
 class SkipRow(Exception):

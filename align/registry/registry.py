@@ -196,6 +196,7 @@ class Registry:
         edges = [self._parent_edge(parent) for parent in parents]
         run_id = run.id if isinstance(run, Run) else run
         if run_id:
+            self.get_run(run_id)  # an unknown run is the caller's mistake: say so rather than fail in SQL
             edges.append((f"run:{run_id}", "produced-by"))
         content_hash = _content_hash(kind, clean)
 
@@ -240,9 +241,7 @@ class Registry:
                 raise
         return self.resolve(f"{name}@{version}")
 
-    def resolve(
-        self, ref: str | DatasetVersion, *, kind: str | Sequence[str] | None = None
-    ) -> DatasetVersion:
+    def resolve(self, ref: str | DatasetVersion, *, kind: str | Sequence[str] | None = None) -> DatasetVersion:
         """'name' (latest) or 'name@3' -> the version; with `kind`, insist on that kind."""
         if isinstance(ref, DatasetVersion):
             found = ref
@@ -258,9 +257,7 @@ class Registry:
                 raise AlignError(f"no dataset {ref!r} in the registry at {self.root}{hint}")
         kinds = (kind,) if isinstance(kind, str) else tuple(kind or ())
         if kinds and found.kind not in kinds:
-            raise AlignError(
-                f"dataset {found.ref} holds '{found.kind}' rows, but {' or '.join(kinds)} rows are needed"
-            )
+            raise AlignError(f"dataset {found.ref} holds '{found.kind}' rows, but {' or '.join(kinds)} rows are needed")
         return found
 
     def rows(self, ref: str | DatasetVersion) -> list[dict]:
@@ -368,16 +365,12 @@ class Registry:
     def parents(self, node) -> list[tuple[str, object]]:
         """(role, parent) pairs of a version, artifact or run; a parent is an object or a plain reference."""
         node = node if isinstance(node, str) else node.node
-        found = self.db.execute(
-            "SELECT parent, role FROM lineage WHERE child = ? ORDER BY role, parent", (node,)
-        )
+        found = self.db.execute("SELECT parent, role FROM lineage WHERE child = ? ORDER BY role, parent", (node,))
         return [(row["role"], self.node(row["parent"])) for row in found.fetchall()]
 
     def children(self, node) -> list[tuple[str, object]]:
         node = node if isinstance(node, str) else node.node
-        found = self.db.execute(
-            "SELECT child, role FROM lineage WHERE parent = ? ORDER BY role, child", (node,)
-        )
+        found = self.db.execute("SELECT child, role FROM lineage WHERE parent = ? ORDER BY role, child", (node,))
         return [(row["role"], self.node(row["child"])) for row in found.fetchall()]
 
     def node(self, node: str):
@@ -482,9 +475,7 @@ class Registry:
         return self._run(row)
 
     def list_runs(self) -> list[Run]:
-        return [
-            self._run(row) for row in self.db.execute("SELECT * FROM runs ORDER BY created_at, id").fetchall()
-        ]
+        return [self._run(row) for row in self.db.execute("SELECT * FROM runs ORDER BY created_at, id").fetchall()]
 
     # Artifacts: adapters, reward models, merged models
 
@@ -543,8 +534,7 @@ class Registry:
         kind, colon, rest = str(ref).partition(":")
         if not colon or kind not in ARTIFACT_KINDS:
             raise AlignError(
-                f"invalid artifact reference {ref!r}: write KIND:NAME[@V] with KIND one of "
-                f"{', '.join(ARTIFACT_KINDS)}"
+                f"invalid artifact reference {ref!r}: write KIND:NAME[@V] with KIND one of {', '.join(ARTIFACT_KINDS)}"
             )
         name, version = parse_ref(rest, kind)
         if version is None:
@@ -628,9 +618,7 @@ def _drop_nulls(row: dict) -> dict:
 
 
 def _content_hash(kind: str, rows: list[dict]) -> str:
-    payload = json.dumps(
-        {"kind": kind, "rows": rows}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
-    )
+    payload = json.dumps({"kind": kind, "rows": rows}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -77,9 +77,7 @@ def validate_messages(field: str, value: object, *, last_role: str | None = None
             raise RowError(f"{where}.content", content, "must be a string")
         clean.append({"role": role, "content": content})
     if last_role and clean[-1]["role"] != last_role:
-        raise RowError(
-            f"{field}[{len(clean) - 1}].role", clean[-1]["role"], f"must be '{last_role}' (the last turn)"
-        )
+        raise RowError(f"{field}[{len(clean) - 1}].role", clean[-1]["role"], f"must be '{last_role}' (the last turn)")
     return clean
 
 
@@ -154,15 +152,11 @@ def validate_row(kind: str, row: dict) -> dict:
     if row.get("gold") is not None:
         gold = row["gold"]
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(completions):
-            raise RowError(
-                "gold", gold, f"must be the index of the best completion (0..{len(completions) - 1})"
-            )
+            raise RowError("gold", gold, f"must be the index of the best completion (0..{len(completions) - 1})")
         out["gold"] = gold
     if row.get("generation") is not None:
         if not isinstance(row["generation"], str):
-            raise RowError(
-                "generation", row["generation"], "must be a string (JSON of the sampling settings)"
-            )
+            raise RowError("generation", row["generation"], "must be a string (JSON of the sampling settings)")
         out["generation"] = row["generation"]
     return out
 

@@ -171,9 +171,7 @@ def test_two_first_uses_at_once(fake_gguf, monkeypatch):
     calls: list = []
     monkeypatch.setattr(models, "_convert_gguf", _fake_convert(calls, delay=0.2))
     results: list = []
-    threads = [
-        threading.Thread(target=lambda: results.append(models.embedded_checkpoint())) for _ in range(2)
-    ]
+    threads = [threading.Thread(target=lambda: results.append(models.embedded_checkpoint())) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -341,10 +339,7 @@ def test_run_chat_with_a_prompt_streams_and_returns_the_reply(tiny_model_dir):
 def test_run_chat_interactive_reset_and_exit(tiny_model_dir):
     lines = iter(["hello", "/reset", "", "again", "/exit", "never read"])
     out = io.StringIO()
-    assert (
-        run_chat(str(tiny_model_dir), input_fn=lambda _: next(lines), max_new_tokens=4, seed=0, output=out)
-        is None
-    )
+    assert run_chat(str(tiny_model_dir), input_fn=lambda _: next(lines), max_new_tokens=4, seed=0, output=out) is None
     assert out.getvalue().count("assistant> ") == 2
     assert "(conversation cleared)" in out.getvalue()
     assert next(lines) == "never read"
