@@ -180,3 +180,19 @@ def test_bad_inputs_fail_before_training_and_start_no_run(registry, tiny_model_d
     with pytest.raises(AlignError, match="unknown config key 'lerning_rate'"):
         main(None, ["--dataset", "words", "--lerning_rate", "1"], workspace=str(registry.root))
     assert registry.list_runs() == []
+
+
+def test_adapter_folder_loads_directly_with_peft(registry, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    artifact = run_sft(config(tiny_model_dir, max_steps=2), registry)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), artifact.path)
+    via_registry, _ = load_model(artifact.ref, registry)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(model(input_ids=ids).logits, via_registry(input_ids=ids).logits)
+
+
+def test_packing_trains(registry, tiny_model_dir):
+    artifact = run_sft(config(tiny_model_dir, packing=True, max_length=64, max_steps=2), registry)
+    assert registry.get_run(artifact.run_id).metrics["steps"] == 2
