@@ -78,6 +78,15 @@ def sample(
     return replies
 
 
+def merged_for_inference(model):
+    """Fold a LoRA/IA3 adapter into its (freshly loaded) base: the same outputs, without the adapter's
+    extra matmuls on every decoding step. Prompt-tuning adapters cannot be merged and stay as they are."""
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is not None and not peft_config.is_prompt_learning:
+        return model.merge_and_unload()
+    return model
+
+
 def generate_candidates(
     registry: Registry,
     models: list[str],
@@ -123,6 +132,7 @@ def generate_candidates(
             for ref in models:
                 progress.set_description(f"generating with {ref}")
                 model, tokenizer = load_model(ref, registry)
+                model = merged_for_inference(model)
                 per_model.append(sample(model, tokenizer, prompts, n, settings, progress))
                 del model
         generation = json.dumps({"n": n, **asdict(settings)}, sort_keys=True)

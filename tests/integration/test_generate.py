@@ -86,3 +86,17 @@ def test_bad_requests_fail_before_generating(registry, tiny_model_dir):
     with pytest.raises(AlignError, match="--temperature"):
         SamplingSettings(temperature=-1)
     assert registry.list_runs() == []
+
+
+def test_adapters_are_merged_for_generation_without_changing_outputs(registry):
+    import torch
+
+    from align.generate import merged_for_inference
+    from align.models import load_model
+
+    adapter_model, _ = load_model("adapter:tuned", registry)
+    ids = torch.tensor([[5, 9, 13, 21]])
+    expected = adapter_model(input_ids=ids).logits
+    merged = merged_for_inference(adapter_model)
+    assert not hasattr(merged, "peft_config")
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
