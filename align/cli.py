@@ -154,6 +154,124 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.set_defaults(handler=cmd_generate)
 
+    # align rm: `align rm --config X` trains; `align rm eval ...` and `align rm score ...` use a reward model
+    p = commands.add_parser(
+        "rm",
+        parents=[common],
+        allow_abbrev=False,
+        help="reward models: train one, evaluate it on preference data, score rows with it",
+        description="Without an action: train a reward model (TRL's RewardTrainer, LoRA) from a recipe; any config "
+        "key can be overridden as --key value (e.g. --dataset hh-harmless-train --max_steps 30). "
+        "`align rm eval` and `align rm score` apply a reward model to a registry version.",
+    )
+    p.add_argument("--config", metavar="RECIPE.yaml", help="recipe, e.g. recipes/rm/smollm2-135m-lora.yaml")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_ID",
+        help="continue the last interrupted rm run (or RUN_ID) from its last checkpoint",
+    )
+    p.set_defaults(handler=cmd_rm, accepts_overrides=True)
+    rm_actions = p.add_subparsers(dest="rm_action", metavar="[ACTION]", action=_TrainOrActions)
+    for action, helptext in (
+        ("eval", "pairwise accuracy, margin, calibration and length bias on a preference version"),
+        ("score", "score a candidates or preference version; registers the pairs it labels"),
+    ):
+        description = helptext[0].upper() + helptext[1:] + "."
+        q = rm_actions.add_parser(action, parents=[common], help=helptext, description=description)
+        if action == "eval":
+            q.add_argument(
+                "--rm",
+                action="append",
+                required=True,
+                metavar="REF",
+                help="rm:NAME[@V]; a base model means an untrained head; repeat to compare side by side",
+            )
+        else:
+            q.add_argument("--rm", required=True, metavar="REF", help="rm:NAME[@V]; a base model: an untrained head")
+        q.add_argument("--data", required=True, metavar="DATASET[@V]")
+        if action == "score":
+            q.add_argument("--name", required=True, help="name of the scored (preference) dataset")
+        q.add_argument("--max-length", type=int, help="tokens per pair (default: the model's training max_length)")
+        q.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+        q.add_argument("--seed", type=int, default=0, help="seed of an untrained head (default: 0)")
+        q.set_defaults(handler=cmd_rm_eval if action == "eval" else cmd_rm_score, accepts_overrides=False)
+
+    # align label, align annotators add|list, align data from-labels (the human votes)
+    p = commands.add_parser(
+        "label",
+        parents=[common],
+        help="the ranking app: people compare candidates, every vote goes to the registry",
+        description="A Gradio app (and a JSON API under /label-api/) on a candidates version. Login is required "
+        "whenever an annotator exists (`align annotators add`); --open runs with one local user instead.",
+    )
+    p.add_argument("--candidates", required=True, metavar="CANDS[@V]", help="a candidates dataset")
+    p.add_argument(
+        "--mode",
+        choices=("pairwise", "rank"),
+        default="pairwise",
+        help="pairwise: A vs B (one pair per row); rank: order all completions, ties allowed (default: pairwise)",
+    )
+    p.add_argument(
+        "--overlap", type=int, help="distinct annotators per item (default: 2; 1 with --open, its single user)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--open", action="store_true", help="no login: a single local user ('local', an admin)")
+    p.add_argument(
+        "--lease-minutes",
+        type=float,
+        default=10.0,
+        help="how long an item stays reserved for the annotator it was shown to (default: 10)",
+    )
+    p.set_defaults(handler=cmd_label)
+
+    annotators = commands.add_parser("annotators", help="the people who label (names, salted password hashes)")
+    annotator_commands = annotators.add_subparsers(dest="annotators_command", metavar="ACTION", required=True)
+    p = annotator_commands.add_parser(
+        "add",
+        parents=[common],
+        help="add an annotator (asks for a password)",
+        description="Adds an annotator; the password is asked for twice and stored salted and hashed (scrypt).",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--admin", action="store_true", help="may see the Quality tab of the ranking app")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin (for scripts)")
+    p.set_defaults(handler=cmd_annotators_add)
+    p = annotator_commands.add_parser("list", parents=[common], help="every annotator, with their vote count")
+    p.set_defaults(handler=cmd_annotators_list)
+
+    p = data_commands.add_parser(
+        "from-labels",
+        parents=[common],
+        help="aggregate the votes on a candidates version into a preference version",
+        description="Pairwise votes by majority; rankings expand into every pair. Each pair gets a margin and a "
+        "weight from how strongly the annotators agreed. Lineage: the candidates and a snapshot of the votes.",
+    )
+    p.add_argument("ref", metavar="CANDS[@V]")
+    p.add_argument("--name", required=True, help="name of the preference dataset")
+    p.add_argument(
+        "--ties", choices=("drop", "keep"), default="drop", help="keep tied pairs with tie=true (default: drop)"
+    )
+    p.add_argument("--min-votes", type=int, default=1, help="pairs with fewer votes are left out (default: 1)")
+    p.set_defaults(handler=cmd_data_from_labels)
+
+    # align ppo
+    p = commands.add_parser(
+        "ppo",
+        parents=[common],
+        allow_abbrev=False,
+        help="PPO (or RLOO / GRPO) of an SFT adapter against a reward model",
+        description="Our PPO loop with policy, reference and value as LoRA adapters on one base model, or TRL's "
+        "RLOO / GRPO with `algo: rloo|grpo`. Any config key can be overridden as --key value.",
+    )
+    p.add_argument("--config", metavar="RECIPE.yaml", help="recipe, e.g. recipes/ppo/smollm2-135m-lora.yaml")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
+                   help="continue the last interrupted ppo run (or RUN_ID) from its last checkpoint")
+    p.set_defaults(handler=cmd_ppo, accepts_overrides=True)
+
     # align chat
     p = commands.add_parser(
         "chat",
@@ -363,6 +481,160 @@ def cmd_generate(args) -> int:
         settings=settings,
     )
     print(f"{version.ref}  {version.num_rows} rows  kind=candidates")
+    return 0
+
+
+class _TrainOrActions(argparse._SubParsersAction):
+    """Optional actions after `align rm`. A word that names no action is the value of a `--key value` override
+    (`align rm --dataset hh --max_steps 5`): it goes back to the overrides, and the rest parses as usual."""
+
+    class _OpenChoices:
+        """The actions (for help and the --help walk); `in` is true for any word, because argparse checks a word
+        against the choices before it calls the action, which decides."""
+
+        def __init__(self, parsers: dict):
+            self.parsers = parsers
+
+        def __contains__(self, name) -> bool:
+            return True
+
+        def __iter__(self):
+            return iter(self.parsers)
+
+        def __getitem__(self, name):
+            return self.parsers[name]
+
+        def items(self):
+            return self.parsers.items()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.choices = self._OpenChoices(self._name_parser_map)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values[0] in self._name_parser_map:
+            return super().__call__(parser, namespace, values, option_string)
+        _, rest = parser.parse_known_args(values[1:], namespace)
+        setattr(namespace, argparse._UNRECOGNIZED_ARGS_ATTR, [values[0], *rest])
+
+
+def cmd_rm(args) -> int:
+    from reward.train import main as rm_main
+
+    rm_main(args.config, args.overrides, workspace=args.workspace, resume=args.resume)
+    return 0
+
+
+def cmd_rm_eval(args) -> int:
+    from reward.metrics import headline
+    from reward.score import evaluate_rm
+
+    registry = _registry(args)
+    results = [
+        evaluate_rm(registry, ref, args.data, max_length=args.max_length, batch_size=args.batch_size, seed=args.seed)
+        for ref in args.rm
+    ]
+    rows = [("METRIC", *(ref if ref.startswith("rm:") else f"{ref} (untrained)" for ref in args.rm))]
+    for key in headline(results[0][1]):
+        values = [metrics.get(key) for _, metrics in results]
+        rows.append((key, *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values)))
+    _print_table(rows)
+    for ref, (run, _) in zip(args.rm, results):
+        print(f"report of {ref}: {run.dir / 'report.md'}")
+    return 0
+
+
+def cmd_rm_score(args) -> int:
+    from reward.score import score_dataset
+
+    version, agreement = score_dataset(
+        _registry(args),
+        args.rm,
+        args.data,
+        args.name,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    agrees = "" if agreement is None else f"  (agrees with the source's labels on {100 * agreement:.1f}%)"
+    print(f"{version.ref}  {version.num_rows} rows  kind=preference{agrees}")
+    return 0
+
+
+def cmd_label(args) -> int:
+    from ui.label_app import run_label
+
+    run_label(
+        args.workspace,
+        args.candidates,
+        mode=args.mode,
+        overlap=args.overlap if args.overlap is not None else 1 if args.open else 2,
+        host=args.host,
+        port=args.port,
+        open_access=args.open,
+        lease_minutes=args.lease_minutes,
+    )
+    return 0
+
+
+def cmd_annotators_add(args) -> int:
+    import getpass
+
+    from align.labels import add_annotator
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise AlignError("the two passwords differ: nothing was added")
+    add_annotator(_registry(args), args.name, password, admin=args.admin)
+    print(f"added annotator {args.name}" + (" (admin)" if args.admin else ""))
+    return 0
+
+
+def cmd_annotators_list(args) -> int:
+    from align.labels import list_annotators
+
+    registry = _registry(args)
+    found = list_annotators(registry)
+    if not found:
+        print(f"no annotators in {registry.root} yet: `align annotators add NAME` adds one")
+        return 0
+    rows = [("ANNOTATOR", "ADMIN", "VOTES", "ADDED")]
+    rows += [(a["name"], "yes" if a["admin"] else "-", str(a["votes"]), a["created_at"]) for a in found]
+    _print_table(rows)
+    return 0
+
+
+def cmd_data_from_labels(args) -> int:
+    from align.labels import from_labels
+
+    version, result, numbers = from_labels(
+        _registry(args), args.ref, name=args.name, ties=args.ties, min_votes=args.min_votes
+    )
+    alpha = numbers["krippendorff_alpha"]
+    raw = numbers["pairwise_agreement"]
+    print(f"{version.ref}  {version.num_rows} rows  kind=preference  (from {version.meta['candidates']})")
+    print(
+        f"{numbers['votes']} votes by {numbers['annotators']} annotator{'' if numbers['annotators'] == 1 else 's'} "
+        f"on {result.pairs} pairs: "
+        f"{result.kept} kept, {result.ties_kept} ties kept, {result.ties_dropped} ties dropped, "
+        f"{result.both_bad} both bad, {result.too_few} below --min-votes"
+    )
+    print(
+        "agreement: Krippendorff's alpha "
+        + ("-" if alpha is None else f"{alpha:.3f}")
+        + ", raw "
+        + ("-" if raw is None else f"{raw:.0%}")
+    )
+    return 0
+
+
+def cmd_ppo(args) -> int:
+    from align.ppo import main as ppo_main
+
+    ppo_main(args.config, args.overrides, workspace=args.workspace, resume=args.resume)
     return 0
 
 

@@ -264,7 +264,12 @@ def peft_config_for(config: AdapterFields, task_type: str = "CAUSAL_LM"):
 
 
 # Each recipe folder's config class, imported on demand: recipes/sft/*.yaml -> SFTStageConfig, ...
-STAGE_CONFIGS = {"sft": "align.sft:SFTStageConfig"}
+STAGE_CONFIGS = {
+    "sft": "align.sft:SFTStageConfig",
+    "rm": "reward.train:RewardStageConfig",
+    "dpo": "align.dpo:DPOStageConfig",
+    "ppo": "align.ppo:PPOStageConfig",
+}
 
 
 def stage_config_class(stage: str):

@@ -47,9 +47,8 @@ def tiny_tokenizer():
     return make_tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A saved tiny Llama (config, safetensors, tokenizer with a ChatML template), random weights."""
+def save_tiny_model(folder: Path, initializer_range: float = 0.02) -> Path:
+    """A tiny Llama (config, safetensors, tokenizer with a ChatML template) with random weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,9 +64,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,  # tied random tiny models just repeat the last token ("\n")
+        initializer_range=initializer_range,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-model")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama (config, safetensors, tokenizer with a ChatML template), random weights."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """The same tiny Llama with a wider weight initialisation. With the default (0.02) the frozen LM head and
+    final norm bound every logit near 0, so a LoRA policy can barely shift its token distribution; RL
+    tests need a policy that can learn in a few updates."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-policy"), initializer_range=0.2)

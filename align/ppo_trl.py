@@ -1,0 +1,145 @@
+"""`align ppo` with `algo: rloo` or `algo: grpo`: TRL's RLOOTrainer / GRPOTrainer, same inputs and outputs.
+
+The policy starts from the SFT adapter (trainable); TRL keeps a frozen copy of it on the same base under the
+adapter name "ref" and uses it as the KL reference when `kl_coef` (TRL's `beta`) is above 0. The
+registry reward model is the reward function: completions are decoded text, re-tokenised by the reward model.
+"""
+
+from __future__ import annotations
+
+from align.config import config_to_dict
+from align.errors import AlignError
+from align.runs import history_series, last_checkpoint, open_run, plot_series, write_metrics, write_report
+
+
+def trl_args(config, output_dir: str):
+    """Our PPO config's fields mapped onto TRL's RLOOConfig or GRPOConfig."""
+    import torch
+    from trl import GRPOConfig, RLOOConfig
+
+    config_class = RLOOConfig if config.algo == "rloo" else GRPOConfig
+    return config_class(
+        output_dir=output_dir,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,  # completions per step: batch_size / num_generations prompts
+        num_generations=config.num_generations,
+        max_completion_length=config.response_length,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        beta=config.kl_coef,
+        num_iterations=config.ppo_epochs,
+        epsilon=config.cliprange,
+        max_steps=config.num_updates,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=1,
+        save_steps=config.save_steps,
+        seed=config.seed,
+        report_to="none",
+        bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        gradient_checkpointing=False,
+        disable_dropout=True,
+    )
+
+
+def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, reward_fn=None):
+    import datasets
+    import peft
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from align.config import peft_config_for
+    from align.models import load_model, resolve_model
+    from align.ppo import mean_reward, registry_reward_fn
+
+    prompts_version = registry.resolve(config.dataset, kind="prompts")
+    if config.eval_dataset:
+        train_version, eval_version = prompts_version, registry.resolve(config.eval_dataset, kind="prompts")
+    else:
+        train_version, eval_version = registry.split(prompts_version, test_size=config.eval_split, seed=config.seed)
+    reward_artifact = None
+    if reward_fn is None:
+        reward_artifact = registry.resolve_artifact(config.reward_model)
+        if reward_artifact.kind != "rm":
+            raise AlignError(f"reward_model must be a reward model (rm:NAME), not {config.reward_model}")
+    resolved = resolve_model(config.model, registry)
+
+    inputs = [train_version.ref, eval_version.ref, config.model, config.reward_model]
+    run = open_run(
+        registry,
+        "ppo",
+        recipe=recipe or {},
+        config_dict=config_to_dict(config),
+        inputs=inputs,
+        seed=config.seed,
+        resume=resume,
+    )
+    print(f"run {run.id}: {config.algo.upper()} (TRL) of {config.model} against {config.reward_model}")
+    try:
+        base, tokenizer = load_model(resolved.base, registry, dtype=config.torch_dtype)
+        peft_config = None
+        if resolved.adapter_path is not None:
+            # TRL copies a trained "default" adapter into a frozen "ref" adapter on the same base itself.
+            model = peft.PeftModel.from_pretrained(base, str(resolved.adapter_path), is_trainable=True)
+            base_ref = registry.resolve_artifact(config.model).base_model
+        else:
+            model, peft_config, base_ref = base, peft_config_for(config), config.model
+        score = reward_fn or registry_reward_fn(config.reward_model, registry)
+
+        def registry_reward(prompts, completions, **kwargs):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return score(prompts, texts)
+
+        eval_prompts = [row["prompt"] for row in registry.rows(eval_version)][: config.eval_prompts]
+        before = mean_reward(model, tokenizer, eval_prompts, config, score)
+        trainer_class = RLOOTrainer if config.algo == "rloo" else GRPOTrainer
+        trainer = trainer_class(
+            model=model,
+            reward_funcs=registry_reward,
+            args=trl_args(config, str(run.dir / "checkpoints")),
+            train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in registry.rows(train_version)]),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
+        trained = trainer.model
+        after = mean_reward(trained, tokenizer, eval_prompts, config, score)
+
+        output_dir = run.dir / "adapter"
+        trained.save_pretrained(str(output_dir), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(output_dir))
+        metrics = {"eval_mean_reward_before": before, "eval_mean_reward": after, "updates": trainer.state.global_step}
+        parents = [(train_version, "prompts"), (eval_version, "eval")]
+        if resolved.adapter_path is not None:
+            parents.append((config.model, "init-and-reference"))
+        if reward_artifact is not None:
+            parents.append((reward_artifact, "reward-model"))
+        artifact = registry.register_artifact(
+            "adapter",
+            config.output_name,
+            output_dir,
+            base_model=base_ref,
+            run=run,
+            parents=parents,
+            meta={"algo": config.algo, "metrics": metrics},
+        )
+        log = trainer.state.log_history
+        plots = [
+            plot_series(run.dir / f"{key.replace('/', '_')}.png", key, {key: history_series(log, key)})
+            for key in ("reward", "kl", "loss", "entropy", "completions/mean_length")
+        ]
+        write_metrics(run, metrics | {"history": log})
+        setup = (
+            f"TRL {config.algo.upper()} from `{config.model}`, reward `{config.reward_model}`, prompts "
+            f"`{config.dataset}`, {config.num_generations} completions per prompt, beta {config.kl_coef}. "
+            f"Output `{artifact.ref}`."
+        )
+        write_report(run, f"{config.algo.upper()} report", summary=metrics, sections=[("Setup", setup)], plots=plots)
+        registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
+        print(
+            f"registered {artifact.ref}: mean reward on {len(eval_prompts)} held-out prompts "
+            f"{before:.3f} -> {after:.3f}; report {run.dir / 'report.md'}"
+        )
+        return artifact
+    except BaseException as exc:
+        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
