@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -141,6 +142,7 @@ class SharedBaseRoles:
         self.model = model  # a PeftModel
         self.tokenizer = tokenizer
         self.has_reference_adapter = has_reference_adapter
+        self.frozen_adapters = ["ref"] if has_reference_adapter else []
         hidden = model.get_base_model().config.hidden_size
         self.value_head = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(self.value_head.weight)
@@ -176,8 +178,8 @@ class SharedBaseRoles:
         if adapter is not None:
             self.model.set_adapter(adapter)
         self.model.set_requires_grad(["default", "value"], requires_grad=True)
-        if self.has_reference_adapter:
-            self.model.set_requires_grad(["ref"], requires_grad=False)
+        if self.frozen_adapters:
+            self.model.set_requires_grad(self.frozen_adapters, requires_grad=False)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         adapters = [p for n, p in self.model.named_parameters() if ".default." in n or ".value." in n]
@@ -247,17 +249,76 @@ class _nullcontext:
 # Rewards
 
 
-def registry_reward_fn(reward_ref: str, registry: Registry) -> RewardFn:
-    """Scores from a registry reward model, on decoded text re-tokenised with the reward model's tokenizer."""
+def registry_reward_fn(reward_ref: str, registry: Registry, roles: SharedBaseRoles | None = None) -> RewardFn:
+    """Scores from a registry reward model, on decoded text re-tokenised with the reward model's tokenizer.
+
+    When the reward model is a LoRA adapter on the policy's own base model, it joins the roles as the adapter
+    "reward" (plus its score head) instead of loading the base a second time.
+    """
     from reward.model import RewardModel
 
-    reward_model = RewardModel.load(reward_ref, registry=registry)
+    reward_model = shared_base_reward_model(reward_ref, registry, roles) if roles is not None else None
+    if reward_model is None:
+        reward_model = RewardModel.load(reward_ref, registry=registry)
 
     def score(prompts: list[list[dict]], responses: list[str]) -> list[float]:
         completions = [[{"role": "assistant", "content": text}] for text in responses]
         return reward_model.score(prompts, completions)
 
     return score
+
+
+class SharedBaseScorer(torch.nn.Module):
+    """A sequence classifier made of the policy's base with the "reward" adapter active and the reward model's
+    score head: what `AutoModelForSequenceClassification` computes, without a second copy of the base."""
+
+    def __init__(self, roles: SharedBaseRoles, score_weight: torch.Tensor, pad_token_id: int):
+        super().__init__()
+        self.roles = [roles]  # a list, so the policy's parameters are not registered as the scorer's own
+        self.score = torch.nn.Linear(score_weight.shape[1], score_weight.shape[0], bias=False)
+        self.score.weight.data.copy_(score_weight)
+        self.score.to(roles.model.device)
+        self.config = SimpleNamespace(pad_token_id=pad_token_id)  # what RewardModel sets and reads
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        roles = self.roles[0]
+        roles.use("reward")
+        try:
+            hidden = roles._backbone(input_ids, attention_mask)
+        finally:
+            roles.use("default")
+        # As transformers does: the score is read at the last token that is not padding.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (positions * (input_ids != self.config.pad_token_id)).argmax(-1)
+        pooled = hidden[torch.arange(len(last), device=hidden.device), last]
+        return SimpleNamespace(logits=self.score(pooled.to(self.score.weight.dtype)))
+
+
+def shared_base_reward_model(reward_ref: str, registry: Registry, roles: SharedBaseRoles):
+    """The reward model as an adapter on the policy's base, or None when it has another base or adapter type."""
+    from safetensors.torch import load_file
+
+    from align.models import load_tokenizer, resolve_model
+    from reward.model import DEFAULT_MAX_LENGTH, RewardModel
+
+    artifact = registry.resolve_artifact(reward_ref)
+    resolved = resolve_model(reward_ref, registry)
+    policy_base = roles.model.get_base_model().config._name_or_path
+    adapter_config = json.loads((artifact.path / "adapter_config.json").read_text(encoding="utf-8"))
+    if str(resolved.base) != str(policy_base) or adapter_config.get("peft_type") != "LORA":
+        return None
+    weights = load_file(str(artifact.path / "adapter_model.safetensors"))
+    score = [tensor for name, tensor in weights.items() if name.endswith("score.weight")]
+    if len(score) != 1:
+        return None
+    roles.model.load_adapter(str(artifact.path), adapter_name="reward", is_trainable=False)
+    roles.frozen_adapters.append("reward")
+    roles.use("default")
+    tokenizer = load_tokenizer(reward_ref, registry)
+    scorer = SharedBaseScorer(roles, score[0], tokenizer.pad_token_id)
+    max_length = artifact.meta.get("max_length") or DEFAULT_MAX_LENGTH
+    print(f"reward model {artifact.ref} shares the policy's base: loaded as an adapter, not a second model")
+    return RewardModel(scorer, tokenizer, max_length=max_length, ref=artifact.ref)
 
 
 # Rollouts
@@ -383,7 +444,7 @@ def run_ppo(
         torch.manual_seed(config.seed)
         roles, base_ref = SharedBaseRoles.load(config.model, registry, config)
         if reward_fn is None:
-            reward_fn = registry_reward_fn(config.reward_model, registry)
+            reward_fn = registry_reward_fn(config.reward_model, registry, roles)
         train_prompts = [row["prompt"] for row in registry.rows(train_version)]
         eval_prompts = [row["prompt"] for row in registry.rows(eval_version)][: config.eval_prompts]
         optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.learning_rate)

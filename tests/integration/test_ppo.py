@@ -150,3 +150,56 @@ def test_trl_algorithms_take_the_same_inputs_and_register_an_adapter(registry, t
     assert run.status == "completed" and run.metrics["updates"] == 2
     roles = {role for role, _ in registry.parents(artifact)}
     assert {"prompts", "init-and-reference", "base-model", "produced-by"} <= roles
+
+
+@pytest.fixture
+def reward_artifact(registry, tiny_policy_dir, tmp_path):
+    """A reward model on the policy's own base: a SEQ_CLS LoRA with its score head, as `align rm` saves it."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy_dir, num_labels=1)
+    config = peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, target_modules="all-linear", init_lora_weights=False, modules_to_save=["score"]
+    )
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "rm")
+    return registry.register_artifact("rm", "tiny-rm", tmp_path / "rm", base_model=str(tiny_policy_dir))
+
+
+def test_a_reward_model_on_the_same_base_is_an_adapter_with_identical_scores(
+    registry, tiny_policy_dir, reward_artifact
+):
+    from align.ppo import SharedBaseRoles, registry_reward_fn
+    from reward.model import RewardModel
+
+    config = build_config(PPOStageConfig, recipe(tiny_policy_dir, reward_model="rm:tiny-rm"))
+    roles, _ = SharedBaseRoles.load("adapter:sft", registry, config)
+    shared = registry_reward_fn("rm:tiny-rm", registry, roles)
+    assert "reward" in roles.model.peft_config
+    prompts = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a longer question?"}]]
+    replies = ["fine", "a rather longer reply with more words"]
+    separate = RewardModel.load("rm:tiny-rm", registry=registry).score(
+        prompts, [[{"role": "assistant", "content": r}] for r in replies]
+    )
+    assert shared(prompts, replies) == pytest.approx(separate, abs=1e-5)
+    assert roles.model.active_adapter == "default"
+    assert not any(p.requires_grad for n, p in roles.model.named_parameters() if ".reward." in n)
+
+
+def test_ppo_with_a_registry_reward_model_loads_the_base_once(registry, tiny_policy_dir, reward_artifact, monkeypatch):
+    from transformers import PreTrainedModel
+
+    loads = []
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting))
+    artifact = run_ppo(
+        build_config(PPOStageConfig, recipe(tiny_policy_dir, reward_model="rm:tiny-rm", num_updates=1)), registry
+    )
+    assert loads == [str(tiny_policy_dir)], loads
+    roles = {role: parent for role, parent in registry.parents(artifact)}
+    assert roles["reward-model"].ref == "rm:tiny-rm@1"
