@@ -65,6 +65,59 @@ MIGRATIONS = [
     );
     CREATE INDEX lineage_parent ON lineage (parent);
     """,
+    # Human labels (align/labels.py): annotators, item leases, and the append-only comparisons (votes).
+    """
+    CREATE TABLE annotators (
+        name TEXT PRIMARY KEY,
+        password TEXT NOT NULL,           -- scrypt$N$r$p$SALT$HASH, salted and hashed, never the password
+        admin INTEGER NOT NULL DEFAULT 0, -- admins see the Quality tab
+        created_at TEXT NOT NULL
+    );
+    -- Who holds which item now: a lease ends with the vote that uses it, or expires.
+    CREATE TABLE label_leases (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        mode TEXT NOT NULL,               -- pairwise | rank
+        item INTEGER NOT NULL,            -- row index in the candidates version
+        annotator TEXT NOT NULL,
+        shown TEXT NOT NULL,              -- JSON: completion indices in the order shown (left to right)
+        leased_at REAL NOT NULL,          -- unix seconds
+        expires_at REAL NOT NULL,
+        released_at REAL                  -- set by the vote (or undo) that ends the lease
+    );
+    CREATE INDEX label_leases_item ON label_leases (dataset_id, mode, item);
+    CREATE INDEX label_leases_annotator ON label_leases (dataset_id, mode, annotator);
+    -- One row per vote, one transaction per vote, never updated or deleted. Undo appends a row with
+    -- choice 'undo' that names the vote it retracts.
+    CREATE TABLE comparisons (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        mode TEXT NOT NULL,               -- pairwise | rank
+        item INTEGER NOT NULL,
+        annotator TEXT NOT NULL,
+        shown TEXT NOT NULL,              -- JSON: completion indices in the order shown (left to right)
+        choice TEXT NOT NULL,             -- A | B | tie | both-bad | skip | rank | undo
+        ranking TEXT,                     -- JSON: the rank of each completion index, 1 = best, equal = tie
+        scores TEXT,                      -- JSON: optional rubric scores
+        reason TEXT,
+        seconds REAL,                     -- from the item being shown to the vote
+        lease_id INTEGER UNIQUE REFERENCES label_leases(id),
+        undoes INTEGER UNIQUE REFERENCES comparisons(id),
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX comparisons_item ON comparisons (dataset_id, mode, item);
+    CREATE INDEX comparisons_annotator ON comparisons (dataset_id, annotator);
+    -- The votes a preference version was built from: every comparisons row of the dataset up to an id.
+    CREATE TABLE comparison_snapshots (
+        id INTEGER PRIMARY KEY,
+        dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+        last_comparison INTEGER NOT NULL,
+        votes INTEGER NOT NULL,           -- standing votes used: skips included, undone votes not
+        content_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (dataset_id, last_comparison)
+    );
+    """,
 ]
 
 

@@ -1,0 +1,832 @@
+"""Human labels: who sees which item next, the votes they cast, and what the votes add up to.
+
+    align annotators add alice --admin                       # asks for a password (stored salted, hashed)
+    align label --candidates seed-candidates --overlap 2     # the ranking app (ui/label_app.py)
+    align data from-labels seed-candidates --name seed-prefs --ties drop --min-votes 1
+
+Items. An item is one row of a candidates version, keyed by (dataset id, row index).
+  - pairwise mode shows one pair of the row's completions. With two completions that is the pair; with more,
+    one pair is drawn per row, deterministically from the version's content hash and the row index: pairs
+    holding the gold completion when the row has one, else pairs from two different sources when there are
+    any, else any pair. (To compare every completion of a row, use rank mode.)
+  - rank mode shows all of the row's completions (three or more) to be put in order, ties allowed.
+  The order on screen is drawn at random for each lease and stored with the vote.
+
+Assignment. Each item goes to `overlap` distinct annotators; nobody gets an item twice; a skip does not count
+towards the overlap (the item goes to someone else). Handing out an item leases it to that annotator until the
+lease expires; items nobody holds are handed out first, so two annotators hold the same item at once only
+when no free item is left. Among free items, those closest to done go first (their agreement can be measured
+soonest), then row order.
+
+Votes. One row of the append-only `comparisons` table per vote, committed (SQLite, synchronous=FULL) before
+the next item is handed out. A vote must use a lease of the same annotator. Undo appends a row that retracts
+the annotator's last vote and leases that item to them again; nothing is ever rewritten.
+
+Aggregation. Every vote becomes judgments on pairs of completions (a ranking of k completions gives one per
+pair). Per pair, a strict majority of both-bad votes drops it; otherwise the completion with more wins is
+chosen, and equal wins are a tie (`--ties keep` keeps ties with tie=true). With n votes on a pair:
+margin = (wins of chosen - wins of rejected) / n, and weight = the share of the n votes that agree with the
+row (for a tie: every vote except both-bad, since the A and B votes cancel out).
+
+Agreement. On those pair judgments (first wins / second wins / tie / both-bad): Cohen's kappa for each pair of
+annotators over the pairs both judged, Krippendorff's alpha (nominal) overall, and the raw share of agreeing
+judgment pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import json
+import random
+import secrets
+import statistics
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from align.errors import AlignError
+from align.registry.catalog import open_catalog, transaction
+from align.registry.registry import check_name
+
+MODES = ("pairwise", "rank")
+PAIRWISE_CHOICES = ("A", "B", "tie", "both-bad", "skip")
+RANK_CHOICES = ("rank", "both-bad", "skip")
+OUTCOMES = ("first", "second", "tie", "both-bad")  # a judgment on completions (i, j), i < j
+TIES = ("drop", "keep")
+OPEN_USER = "local"  # `align label --open`: the one local user, an admin
+DEFAULT_LEASE_SECONDS = 600.0
+
+
+class LabelError(AlignError):
+    """A vote or request the labeling service refuses (not your lease, bad choice, ...)."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# Passwords: stdlib scrypt, a fresh salt per annotator.
+
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str) -> str:
+    if not password:
+        raise AlignError("the password is empty: give at least one character")
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, dklen=32, **_SCRYPT)
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        found = hashlib.scrypt(
+            password.encode("utf-8"), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(found.hex(), digest)
+
+
+# Items
+
+
+def label_items(rows: list[dict], mode: str, content_hash: str) -> list[tuple[int, ...]]:
+    """The completion indices each item shows: one tuple per row (see the module docstring for the rule)."""
+    if mode not in MODES:
+        raise AlignError(f"unknown --mode {mode!r}: choose pairwise or rank")
+    items = []
+    for index, row in enumerate(rows):
+        count = len(row["completions"])
+        if mode == "rank":
+            items.append(tuple(range(count)))
+            continue
+        pairs = list(itertools.combinations(range(count), 2))
+        if row.get("gold") is not None:
+            pairs = [pair for pair in pairs if row["gold"] in pair]
+        sources = row["sources"]
+        mixed = [(i, j) for i, j in pairs if sources[i] != sources[j]]
+        pairs = mixed or pairs
+        items.append(random.Random(f"{content_hash}:{index}").choice(pairs))
+    return items
+
+
+def check_candidates(version, rows: list[dict], mode: str) -> None:
+    """Refuse, at start, what cannot be labelled."""
+    if version.kind != "candidates":
+        raise AlignError(
+            f"dataset {version.ref} holds '{version.kind}' rows, but the ranking app needs 'candidates' rows "
+            "(make them with `align generate`)"
+        )
+    if not rows:
+        raise AlignError(f"dataset {version.ref} is empty: there is nothing to label")
+    if mode == "rank":
+        for index, row in enumerate(rows):
+            if len(row["completions"]) < 3:
+                raise AlignError(
+                    f"rank mode orders three or more completions, but row {index} of {version.ref} has "
+                    f"{len(row['completions'])}: use --mode pairwise"
+                )
+
+
+# Assignment
+
+
+def choose_item(
+    count: int,
+    *,
+    overlap: int,
+    mine: set[int],
+    votes: dict[int, int],
+    held: dict[int, int],
+) -> tuple[int | None, str]:
+    """The next item for one annotator: (item, "item"), or (None, "wait") while the only items left are held by
+    others, or (None, "done").
+
+    `mine`: items this annotator already voted on (a skip included); `votes`: item -> votes that count towards
+    the overlap (skips excluded); `held`: item -> other annotators holding a live lease on it.
+    """
+    best: tuple | None = None
+    waiting = False
+    for item in range(count):
+        counted = votes.get(item, 0)
+        if item in mine or counted >= overlap:
+            continue
+        holders = held.get(item, 0)
+        if counted + holders >= overlap:
+            waiting = True  # every open slot is leased: it may come free if a lease ends in a skip or expires
+            continue
+        key = (holders > 0, -counted, item)  # free items first, then the closest to done, then row order
+        if best is None or key < best[0]:
+            best = (key, item)
+    if best is not None:
+        return best[1], "item"
+    return None, "wait" if waiting else "done"
+
+
+def normalize_ranking(ranks: Sequence) -> list[int]:
+    """Ranks as given (1 = best, equal = tie) -> dense ranks 1..k: [1, 3, 3] -> [1, 2, 2]."""
+    if not ranks or not all(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1 for rank in ranks):
+        raise LabelError(f"a ranking gives every completion a whole-number rank of 1 or more (got {list(ranks)})")
+    dense = {rank: position for position, rank in enumerate(sorted(set(ranks)), start=1)}
+    return [dense[rank] for rank in ranks]
+
+
+# Votes and the judgments they make
+
+
+@dataclass(frozen=True)
+class Vote:
+    id: int
+    item: int
+    annotator: str
+    mode: str
+    shown: tuple[int, ...]
+    choice: str
+    ranking: tuple[int, ...] | None = None  # rank of each completion index (rank votes)
+    reason: str | None = None
+    seconds: float | None = None
+    scores: dict | None = None
+    created_at: str = ""
+
+    @property
+    def counted(self) -> bool:
+        """Counts towards the overlap (a skip does not)."""
+        return self.choice != "skip"
+
+
+@dataclass(frozen=True)
+class Judgment:
+    """One annotator on one pair of completions (first < second) of one item."""
+
+    annotator: str
+    item: int
+    first: int
+    second: int
+    outcome: str  # first | second | tie | both-bad
+
+
+def judgments(votes: Iterable[Vote]) -> list[Judgment]:
+    """Pairwise votes give one judgment, rankings one per pair of completions; skips give none. When one
+    annotator judged the same pair twice (say pairwise and rank mode), the later vote counts."""
+    found: dict[tuple, Judgment] = {}
+    for vote in sorted(votes, key=lambda v: v.id):
+        if vote.choice == "skip":
+            continue
+        for first, second in itertools.combinations(sorted(vote.shown), 2):
+            outcome = _outcome(vote, first, second)
+            found[(vote.annotator, vote.item, first, second)] = Judgment(
+                vote.annotator, vote.item, first, second, outcome
+            )
+    return list(found.values())
+
+
+def _outcome(vote: Vote, first: int, second: int) -> str:
+    if vote.choice in ("tie", "both-bad"):
+        return vote.choice
+    if vote.choice in ("A", "B"):
+        winner = vote.shown[0] if vote.choice == "A" else vote.shown[1]
+        return "first" if winner == first else "second"
+    if vote.choice == "rank":
+        a, b = vote.ranking[first], vote.ranking[second]
+        return "tie" if a == b else "first" if a < b else "second"
+    raise ValueError(f"unknown choice {vote.choice!r} in vote {vote.id}")
+
+
+# Aggregation into preference rows
+
+
+@dataclass
+class Aggregate:
+    rows: list[dict]
+    pairs: int = 0  # pairs with at least one judgment
+    kept: int = 0
+    ties_dropped: int = 0
+    ties_kept: int = 0
+    both_bad: int = 0
+    too_few: int = 0
+
+
+def aggregate(candidates: list[dict], votes: Iterable[Vote], *, ties: str = "drop", min_votes: int = 1) -> Aggregate:
+    """Preference rows from votes: majority per pair of completions, with margin and weight (see the docstring)."""
+    if ties not in TIES:
+        raise AlignError(f"--ties must be drop or keep (got {ties!r})")
+    if min_votes < 1:
+        raise AlignError(f"--min-votes must be at least 1 (got {min_votes})")
+    counts: dict[tuple[int, int, int], Counter] = defaultdict(Counter)
+    for judgment in judgments(votes):
+        counts[(judgment.item, judgment.first, judgment.second)][judgment.outcome] += 1
+    result = Aggregate(rows=[], pairs=len(counts))
+    for (item, first, second), tally in sorted(counts.items()):
+        n = sum(tally.values())
+        if n < min_votes:
+            result.too_few += 1
+            continue
+        if tally["both-bad"] * 2 > n:
+            result.both_bad += 1
+            continue
+        row = candidates[item]
+        if tally["first"] == tally["second"]:
+            if ties == "drop":
+                result.ties_dropped += 1
+                continue
+            result.ties_kept += 1
+            chosen, rejected, wins, losses = first, second, tally["first"], tally["second"]
+            weight = (n - tally["both-bad"]) / n
+        else:
+            result.kept += 1
+            if tally["first"] > tally["second"]:
+                chosen, rejected, wins, losses = first, second, tally["first"], tally["second"]
+            else:
+                chosen, rejected, wins, losses = second, first, tally["second"], tally["first"]
+            weight = wins / n
+        out = {
+            "prompt": row["prompt"],
+            "chosen": row["completions"][chosen],
+            "rejected": row["completions"][rejected],
+            "margin": (wins - losses) / n,
+            "weight": weight,
+        }
+        if ties == "keep":
+            out["tie"] = wins == losses
+        result.rows.append(out)
+    return result
+
+
+# Agreement
+
+
+def cohen_kappa(pairs: Sequence[tuple]) -> float | None:
+    """Cohen's kappa of two raters from their (label of rater 1, label of rater 2) on each shared unit.
+    None when undefined: no shared units, or chance agreement of 1 (both always gave one same label)."""
+    if not pairs:
+        return None
+    n = len(pairs)
+    observed = sum(a == b for a, b in pairs) / n
+    first = Counter(a for a, _ in pairs)
+    second = Counter(b for _, b in pairs)
+    expected = sum(first[label] * second[label] for label in first) / (n * n)
+    if expected >= 1:
+        return None
+    return (observed - expected) / (1 - expected)
+
+
+def krippendorff_alpha(units: Iterable[dict]) -> float | None:
+    """Krippendorff's alpha for nominal labels. `units`: one {rater: label} dict per unit; raters may be missing.
+    Units with fewer than two labels cannot be paired and are left out. None when undefined (fewer than two
+    pairable labels, or every pairable label the same)."""
+    coincidence: Counter = Counter()
+    for unit in units:
+        labels = list(unit.values())
+        m = len(labels)
+        if m < 2:
+            continue
+        for i, j in itertools.permutations(range(m), 2):
+            coincidence[(labels[i], labels[j])] += 1 / (m - 1)
+    totals: Counter = Counter()
+    for (c, _), value in coincidence.items():
+        totals[c] += value
+    n = sum(totals.values())
+    if n < 2:
+        return None
+    disagree_observed = sum(value for (c, k), value in coincidence.items() if c != k)
+    disagree_expected = sum(totals[c] * totals[k] for c in totals for k in totals if c != k)
+    if disagree_expected == 0:
+        return None
+    return 1 - (n - 1) * disagree_observed / disagree_expected
+
+
+def pairwise_agreement(units: Iterable[dict]) -> float | None:
+    """The share of agreeing pairs among all pairs of labels given to the same unit (None without any pair)."""
+    agree = total = 0
+    for unit in units:
+        for a, b in itertools.combinations(list(unit.values()), 2):
+            total += 1
+            agree += a == b
+    return agree / total if total else None
+
+
+def agreement(votes: Sequence[Vote]) -> dict:
+    """The agreement numbers over pair judgments: the meta contract DPO reads, plus kappa per annotator pair."""
+    found = judgments(votes)
+    units: dict[tuple, dict] = defaultdict(dict)
+    for judgment in found:
+        units[(judgment.item, judgment.first, judgment.second)][judgment.annotator] = judgment.outcome
+    annotators = sorted({judgment.annotator for judgment in found})
+    kappas = []
+    for a, b in itertools.combinations(annotators, 2):
+        shared = [(unit[a], unit[b]) for unit in units.values() if a in unit and b in unit]
+        if shared:
+            kappas.append({"annotators": [a, b], "shared": len(shared), "kappa": cohen_kappa(shared)})
+    return {
+        "krippendorff_alpha": krippendorff_alpha(units.values()),
+        "pairwise_agreement": pairwise_agreement(units.values()),
+        "annotators": len(annotators),
+        "votes": sum(vote.counted for vote in votes),
+        "cohen_kappa": kappas,
+    }
+
+
+# The Quality tab
+
+
+def quality(candidates: list[dict], votes: Sequence[Vote]) -> dict:
+    """Per annotator and overall: votes, skips, median seconds, left share, tie and both-bad rates, gold accuracy;
+    plus the agreement numbers."""
+
+    def summary(name: str, chosen: list[Vote]) -> dict:
+        counted = [vote for vote in chosen if vote.counted]
+        decisive = [vote for vote in counted if vote.choice in ("A", "B")]
+        seconds = [vote.seconds for vote in counted if vote.seconds is not None]
+        gold = [_gold_correct(candidates[vote.item], vote) for vote in counted]
+        gold = [correct for correct in gold if correct is not None]
+        return {
+            "annotator": name,
+            "votes": len(counted),
+            "skips": len(chosen) - len(counted),
+            "median_seconds": statistics.median(seconds) if seconds else None,
+            "left_share": sum(vote.choice == "A" for vote in decisive) / len(decisive) if decisive else None,
+            "tie_rate": sum(vote.choice == "tie" for vote in counted) / len(counted) if counted else None,
+            "both_bad_rate": sum(vote.choice == "both-bad" for vote in counted) / len(counted) if counted else None,
+            "gold_votes": len(gold),
+            "gold_accuracy": sum(gold) / len(gold) if gold else None,
+        }
+
+    by_annotator: dict[str, list[Vote]] = defaultdict(list)
+    for vote in votes:
+        by_annotator[vote.annotator].append(vote)
+    return {
+        "annotators": [summary(name, by_annotator[name]) for name in sorted(by_annotator)],
+        "overall": summary("(all)", list(votes)),
+        "agreement": agreement(votes),
+    }
+
+
+def _gold_correct(row: dict, vote: Vote) -> bool | None:
+    """Did the vote pick the known best completion? None when the row has no gold or the gold was not shown."""
+    gold = row.get("gold")
+    if gold is None or gold not in vote.shown:
+        return None
+    if vote.choice in ("A", "B"):
+        return vote.shown[0 if vote.choice == "A" else 1] == gold
+    if vote.choice == "rank":
+        best = min(vote.ranking[i] for i in vote.shown)
+        return vote.ranking[gold] == best and sum(vote.ranking[i] == best for i in vote.shown) == 1
+    return False  # a tie or both-bad did not pick it
+
+
+# Annotators
+
+
+def add_annotator(registry, name: str, password: str, *, admin: bool = False) -> None:
+    check_name(name, "annotator")
+    stored = hash_password(password)
+    with transaction(registry.db):
+        if registry.db.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone():
+            raise AlignError(f"annotator {name!r} already exists in {registry.root}")
+        registry.db.execute(
+            "INSERT INTO annotators (name, password, admin, created_at) VALUES (?, ?, ?, ?)",
+            (name, stored, int(admin), _now()),
+        )
+
+
+def list_annotators(registry) -> list[dict]:
+    """Each annotator with their standing votes (skips and undone votes left out), over every candidates version."""
+    found = registry.db.execute(
+        "SELECT a.name, a.admin, a.created_at, (SELECT COUNT(*) FROM comparisons c WHERE c.annotator = a.name "
+        "AND c.choice NOT IN ('undo', 'skip') AND c.id NOT IN (SELECT undoes FROM comparisons "
+        "WHERE undoes IS NOT NULL)) AS votes FROM annotators a ORDER BY a.name"
+    ).fetchall()
+    return [dict(row) for row in found]
+
+
+# The store: leases and votes in the registry's SQLite catalog
+
+
+@dataclass(frozen=True)
+class Assignment:
+    status: str  # item | wait | done
+    lease: int | None = None
+    item: int | None = None
+    shown: tuple[int, ...] = ()
+    renewed: bool = False  # an existing live lease (a reload, or a restart) rather than a new one
+
+
+@dataclass(frozen=True)
+class Receipt:
+    vote: int
+    item: int
+    duplicate: bool = False  # the same lease voted twice (a double click, a retried request): recorded once
+
+
+@dataclass(frozen=True)
+class Undone:
+    vote: Vote  # the vote retracted
+    undo: int  # the id of the undo row
+
+
+@dataclass(frozen=True)
+class Progress:
+    items: int
+    complete: int  # items with `overlap` counted votes
+    votes: int  # counted votes so far
+    needed: int  # items * overlap
+    mine: int  # this annotator's counted votes
+
+
+class LabelStore:
+    """Leases and votes for one candidates version in one mode. Safe to share between threads: each thread
+    gets its own SQLite connection, and every write is one BEGIN IMMEDIATE transaction."""
+
+    def __init__(
+        self,
+        registry,
+        candidates,
+        *,
+        mode: str = "pairwise",
+        overlap: int = 2,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        clock=time.time,
+        seed: int | None = None,
+    ):
+        if mode not in MODES:
+            raise AlignError(f"unknown --mode {mode!r}: choose pairwise or rank")
+        if overlap < 1:
+            raise AlignError(f"--overlap must be at least 1 (got {overlap})")
+        if lease_seconds <= 0:
+            raise AlignError(f"the lease time must be positive (got {lease_seconds} s)")
+        self.mode, self.overlap, self.lease_seconds, self.clock = mode, overlap, lease_seconds, clock
+        self.version = registry.resolve(candidates)
+        self.rows = registry.rows(self.version) if self.version.kind == "candidates" else []
+        check_candidates(self.version, self.rows, mode)
+        self.items = label_items(self.rows, mode, self.version.content_hash)
+        self._path = registry.root / "registry.sqlite"
+        self._local = threading.local()
+        self._random = random.Random(seed) if seed is not None else random.SystemRandom()
+        self._random_lock = threading.Lock()
+
+    @property
+    def db(self):
+        connection = getattr(self._local, "db", None)
+        if connection is None:
+            connection = self._local.db = open_catalog(self._path)
+        return connection
+
+    # Reading
+
+    def votes(self, *, all_modes: bool = True, upto: int | None = None) -> list[Vote]:
+        """The votes that stand (undone ones left out), oldest first."""
+        return effective_votes(self.db, self.version.id, mode=None if all_modes else self.mode, upto=upto)
+
+    def lease_shown(self, lease: int) -> tuple[int, ...] | None:
+        """The completions a lease shows, in order (None for an unknown lease)."""
+        row = self.db.execute(
+            "SELECT shown FROM label_leases WHERE id = ? AND dataset_id = ?", (lease, self.version.id)
+        ).fetchone()
+        return tuple(json.loads(row["shown"])) if row else None
+
+    def progress(self, annotator: str) -> Progress:
+        counted = Counter()
+        mine = 0
+        for vote in self.votes(all_modes=False):
+            if vote.counted:
+                counted[vote.item] += 1
+                mine += vote.annotator == annotator
+        return Progress(
+            items=len(self.items),
+            complete=sum(count >= self.overlap for count in counted.values()),
+            votes=sum(counted.values()),
+            needed=len(self.items) * self.overlap,
+            mine=mine,
+        )
+
+    # Writing: one transaction each
+
+    def current(self, annotator: str) -> Assignment:
+        """The annotator's live lease (after a reload or a restart), else a new lease on the next item."""
+        now = self.clock()
+        with transaction(self.db) as db:
+            live = db.execute(
+                "SELECT * FROM label_leases WHERE dataset_id = ? AND mode = ? AND annotator = ? "
+                "AND released_at IS NULL AND expires_at > ? ORDER BY id DESC LIMIT 1",
+                (self.version.id, self.mode, annotator, now),
+            ).fetchone()
+            if live is not None:
+                return Assignment("item", live["id"], live["item"], tuple(json.loads(live["shown"])), renewed=True)
+            item, status = self._choose(db, annotator, now)
+            if item is None:
+                return Assignment(status)
+            shown = list(self.items[item])
+            with self._random_lock:
+                self._random.shuffle(shown)
+            lease = self._lease(db, annotator, item, shown, now)
+            return Assignment("item", lease, item, tuple(shown))
+
+    def vote(
+        self,
+        annotator: str,
+        lease: int,
+        choice: str,
+        *,
+        ranking: Sequence[int] | None = None,
+        reason: str | None = None,
+        scores: dict | None = None,
+    ) -> Receipt:
+        """Record one vote on a leased item. `ranking` (rank mode): the rank of each completion in the order shown.
+        Refused (LabelError) unless the lease is this annotator's and still stands."""
+        choices = PAIRWISE_CHOICES if self.mode == "pairwise" else RANK_CHOICES
+        if choice not in choices:
+            raise LabelError(f"choice {choice!r} is not one of {', '.join(choices)} ({self.mode} mode)")
+        if (choice == "rank") != (ranking is not None):
+            raise LabelError("a rank vote gives a ranking, and only a rank vote does")
+        if scores is not None and not _is_scores(scores):
+            raise LabelError(f"rubric scores are a mapping of name to number (got {scores!r})")
+        reason = (reason or "").strip() or None
+        now = self.clock()
+        with transaction(self.db) as db:
+            held = db.execute("SELECT * FROM label_leases WHERE id = ?", (lease,)).fetchone()
+            if held is None or held["annotator"] != annotator or held["dataset_id"] != self.version.id:
+                raise LabelError(f"item lease {lease} is not leased to {annotator!r}: vote on the item you were shown")
+            if held["mode"] != self.mode:
+                raise LabelError(f"item lease {lease} belongs to {held['mode']} mode, not {self.mode}")
+            item, shown = held["item"], json.loads(held["shown"])
+            used = db.execute("SELECT id, undoes FROM comparisons WHERE lease_id = ?", (lease,)).fetchone()
+            if used is not None:
+                if _undone(db, used["id"]):
+                    raise LabelError(f"the vote on item lease {lease} was undone: vote on the item you are shown now")
+                return Receipt(used["id"], item, duplicate=True)
+            if held["released_at"] is not None:
+                raise LabelError(f"item lease {lease} was given up: vote on the item you are shown now")
+            standing = effective_votes(db, self.version.id, mode=self.mode, item=item)
+            if any(vote.annotator == annotator for vote in standing):
+                raise LabelError(f"{annotator!r} already voted on item {item}")
+            counted = sum(vote.counted for vote in standing)
+            if choice != "skip":
+                others = 0
+                if held["expires_at"] <= now:  # an expired lease: only while the item still has an open slot
+                    others = db.execute(
+                        "SELECT COUNT(DISTINCT annotator) FROM label_leases WHERE dataset_id = ? AND mode = ? "
+                        "AND item = ? AND annotator != ? AND released_at IS NULL AND expires_at > ?",
+                        (self.version.id, self.mode, item, annotator, now),
+                    ).fetchone()[0]
+                if counted + others >= self.overlap:
+                    raise LabelError(f"the lease on item {item} expired and the item went to other annotators")
+            by_index = None
+            if ranking is not None:
+                if len(ranking) != len(shown):
+                    raise LabelError(f"the ranking has {len(ranking)} ranks for {len(shown)} completions shown")
+                dense = normalize_ranking(list(ranking))
+                by_index = [0] * len(self.rows[item]["completions"])
+                for position, index in enumerate(shown):
+                    by_index[index] = dense[position]
+            cursor = db.execute(
+                "INSERT INTO comparisons (dataset_id, mode, item, annotator, shown, choice, ranking, scores, reason, "
+                "seconds, lease_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.version.id,
+                    self.mode,
+                    item,
+                    annotator,
+                    json.dumps(shown),
+                    choice,
+                    json.dumps(by_index) if by_index is not None else None,
+                    json.dumps(scores) if scores is not None else None,
+                    reason,
+                    round(max(now - held["leased_at"], 0.0), 3),
+                    lease,
+                    _now(),
+                ),
+            )
+            db.execute("UPDATE label_leases SET released_at = ? WHERE id = ?", (now, lease))
+            return Receipt(cursor.lastrowid, item)
+
+    def undo(self, annotator: str) -> tuple[Undone | None, Assignment]:
+        """Retract the annotator's last standing vote (in this mode) by appending an undo row, and lease that
+        item to them again, shown the same way. Returns (what was undone or None, what to show now)."""
+        now = self.clock()
+        with transaction(self.db) as db:
+            mine = [
+                vote for vote in effective_votes(db, self.version.id, mode=self.mode) if vote.annotator == annotator
+            ]
+            if not mine:
+                undone = None
+            else:
+                last = mine[-1]
+                cursor = db.execute(
+                    "INSERT INTO comparisons (dataset_id, mode, item, annotator, shown, choice, undoes, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, 'undo', ?, ?)",
+                    (self.version.id, self.mode, last.item, annotator, json.dumps(list(last.shown)), last.id, _now()),
+                )
+                undone = Undone(last, cursor.lastrowid)
+                db.execute(
+                    "UPDATE label_leases SET released_at = ? WHERE dataset_id = ? AND mode = ? AND annotator = ? "
+                    "AND released_at IS NULL",
+                    (now, self.version.id, self.mode, annotator),
+                )
+                counted = sum(
+                    vote.counted for vote in effective_votes(db, self.version.id, mode=self.mode, item=last.item)
+                )
+                holders = db.execute(
+                    "SELECT COUNT(DISTINCT annotator) FROM label_leases WHERE dataset_id = ? AND mode = ? "
+                    "AND item = ? AND released_at IS NULL AND expires_at > ?",
+                    (self.version.id, self.mode, last.item, now),
+                ).fetchone()[0]
+                if counted + holders < self.overlap:  # an undone skip may have let the item fill up meanwhile
+                    lease = self._lease(db, annotator, last.item, list(last.shown), now)
+                    return undone, Assignment("item", lease, last.item, last.shown)
+        return undone, self.current(annotator)
+
+    # Inside a transaction
+
+    def _choose(self, db, annotator: str, now: float) -> tuple[int | None, str]:
+        votes: Counter = Counter()
+        mine: set[int] = set()
+        for vote in effective_votes(db, self.version.id, mode=self.mode):
+            if vote.annotator == annotator:
+                mine.add(vote.item)
+            elif vote.counted:
+                votes[vote.item] += 1
+        held: Counter = Counter()
+        for row in db.execute(
+            "SELECT item, COUNT(DISTINCT annotator) AS holders FROM label_leases WHERE dataset_id = ? AND mode = ? "
+            "AND annotator != ? AND released_at IS NULL AND expires_at > ? GROUP BY item",
+            (self.version.id, self.mode, annotator, now),
+        ):
+            held[row["item"]] = row["holders"]
+        return choose_item(len(self.items), overlap=self.overlap, mine=mine, votes=votes, held=held)
+
+    def _lease(self, db, annotator: str, item: int, shown: list[int], now: float) -> int:
+        cursor = db.execute(
+            "INSERT INTO label_leases (dataset_id, mode, item, annotator, shown, leased_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (self.version.id, self.mode, item, annotator, json.dumps(shown), now, now + self.lease_seconds),
+        )
+        return cursor.lastrowid
+
+
+def _is_scores(scores) -> bool:
+    return isinstance(scores, dict) and all(
+        isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        for key, value in scores.items()
+    )
+
+
+def _undone(db, vote_id: int) -> bool:
+    return db.execute("SELECT 1 FROM comparisons WHERE undoes = ?", (vote_id,)).fetchone() is not None
+
+
+def effective_votes(
+    db, dataset_id: int, *, mode: str | None = None, item: int | None = None, upto: int | None = None
+) -> list[Vote]:
+    """The votes on a candidates version that stand: every non-undo row no undo row retracts, oldest first.
+    `upto`: only rows up to that id (a snapshot)."""
+    where = ["c.dataset_id = ?", "c.choice != 'undo'"]
+    args: list = [dataset_id]
+    if mode is not None:
+        where.append("c.mode = ?")
+        args.append(mode)
+    if item is not None:
+        where.append("c.item = ?")
+        args.append(item)
+    retracted = "SELECT u.undoes FROM comparisons u WHERE u.dataset_id = ? AND u.undoes IS NOT NULL"
+    retract_args: list = [dataset_id]
+    if upto is not None:
+        where.append("c.id <= ?")
+        args.append(upto)
+        retracted += " AND u.id <= ?"
+        retract_args.append(upto)
+    found = db.execute(
+        f"SELECT c.* FROM comparisons c WHERE {' AND '.join(where)} AND c.id NOT IN ({retracted}) ORDER BY c.id",
+        (*args, *retract_args),
+    ).fetchall()
+    return [
+        Vote(
+            id=row["id"],
+            item=row["item"],
+            annotator=row["annotator"],
+            mode=row["mode"],
+            shown=tuple(json.loads(row["shown"])),
+            choice=row["choice"],
+            ranking=tuple(json.loads(row["ranking"])) if row["ranking"] else None,
+            reason=row["reason"],
+            seconds=row["seconds"],
+            scores=json.loads(row["scores"]) if row["scores"] else None,
+            created_at=row["created_at"],
+        )
+        for row in found
+    ]
+
+
+# align data from-labels
+
+
+def from_labels(registry, candidates: str, *, name: str, ties: str = "drop", min_votes: int = 1):
+    """Aggregate the standing votes on a candidates version into a `preference` version. Returns (version,
+    Aggregate, agreement). Lineage: the candidates, and a snapshot of the votes used ('comparisons:ID')."""
+    check_name(name)
+    version = registry.resolve(candidates, kind="candidates")
+    rows = registry.rows(version)
+    with transaction(registry.db) as db:  # one consistent read of the append-only table
+        last = db.execute("SELECT MAX(id) FROM comparisons WHERE dataset_id = ?", (version.id,)).fetchone()[0]
+        votes = effective_votes(db, version.id, upto=last) if last is not None else []
+    if not any(vote.counted for vote in votes):
+        raise AlignError(f"no votes on {version.ref} yet: collect some with `align label --candidates {version.ref}`")
+    result = aggregate(rows, votes, ties=ties, min_votes=min_votes)
+    if not result.rows:
+        raise AlignError(
+            f"no preference pairs left from {len(votes)} votes on {version.ref}: {result.ties_dropped} ties dropped "
+            f"(--ties keep keeps them), {result.both_bad} both bad, {result.too_few} below --min-votes {min_votes}"
+        )
+    numbers = agreement(votes)
+    used = [
+        {"id": v.id, "item": v.item, "annotator": v.annotator, "shown": list(v.shown), "choice": v.choice,
+         "ranking": list(v.ranking) if v.ranking else None}
+        for v in votes
+    ]  # fmt: skip
+    content_hash = hashlib.sha256(json.dumps(used, sort_keys=True).encode("utf-8")).hexdigest()
+    with transaction(registry.db) as db:
+        db.execute(
+            "INSERT OR IGNORE INTO comparison_snapshots (dataset_id, last_comparison, votes, content_hash, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (version.id, last, len(votes), content_hash, _now()),
+        )
+        snapshot = db.execute(
+            "SELECT id FROM comparison_snapshots WHERE dataset_id = ? AND last_comparison = ?", (version.id, last)
+        ).fetchone()["id"]
+    meta = {
+        "agreement": {key: numbers[key] for key in ("krippendorff_alpha", "pairwise_agreement", "annotators", "votes")},
+        "cohen_kappa": numbers["cohen_kappa"],
+        "candidates": version.ref,
+        "comparisons_snapshot": {
+            "id": snapshot,
+            "last_comparison": last,
+            "standing_votes": len(votes),  # skips included, undone votes not
+            "sha256": content_hash,
+        },
+        "ties": ties,
+        "min_votes": min_votes,
+        "pairs": {
+            "judged": result.pairs,
+            "kept": result.kept,
+            "ties_kept": result.ties_kept,
+            "ties_dropped": result.ties_dropped,
+            "both_bad": result.both_bad,
+            "below_min_votes": result.too_few,
+        },
+    }
+    preference = registry.register(
+        result.rows,
+        name=name,
+        kind="preference",
+        parents=[(version, "candidates"), (f"comparisons:{snapshot}", "votes")],
+        meta=meta,
+    )
+    return preference, result, numbers

@@ -1,0 +1,551 @@
+"""The ranking app: people compare candidates, and every vote lands in the registry.
+
+    align annotators add alice --admin                     # once per person; asks for a password
+    align label --candidates seed-candidates --overlap 2   # http://127.0.0.1:7860/, log in as an annotator
+    align label --candidates seed-candidates --open        # one local user ('local', an admin), no login
+    align label --candidates my-cands@2 --mode rank        # order 3+ completions, ties allowed
+
+Login is required whenever an annotator exists (Gradio's login page, checked against the salted scrypt hashes
+in the registry), and --open is then refused; without annotators, the app starts only with --open. Admins
+(`annotators add --admin`, and the --open user) also see the Quality tab.
+
+Pairwise mode shows the prompt as a conversation and two completions side by side, in an order drawn at
+random and stored with the vote. Keys: a or 1 = A better, b or 2 = B better, t = tie, x = both bad,
+s = skip, u = undo the last vote (keys do nothing while typing in a text box). Rank mode gives each completion
+a rank (1 = best, equal ranks = a tie); r = submit the ranking.
+
+Everything shown from the candidates is escaped and shown as text: a completion holding <script> shows the
+tag, it never runs.
+
+The HTTP API makes the same calls the buttons make (LabelDesk below), as JSON. Auth: HTTP Basic with an
+annotator's name and password (none with --open).
+
+    GET  /label-api/health                 {"candidates", "mode", "overlap", "items", "login"}
+    GET  /label-api/item                   the item to label now: the same one until it is voted on
+    POST /label-api/vote                   {"lease", "choice", "ranking"?, "reason"?, "scores"?}
+                                           -> {"vote", "item", "duplicate", "next"}; 409 when refused
+    POST /label-api/undo                   -> {"undone", "next"}
+
+An item is {"status": "item" | "wait" | "done", "lease", "item", "shown": [completion indices], "labels": ["A",
+"B", ...], "prompt": [messages], "completions": [[messages], ...] in the order shown, "progress": {...}}.
+A ranking lists the rank of each completion in the order shown.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route functions' annotations at runtime.
+import hashlib
+import hmac
+import html
+import secrets
+import threading
+import warnings
+from dataclasses import asdict
+from typing import Annotated
+
+import gradio as gr
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel
+
+from align.errors import AlignError
+from align.labels import OPEN_USER, LabelError, LabelStore, quality, verify_password
+from align.registry import Registry
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+PAIRWISE_BUTTONS = (
+    ("A", "A better", "vote-a", "a / 1"),
+    ("B", "B better", "vote-b", "b / 2"),
+    ("tie", "Tie", "vote-tie", "t"),
+    ("both-bad", "Both bad", "vote-both-bad", "x"),
+    ("skip", "Skip", "vote-skip", "s"),
+)
+RANK_BUTTONS = (
+    ("rank", "Submit ranking", "vote-rank", "r"),
+    ("both-bad", "All bad", "vote-both-bad", "x"),
+    ("skip", "Skip", "vote-skip", "s"),
+)
+SHORTCUTS = """
+<script>
+(() => {
+  const keys = {a: "vote-a", 1: "vote-a", b: "vote-b", 2: "vote-b", t: "vote-tie", 3: "vote-tie",
+                x: "vote-both-bad", 4: "vote-both-bad", s: "vote-skip", 5: "vote-skip", r: "vote-rank", u: "undo"};
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
+    const target = event.target;
+    if (target && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName))) return;
+    const button = document.getElementById(keys[event.key.toLowerCase()]);
+    if (button && !button.disabled) {
+      event.preventDefault();
+      button.click();
+    }
+  });
+})();
+</script>
+"""
+CSS = """
+.turn, .completion { border-radius: 8px; padding: 8px 12px; margin: 4px 0; }
+.turn-user { background: var(--color-accent-soft); }
+.turn-system, .turn-tool { background: var(--background-fill-secondary); font-style: italic; }
+.turn-assistant { border: 1px solid var(--border-color-primary); }
+.completion { border: 1px solid var(--border-color-primary); min-height: 6em; }
+.completion .who { font-size: 1em; }
+.who { font-size: 0.75em; font-weight: 600; text-transform: uppercase; opacity: 0.7; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; }
+.notice { padding: 1em; font-size: 1.1em; }
+"""
+
+
+class VoteBody(BaseModel):
+    lease: int
+    choice: str
+    ranking: list[int] | None = None
+    reason: str | None = None
+    scores: dict[str, float] | None = None
+
+
+class LabelDesk:
+    """What the buttons and the HTTP API both call: the item to show, a vote, an undo, the quality numbers."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        candidates: str,
+        *,
+        mode: str = "pairwise",
+        overlap: int = 2,
+        open_access: bool = False,
+        lease_seconds: float = 600.0,
+    ):
+        self.store = LabelStore(registry, candidates, mode=mode, overlap=overlap, lease_seconds=lease_seconds)
+        self.open_access = open_access
+        annotators = registry.db.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
+        if not open_access and not annotators:
+            raise AlignError(
+                f"no annotators in {registry.root} yet: add one with `align annotators add NAME` "
+                "(it asks for a password), or run with --open for a single local user"
+            )
+        if open_access and annotators:
+            raise AlignError(
+                f"--open is refused: {annotators} annotator(s) exist in {registry.root}, so login is required "
+                "(drop --open and log in; `align annotators list` shows who)"
+            )
+        self.width = max(len(item) for item in self.store.items)  # completions shown at most
+        if self.width > len(LETTERS):
+            raise AlignError(f"a row of {self.store.version.ref} has {self.width} completions: 26 at most are shown")
+        self._secret = secrets.token_bytes(32)
+        self._logins: set[bytes] = set()  # verified (name, password, hash) keys: scrypt once per password
+        self._lock = threading.Lock()
+
+    @property
+    def login_required(self) -> bool:
+        return not self.open_access
+
+    def check_login(self, name: str, password: str) -> bool:
+        found = self.store.db.execute("SELECT password FROM annotators WHERE name = ?", (name,)).fetchone()
+        if found is None or not password:
+            return False
+        key = hmac.new(self._secret, f"{name}\0{password}\0{found['password']}".encode(), hashlib.sha256).digest()
+        with self._lock:
+            if key in self._logins:
+                return True
+        if not verify_password(password, found["password"]):
+            return False
+        with self._lock:
+            self._logins.add(key)
+        return True
+
+    def is_admin(self, user: str) -> bool:
+        if self.open_access:
+            return True
+        found = self.store.db.execute("SELECT admin FROM annotators WHERE name = ?", (user,)).fetchone()
+        return bool(found and found["admin"])
+
+    def current(self, user: str) -> dict:
+        return self._view(user, self.store.current(user))
+
+    def vote(self, user: str, lease: int, choice: str, *, ranking=None, reason=None, scores=None) -> dict:
+        receipt = self.store.vote(user, lease, choice, ranking=ranking, reason=reason, scores=scores)
+        return {"vote": receipt.vote, "item": receipt.item, "duplicate": receipt.duplicate, "next": self.current(user)}
+
+    def undo(self, user: str) -> dict:
+        undone, assignment = self.store.undo(user)
+        shown = None
+        if undone is not None:
+            vote = undone.vote
+            shown = {"vote": vote.id, "item": vote.item, "choice": vote.choice, "reason": vote.reason}
+        return {"undone": shown, "next": self._view(user, assignment)}
+
+    def quality(self, user: str) -> dict:
+        if not self.is_admin(user):
+            raise LabelError(f"{user!r} is not an admin: the Quality tab is for admins")
+        return quality(self.store.rows, self.store.votes())
+
+    def _view(self, user: str, assignment) -> dict:
+        view = {
+            "status": assignment.status,
+            "user": user,
+            "mode": self.store.mode,
+            "progress": asdict(self.store.progress(user)),
+        }
+        if assignment.status == "item":
+            row = self.store.rows[assignment.item]
+            view |= {
+                "lease": assignment.lease,
+                "item": assignment.item,
+                "shown": list(assignment.shown),
+                "labels": list(LETTERS[: len(assignment.shown)]),
+                "prompt": row["prompt"],
+                "completions": [row["completions"][index] for index in assignment.shown],
+            }
+        return view
+
+
+# Rendering: every piece of text from the candidates goes through html.escape.
+
+
+def conversation_html(messages: list[dict]) -> str:
+    turns = [
+        f'<div class="turn turn-{html.escape(m["role"])}"><div class="who">{html.escape(m["role"])}</div>'
+        f'<div class="text">{html.escape(m["content"])}</div></div>'
+        for m in messages
+    ]
+    return "".join(turns)
+
+
+def completion_html(label: str, messages: list[dict]) -> str:
+    text = "\n\n".join(message["content"] for message in messages)
+    return (
+        f'<div class="completion" data-label="{label}"><div class="who">{label}</div>'
+        f'<div class="text">{html.escape(text)}</div></div>'
+    )
+
+
+def progress_text(view: dict) -> str:
+    p = view["progress"]
+    return (
+        f"Labelled **{p['complete']}** of **{p['items']}** items ({p['votes']} of {p['needed']} votes) · "
+        f"your votes: **{p['mine']}**"
+    )
+
+
+SAID = {"A": "A better", "B": "B better", "tie": "tie", "both-bad": "both bad", "skip": "skip", "rank": "ranking"}
+NOTICES = {
+    "done": "All done: every item you can label has its votes. Thank you!",
+    "wait": "Every item left is being labelled by someone else right now. Check again in a minute.",
+}
+
+
+def build_blocks(desk: LabelDesk) -> gr.Blocks:
+    store = desk.store
+    pairwise = store.mode == "pairwise"
+    buttons_spec = PAIRWISE_BUTTONS if pairwise else RANK_BUTTONS
+    title = f"align label · {store.version.ref}"
+
+    with gr.Blocks(title=title) as blocks:
+        lease = gr.Textbox(visible=False, elem_id="lease")  # the lease of the item on screen, sent with each vote
+        with gr.Tabs():
+            with gr.Tab("Label", id="label"):
+                heading = gr.Markdown(elem_id="heading")
+                progress = gr.Markdown(elem_id="progress")
+                prompt = gr.HTML(elem_id="prompt", js_on_load=None)
+                panels, ranks = [], []
+                if pairwise:
+                    with gr.Row(equal_height=True):
+                        for letter in "AB":
+                            panels.append(gr.HTML(elem_id=f"completion-{letter.lower()}", js_on_load=None))
+                else:
+                    choices = [str(rank) for rank in range(1, desk.width + 1)]
+                    for letter in LETTERS[: desk.width]:
+                        with gr.Row(equal_height=True):
+                            panels.append(gr.HTML(elem_id=f"completion-{letter.lower()}", js_on_load=None))
+                            ranks.append(
+                                gr.Dropdown(
+                                    choices, label=f"Rank of {letter}", elem_id=f"rank-{letter.lower()}", scale=0
+                                )
+                            )
+                reason = gr.Textbox(label="Reason (optional)", elem_id="reason", max_lines=4)
+                with gr.Row():
+                    buttons = [gr.Button(label, elem_id=elem, variant="primary") for _, label, elem, _ in buttons_spec]
+                with gr.Row():
+                    undo = gr.Button("Undo last vote", elem_id="undo", size="sm")
+                    again = gr.Button("Check for a new item", elem_id="next-item", size="sm")
+                status = gr.Markdown(elem_id="status")
+                keys = " · ".join(f"`{key}` {label}" for _, label, _, key in buttons_spec)
+                hint = "" if pairwise else "Rank 1 is the best; equal ranks are a tie. "
+                gr.Markdown(f"{hint}Keys: {keys} · `u` undo (not while typing in a text box)")
+            with gr.Tab("Quality", id="quality", visible=False, elem_id="quality-tab") as quality_tab:
+                refresh = gr.Button("Refresh", elem_id="quality-refresh", size="sm")
+                summary = gr.Markdown(elem_id="quality-summary")
+                people = gr.Dataframe(
+                    label="Per annotator (and all): counted votes, skips, median seconds per vote, position bias "
+                    "(share of A picks among A/B votes), tie and both-bad rates, accuracy on gold items",
+                    elem_id="quality-annotators",
+                    interactive=False,
+                )
+                kappas = gr.Dataframe(
+                    label="Cohen's kappa for each pair of annotators, over the completion pairs both judged",
+                    elem_id="quality-kappa",
+                    interactive=False,
+                )
+
+        screen = [lease, heading, progress, prompt, *panels, *ranks, reason, status, *buttons, undo]
+
+        def render(view: dict, message: str = "", reason_text: str = "") -> list:
+            item = view["status"] == "item"
+            shown = len(view.get("completions", ()))
+            heading_text = (
+                f"**{view['user']}** · `{store.version.ref}` · {store.mode} · each item to {store.overlap} "
+                f"annotator{'s' if store.overlap > 1 else ''}"
+            )
+            if item:
+                body = conversation_html(view["prompt"])
+                texts = [completion_html(label, c) for label, c in zip(view["labels"], view["completions"])]
+            else:
+                body = f'<div class="notice">{html.escape(NOTICES[view["status"]])}</div>'
+                texts = []
+            panel_updates = [
+                gr.HTML(value=texts[i] if i < len(texts) else "", visible=i < shown) for i in range(len(panels))
+            ]
+            rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
+            return [
+                str(view.get("lease") or ""),
+                heading_text,
+                progress_text(view),
+                body,
+                *panel_updates,
+                *rank_updates,
+                reason_text,
+                message,
+                *[gr.Button(interactive=item) for _ in buttons],
+                gr.Button(interactive=view["progress"]["mine"] > 0),
+            ]
+
+        def on_load(request: gr.Request):
+            user = _user(desk, request)
+            return [*render(desk.current(user)), gr.Tab(visible=desk.is_admin(user))]
+
+        def make_vote(choice: str):
+            def on_vote(request: gr.Request, lease_value: str, reason_text: str, *rank_values):
+                user = _user(desk, request)
+                ranking = None
+                if choice == "rank":
+                    shown = desk.store.lease_shown(int(lease_value or 0)) or ()
+                    ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
+                    if len(ranking) < len(shown):
+                        return render(desk.current(user), "Not saved: give every completion a rank.", reason_text)
+                try:
+                    result = desk.vote(user, int(lease_value or 0), choice, ranking=ranking, reason=reason_text)
+                except LabelError as exc:
+                    return render(desk.current(user), f"Not saved: {exc}", reason_text)
+                verb = "Already saved" if result["duplicate"] else "Saved"
+                return render(result["next"], f"{verb}: {SAID[choice]} on item {result['item']}.")
+
+            return on_vote
+
+        def on_undo(request: gr.Request):
+            user = _user(desk, request)
+            result = desk.undo(user)
+            undone = result["undone"]
+            if undone is None:
+                return render(result["next"], "Nothing to undo.")
+            message = f"Undid your vote ({undone['choice']}) on item {undone['item']}: vote again."
+            return render(result["next"], message, undone["reason"] or "")
+
+        def on_again(request: gr.Request):
+            return render(desk.current(_user(desk, request)))
+
+        def on_quality(request: gr.Request):
+            user = _user(desk, request)
+            try:
+                report = desk.quality(user)
+            except LabelError as exc:
+                return str(exc), None, None
+            return quality_tables(report)
+
+        blocks.load(on_load, None, [*screen, quality_tab])
+        for (choice, *_), button in zip(buttons_spec, buttons):
+            button.click(make_vote(choice), [lease, reason, *ranks], screen)
+        undo.click(on_undo, None, screen)
+        again.click(on_again, None, screen)
+        refresh.click(on_quality, None, [summary, people, kappas])
+        quality_tab.select(on_quality, None, [summary, people, kappas])
+    return blocks
+
+
+def _user(desk: LabelDesk, request: gr.Request) -> str:
+    if desk.open_access:
+        return OPEN_USER
+    if not request or not request.username:
+        raise LabelError("not logged in")
+    return request.username
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def quality_tables(report: dict) -> tuple[str, list[list], list[list]]:
+    def number(value, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def share(value) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    agreement, overall = report["agreement"], report["overall"]
+    alpha = agreement["krippendorff_alpha"]
+    summary = (
+        f"**Krippendorff's alpha** over all annotators: "
+        f"{'- (needs pairs judged by two annotators)' if alpha is None else f'{alpha:.3f}'} · "
+        f"**raw agreement** {share(agreement['pairwise_agreement'])} · "
+        f"{plural(agreement['votes'], 'vote')} from {plural(agreement['annotators'], 'annotator')} · "
+        f"**position bias** {share(overall['left_share'])} left (A) picks · "
+        f"ties {share(overall['tie_rate'])} · both bad {share(overall['both_bad_rate'])}"
+    )
+    headers = [
+        "annotator",
+        "votes",
+        "skips",
+        "median s/vote",
+        "left picks",
+        "ties",
+        "both bad",
+        "gold votes",
+        "gold accuracy",
+    ]
+    people = [
+        [
+            row["annotator"],
+            row["votes"],
+            row["skips"],
+            number(row["median_seconds"], 1),
+            share(row["left_share"]),
+            share(row["tie_rate"]),
+            share(row["both_bad_rate"]),
+            row["gold_votes"],
+            share(row["gold_accuracy"]),
+        ]
+        for row in [*report["annotators"], report["overall"]]
+    ]
+    kappas = [
+        [entry["annotators"][0], entry["annotators"][1], entry["shared"], number(entry["kappa"], 3)]
+        for entry in agreement["cohen_kappa"]
+    ]
+    return (
+        summary,
+        gr.Dataframe(value=people, headers=headers),
+        gr.Dataframe(value=kappas or [["-", "-", 0, "-"]], headers=["annotator", "annotator", "shared pairs", "kappa"]),
+    )
+
+
+# The HTTP API, on the same FastAPI app as the Gradio UI
+
+
+def build_api(desk: LabelDesk):
+    app = FastAPI(title="align label", docs_url=None, redoc_url=None, openapi_url=None)
+    basic = HTTPBasic(auto_error=False)
+
+    def annotator(credentials: Annotated[HTTPBasicCredentials | None, Depends(basic)]) -> str:
+        if desk.open_access:
+            return OPEN_USER
+        if credentials is not None and desk.check_login(credentials.username, credentials.password):
+            return credentials.username
+        raise HTTPException(401, "log in with an annotator's name and password", {"WWW-Authenticate": "Basic"})
+
+    User = Annotated[str, Depends(annotator)]
+
+    def refused(exc: LabelError) -> HTTPException:
+        return HTTPException(409, str(exc))
+
+    @app.get("/label-api/health")
+    def health() -> dict:
+        store = desk.store
+        return {
+            "candidates": store.version.ref,
+            "mode": store.mode,
+            "overlap": store.overlap,
+            "items": len(store.items),
+            "login": desk.login_required,
+        }
+
+    @app.get("/label-api/item")
+    def item(user: User) -> dict:
+        return desk.current(user)
+
+    @app.post("/label-api/vote")
+    def vote(body: VoteBody, user: User) -> dict:
+        try:
+            return desk.vote(
+                user, body.lease, body.choice, ranking=body.ranking, reason=body.reason, scores=body.scores
+            )
+        except LabelError as exc:
+            raise refused(exc) from None
+
+    @app.post("/label-api/undo")
+    def undo(user: User) -> dict:
+        return desk.undo(user)
+
+    return app
+
+
+def create_app(
+    registry: Registry,
+    candidates: str,
+    *,
+    mode: str = "pairwise",
+    overlap: int = 2,
+    open_access: bool = False,
+    lease_seconds: float = 600.0,
+):
+    """(the FastAPI app serving the UI at / and the API at /label-api/, the desk behind both)."""
+    desk = LabelDesk(
+        registry, candidates, mode=mode, overlap=overlap, open_access=open_access, lease_seconds=lease_seconds
+    )
+    # Gradio's own event analytics trip pandas 3 deprecation warnings on every event: not ours to fix, only noise.
+    warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
+    blocks = build_blocks(desk)
+    blocks.queue(default_concurrency_limit=8)  # SQLite serialises the writes; several people can vote at once
+    app = gr.mount_gradio_app(
+        build_api(desk),
+        blocks,
+        path="/",
+        auth=desk.check_login if desk.login_required else None,
+        auth_message=f"Log in to label {desk.store.version.ref}.",
+        css=CSS,
+        head=SHORTCUTS,
+        footer_links=["gradio"],
+    )
+    return app, desk
+
+
+def run_label(
+    workspace: str | None,
+    candidates: str,
+    *,
+    mode: str,
+    overlap: int,
+    host: str,
+    port: int,
+    open_access: bool,
+    lease_minutes: float,
+) -> None:
+    """`align label`: serve until Ctrl-C."""
+    from ui.serving import check_port, serve, url_for
+
+    registry = Registry(workspace)
+    app, desk = create_app(
+        registry, candidates, mode=mode, overlap=overlap, open_access=open_access, lease_seconds=lease_minutes * 60
+    )
+    check_port(host, port)
+    store = desk.store
+    done = asdict(store.progress(""))
+    print(
+        f"labeling {store.version.ref}: {len(store.items)} items, {store.mode} mode, each to {store.overlap} "
+        f"annotator{'s' if store.overlap > 1 else ''} ({done['votes']} of {done['needed']} votes so far)"
+    )
+    if open_access:
+        print(f"single local user '{OPEN_USER}' (an admin), no login (--open)")
+        if overlap > 1:
+            print(f"note: one user gives each item one vote, so no item reaches --overlap {overlap} in this mode")
+    else:
+        print("log in with an annotator's name and password (`align annotators list` shows who)")
+    print(f"open {url_for(host, port)} in a browser; every vote is saved as it is cast; Ctrl-C stops", flush=True)
+    serve(app, host, port)
