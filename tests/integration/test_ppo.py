@@ -52,14 +52,15 @@ def recipe(tiny_policy_dir, **values):
 
 
 def test_policy_learns_a_synthetic_reward(registry, tiny_policy_dir):
-    config = build_config(PPOStageConfig, recipe(tiny_policy_dir, num_updates=20, model=str(tiny_policy_dir)))
+    values = recipe(tiny_policy_dir, num_updates=10, learning_rate=3e-2, model=str(tiny_policy_dir))
+    config = build_config(PPOStageConfig, values)
     artifact = run_ppo(config, registry, reward_fn=lowercase_letters)
     history = registry.get_run(artifact.run_id).metrics
     run = registry.get_run(artifact.run_id)
     scores = [h["objective/scores"] for h in load_history(run)]
-    assert len(scores) == 20
-    early, late = sum(scores[:4]) / 4, sum(scores[-4:]) / 4
-    assert late > early + 0.5, scores  # ~0.8 letters in 8 random tokens at first
+    assert len(scores) == 10
+    early, late = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert late > early + 1.0, scores  # ~0.8 letters in 8 random tokens at first
     assert history["eval_mean_reward"] > history["eval_mean_reward_before"]
     for name in (
         "report.md",
