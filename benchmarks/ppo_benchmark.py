@@ -138,7 +138,7 @@ def run_variant(args) -> dict:
     """One variant in this process: time `--updates` PPO updates (the first is warm-up) and report peak RSS."""
     import torch
 
-    from align.ppo import SharedBaseRoles, ppo_update, registry_reward_fn, rollout
+    from align.ppo import SharedBaseRoles, ppo_update, registry_reward_fn
     from align.registry import Registry
     from align.rl_utils import FixedKLController, RunningMoments
 
