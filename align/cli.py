@@ -268,9 +268,126 @@ def build_parser() -> argparse.ArgumentParser:
         "RLOO / GRPO with `algo: rloo|grpo`. Any config key can be overridden as --key value.",
     )
     p.add_argument("--config", metavar="RECIPE.yaml", help="recipe, e.g. recipes/ppo/smollm2-135m-lora.yaml")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
-                   help="continue the last interrupted ppo run (or RUN_ID) from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_ID",
+        help="continue the last interrupted ppo run (or RUN_ID) from its last checkpoint",
+    )
     p.set_defaults(handler=cmd_ppo, accepts_overrides=True)
+
+    # align dpo, align merge
+    p = commands.add_parser(
+        "dpo",
+        parents=[common],
+        allow_abbrev=False,
+        help="DPO of an SFT adapter (or a base model) on a preference dataset",
+        description="Train TRL's DPOTrainer from a recipe: the SFT adapter is the frozen reference, the policy a "
+        "LoRA copy of it on the same base. Any config key can be overridden as --key value (e.g. --max_steps 20 "
+        "--loss_type robust --label_smoothing auto).",
+    )
+    p.add_argument("--config", metavar="RECIPE.yaml", help="recipe, e.g. recipes/dpo/smollm2-135m-lora.yaml")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_ID",
+        help="continue the last interrupted dpo run (or RUN_ID) from its last checkpoint",
+    )
+    p.set_defaults(handler=cmd_dpo, accepts_overrides=True)
+
+    p = commands.add_parser(
+        "merge",
+        parents=[common],
+        help="merge a LoRA adapter into full safetensors weights",
+        description="Write the base model with the adapter merged in (loads with plain transformers) and register "
+        "it as model:NAME-merged. The adapter itself is left as it is.",
+    )
+    p.add_argument("ref", metavar="adapter:NAME[@V]")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
+    p.add_argument("--name", help="artifact name (default: NAME-merged)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="weights' dtype (default: the base checkpoint's)",
+    )
+    p.set_defaults(handler=cmd_merge)
+
+    # align pipeline
+    p = commands.add_parser(
+        "pipeline",
+        parents=[common],
+        help="the whole loop: import, SFT, candidates, preferences, RM, DPO, PPO, eval",
+        description="Runs the steps in order; a step whose output already exists for the same inputs and "
+        "settings is reused, so a rerun is cheap and continues after a failure.",
+    )
+    p.add_argument("--config", required=True, metavar="RECIPE.yaml", help="e.g. recipes/pipeline/smollm2-135m.yaml")
+    p.add_argument("--from", dest="start", metavar="STEP", help="rerun from this step (and everything after it)")
+    p.add_argument("--until", metavar="STEP", help="stop after this step")
+    p.set_defaults(handler=cmd_pipeline)
+
+    # align compare (side-by-side chat, battles, leaderboard) and align eval
+    p = commands.add_parser(
+        "compare",
+        parents=[common],
+        help="side-by-side chat, blind battles whose votes go to the registry, and the arena leaderboard",
+        description="A Gradio app: two models answer side by side, streaming; battle mode hides the names until "
+        "the vote; the leaderboard shows Bradley-Terry ratings with bootstrap intervals, Elo and win rates. "
+        "Login is required whenever an annotator exists; --open runs with one local user instead. With "
+        "--leaderboard, print the arena's leaderboard and exit. `align data from-labels arena:NAME` turns the "
+        "votes into preference data.",
+    )
+    p.add_argument("--models", metavar="REF1,REF2[,...]", help="two or more model references, comma-separated")
+    p.add_argument("--arena", default="default", metavar="NAME", help="the arena the votes go to (default: default)")
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--open", action="store_true", help="no login: a single local user ('local')")
+    p.add_argument("--system", default="", help="the default system prompt (editable in the app)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256 (editable in the app)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7, editable in the app)")
+    p.add_argument("--top-p", type=float, default=0.9, help="default: 0.9 (editable in the app)")
+    p.add_argument("--leaderboard", action="store_true", help="print the arena's leaderboard and exit")
+    p.add_argument("--plot", metavar="FILE.png", help="with --leaderboard: also write the win-rate heatmap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+    p.set_defaults(handler=cmd_compare)
+
+    p = commands.add_parser(
+        "eval",
+        parents=[common],
+        help="every model answers held-out prompts; rewards, win rates, KL and reference metrics with intervals",
+        description="Generates on the prompts with every model (plus an optional few-shot base-model baseline), "
+        "then reports with 95% bootstrap intervals: mean reward and win rate against the baseline by the reward "
+        "model, a length-controlled win rate, reply length, KL to a reference model, and ROUGE/BLEU/METEOR "
+        "against reference answers. Writes runs/ID/report.md with plots and registers the generations.",
+    )
+    p.add_argument("--models", metavar="REF_A,REF_B[,...]", help="model references, comma-separated (the first is "
+                   "the baseline unless --baseline)")  # fmt: skip
+    p.add_argument("--prompts", metavar="DATASET[@V]", help="a prompts dataset (held out from training)")
+    p.add_argument("--rm", metavar="REF", help="reward model: rm:NAME[@V] (a base model: an untrained head)")
+    p.add_argument("--references", action="store_true", help="ROUGE, BLEU and METEOR against the prompts' references")
+    p.add_argument("--baseline", metavar="REF", help="the row win rates are measured against (default: the first)")
+    p.add_argument("--kl-reference", metavar="REF", help="report KL(model || REF) on each model's own replies")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K", help="add the base model prompted with K examples")
+    p.add_argument("--few-shot-from", metavar="DATASET[@V]", help="sft (or prompts with references) to take the "
+                   "examples from (default: the other prompts' reference answers)")  # fmt: skip
+    p.add_argument("--few-shot-model", metavar="REF", help="the few-shot model (default: the first adapter's base)")
+    p.add_argument("--name", help="name of the generations (candidates) dataset (default: eval-PROMPTS)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default: 1000)")
+    p.add_argument("--rm-max-length", type=int, help="tokens per scored reply (default: the reward model's own)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
+                   help="continue the last interrupted eval run (or RUN_ID); finished models are kept")  # fmt: skip
+    p.set_defaults(handler=cmd_eval)
 
     # align chat
     p = commands.add_parser(
@@ -635,6 +752,98 @@ def cmd_ppo(args) -> int:
     from align.ppo import main as ppo_main
 
     ppo_main(args.config, args.overrides, workspace=args.workspace, resume=args.resume)
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from align.dpo import main as dpo_main
+
+    dpo_main(args.config, args.overrides, workspace=args.workspace, resume=args.resume)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from align.merge import merge_adapter
+
+    out, artifact, difference = merge_adapter(_registry(args), args.ref, args.out, name=args.name, dtype=args.dtype)
+    print(f"{artifact.ref}  {out}  (merged {args.ref}; max |logit difference| {difference:.1e})")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from align.pipeline import main as pipeline_main
+
+    pipeline_main(args.config, workspace=args.workspace, start=args.start, until=args.until)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    if args.leaderboard:
+        from ui.compare_app import print_leaderboard
+
+        print_leaderboard(args.workspace, args.arena, bootstrap=args.bootstrap, seed=args.seed, plot=args.plot)
+        return 0
+    if not args.models:
+        raise AlignError("give the models to compare: --models REF1,REF2 (or --leaderboard to print the ratings)")
+    from ui.compare_app import ChatSettings, run_compare
+
+    defaults = ChatSettings(args.system, args.max_new_tokens, args.temperature, args.top_p)
+    run_compare(
+        args.workspace,
+        args.models.split(","),
+        arena=args.arena,
+        host=args.host,
+        port=args.port,
+        open_access=args.open,
+        defaults=defaults,
+        bootstrap=args.bootstrap,
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from align.evaluate import EvalOptions, run_eval
+    from align.generate import SamplingSettings
+
+    if args.resume:
+        result = run_eval(_registry(args), resume=args.resume)
+    else:
+        if not args.models or not args.prompts:
+            raise AlignError("give --models REF_A,REF_B and --prompts DATASET (or --resume)")
+        sampling = SamplingSettings(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        options = EvalOptions(
+            models=args.models.split(","),
+            prompts=args.prompts,
+            rm=args.rm,
+            references=args.references,
+            baseline=args.baseline,
+            kl_reference=args.kl_reference,
+            few_shot=args.few_shot,
+            few_shot_from=args.few_shot_from,
+            few_shot_model=args.few_shot_model,
+            limit=args.limit,
+            name=args.name,
+            bootstrap=args.bootstrap,
+            rm_max_length=args.rm_max_length,
+            sampling=sampling,
+        )
+        result = run_eval(_registry(args), options)
+    print(f"{result.version.ref}  {result.version.num_rows} rows  kind=candidates")
+    for name, entry in result.metrics["rows"].items():
+        parts = [f"reward {entry['reward']['value']:.3f}"] if "reward" in entry else []
+        if "win_rate" in entry:
+            parts.append(f"win rate {entry['win_rate']['value']:.3f} (LC {entry['lc_win_rate']['value']:.3f})")
+        parts.append(f"{entry['length_tokens']['value']:.1f} tokens")
+        if "kl" in entry and "value" in entry["kl"]:
+            parts.append(f"KL {entry['kl']['value']:.3f}")
+        print(f"  {name}: " + ", ".join(parts))
+    print(f"report: {result.run.dir / 'report.md'}")
     return 0
 
 

@@ -269,6 +269,7 @@ STAGE_CONFIGS = {
     "rm": "reward.train:RewardStageConfig",
     "dpo": "align.dpo:DPOStageConfig",
     "ppo": "align.ppo:PPOStageConfig",
+    "pipeline": "align.pipeline:PipelineConfig",
 }
 
 

@@ -3,6 +3,7 @@
     align annotators add alice --admin                       # asks for a password (stored salted, hashed)
     align label --candidates seed-candidates --overlap 2     # the ranking app (ui/label_app.py)
     align data from-labels seed-candidates --name seed-prefs --ties drop --min-votes 1
+    align data from-labels arena:default --name arena-prefs  # arena battles (align/arena.py), snapshotted first
 
 Items. An item is one row of a candidates version, keyed by (dataset id, row index).
   - pairwise mode shows one pair of the row's completions. With two completions that is the pair; with more,
@@ -770,8 +771,13 @@ def effective_votes(
 
 def from_labels(registry, candidates: str, *, name: str, ties: str = "drop", min_votes: int = 1):
     """Aggregate the standing votes on a candidates version into a `preference` version. Returns (version,
-    Aggregate, agreement). Lineage: the candidates, and a snapshot of the votes used ('comparisons:ID')."""
+    Aggregate, agreement). Lineage: the candidates, and a snapshot of the votes used ('comparisons:ID').
+    `arena:NAME` first snapshots that arena's battles as candidates with their comparisons (align.arena.snapshot)."""
     check_name(name)
+    if isinstance(candidates, str) and candidates.startswith("arena:"):  # arena votes: snapshot them first
+        from align.arena import snapshot
+
+        candidates = snapshot(registry, candidates.partition(":")[2])
     version = registry.resolve(candidates, kind="candidates")
     rows = registry.rows(version)
     with transaction(registry.db) as db:  # one consistent read of the append-only table

@@ -118,6 +118,27 @@ MIGRATIONS = [
         UNIQUE (dataset_id, last_comparison)
     );
     """,
+    # The arena (align/arena.py): blind battles between two models, one row per vote, never updated or deleted.
+    """
+    CREATE TABLE arena_battles (
+        id INTEGER PRIMARY KEY,
+        arena TEXT NOT NULL,
+        battle_key TEXT NOT NULL UNIQUE,  -- drawn when the battle starts: a retried vote is recorded once
+        model_left TEXT NOT NULL,         -- model references, as placed on screen
+        model_right TEXT NOT NULL,
+        messages_left TEXT NOT NULL,      -- JSON: the whole thread of the left model, ending with its reply
+        messages_right TEXT NOT NULL,
+        settings TEXT NOT NULL DEFAULT '{}',  -- JSON: the generation settings
+        annotator TEXT NOT NULL,
+        choice TEXT NOT NULL,             -- left | right | tie | both-bad
+        seconds REAL,                     -- from the replies being shown to the vote
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX arena_battles_arena ON arena_battles (arena, id);
+    -- `align data from-labels arena:NAME` writes a comparisons row per battle against a candidates snapshot.
+    ALTER TABLE comparisons ADD COLUMN battle_id INTEGER REFERENCES arena_battles(id);
+    CREATE UNIQUE INDEX comparisons_battle ON comparisons (dataset_id, battle_id);
+    """,
 ]
 
 

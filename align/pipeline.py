@@ -1,0 +1,340 @@
+"""`align pipeline`: the whole loop in one command, each step reusing what an earlier run already made.
+
+    align pipeline --config recipes/pipeline/smollm2-135m.yaml
+    align pipeline --config recipes/pipeline/smollm2-135m.yaml --from rm       # rerun rm and what follows
+    align pipeline --config recipes/pipeline/smollm2-135m.yaml --until generate
+
+The steps, in order:
+
+    import        the SFT data and the preference data into the registry; a seeded train/test split of the latter
+    sft           a LoRA adapter on the SFT data (align sft)
+    generate      candidates from the SFT adapter and its base on held-out SFT prompts (align generate)
+    preferences   `labels`: the votes cast in the ranking UI on those candidates (align data from-labels);
+                  `import`: the imported preference set, for unattended runs
+    rm            a reward model on the train preferences (align rm)
+    dpo           DPO of the SFT adapter on the train preferences (align dpo)
+    ppo           PPO of the SFT adapter against the reward model, on prompts of the train preferences (align ppo)
+    eval          base, SFT, DPO and PPO on held-out prompts, judged by the reward model (align eval)
+
+A step is identified by a fingerprint of its settings and the exact versions it reads. When a completed run
+of the step with the same fingerprint exists, its outputs are reused and the step is skipped; so a rerun is
+cheap and picks up after a failure. Each step's record is a run of stage `pipeline-STEP` in the catalog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+from align.config import build_config, stage_config_class
+from align.errors import AlignError
+from align.registry import Registry
+
+STEPS = ("import", "sft", "generate", "preferences", "rm", "dpo", "ppo", "eval")
+
+
+@dataclass
+class PipelineConfig:
+    base_model: str = field(default="smollm2-135m", metadata={"help": "the base every stage starts from"})
+    sft_data: str = field(default="../shared/data/self-instruct-seed-tasks.jsonl", metadata={"help": "file"})
+    preference_data: str = field(default="../shared/data/hh-rlhf-harmless-dev.jsonl.gz", metadata={"help": "file"})
+    test_size: float = 0.1
+    seed: int = 0
+    preferences: str = field(default="import", metadata={"help": "import | labels (votes from the ranking UI)"})
+    steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": "the steps to run, in order"})
+    # Each stage block: `recipe: PATH` plus any keys of that stage's config, which override the recipe.
+    sft: dict = field(default_factory=dict)
+    generate: dict = field(default_factory=dict)
+    rm: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    ppo: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.preferences not in ("import", "labels"):
+            raise ValueError(f"config key 'preferences' must be import or labels (got {self.preferences!r})")
+        unknown = [step for step in self.steps if step not in STEPS]
+        if unknown:
+            raise ValueError(f"config key 'steps': unknown step {unknown[0]!r}; the steps are {', '.join(STEPS)}")
+        for key in ("sft", "generate", "rm", "dpo", "ppo", "eval"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"config key '{key}' must be a mapping of settings")
+        allowed = {
+            "generate": {"n", "limit", "max_new_tokens", "temperature", "top_p", "batch_size"},
+            "eval": {"limit", "max_new_tokens", "bootstrap", "few_shot"},
+        }
+        for key, keys in allowed.items():
+            extra = set(getattr(self, key)) - keys
+            if extra:
+                raise ValueError(
+                    f"config key '{key}.{sorted(extra)[0]}' is not a setting; use {', '.join(sorted(keys))}"
+                )
+        # The stage blocks are checked now, with placeholder inputs, so a typo fails before any step runs.
+        for stage in ("sft", "rm", "dpo", "ppo"):
+            stage_recipe(self, stage, {"dataset": "placeholder", "reward_model": "rm:placeholder"})
+
+
+def stage_recipe(config: PipelineConfig, stage: str, inputs: dict) -> dict:
+    """A stage's recipe values: its recipe file, then the pipeline's overrides, then the pipeline's inputs."""
+    from align.config import read_yaml
+
+    block = dict(getattr(config, stage))
+    recipe_path = block.pop("recipe", None)
+    values = read_yaml(recipe_path) if recipe_path else {}
+    values |= block
+    values |= {key: value for key, value in inputs.items() if key in _fields(stage)}
+    source = f"pipeline {stage}" + (f" ({recipe_path})" if recipe_path else "")
+    try:
+        build_config(stage_config_class(stage), values, source=source)
+    except AlignError as exc:
+        raise ValueError(str(exc)) from None
+    return values
+
+
+def _fields(stage: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(stage_config_class(stage))}
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, registry: Registry):
+        self.config, self.registry = config, registry
+        self.outputs: dict[str, str] = {}  # name -> pinned reference, filled step by step
+
+    def run(self, *, start: str | None = None, until: str | None = None) -> dict:
+        steps = [step for step in STEPS if step in self.config.steps]
+        for name, value in (("--from", start), ("--until", until)):
+            if value is not None and value not in steps:
+                raise AlignError(f"{name} {value}: not a step of this pipeline ({', '.join(steps)})")
+        forced = steps[steps.index(start) :] if start else []
+        last = steps.index(until) if until else len(steps) - 1
+        for step in steps[: last + 1]:
+            self._step(step, force=step in forced)
+        return self.outputs
+
+    def _step(self, step: str, *, force: bool) -> None:
+        settings = self._settings(step)
+        fingerprint = sha256(json.dumps({"step": step, **settings}, sort_keys=True, default=str).encode()).hexdigest()
+        previous = None if force else self._completed(step, fingerprint)
+        if previous is not None:
+            self.outputs |= previous.metrics["outputs"]
+            print(f"[{step}] reused {', '.join(previous.metrics['outputs'].values())} (run {previous.id})")
+            return
+        print(f"[{step}] running ...")
+        record = self.registry.start_run(
+            f"pipeline-{step}",
+            config={"fingerprint": fingerprint, **settings},
+            inputs=sorted(set(_refs(settings))),
+            seed=self.config.seed,
+        )
+        try:
+            made = getattr(self, f"step_{step}")()
+        except BaseException as exc:
+            self.registry.finish_run(record, status="failed", error=f"{type(exc).__name__}: {exc}")
+            raise AlignError(
+                f"pipeline step '{step}' failed: {exc}. Outputs of the earlier steps stay registered; "
+                f"rerun the same command to continue from this step."
+            ) from exc
+        self.outputs |= made
+        self.registry.finish_run(record, metrics={"outputs": made}, outputs=list(made.values()))
+        print(f"[{step}] made {', '.join(made.values())}")
+
+    def _completed(self, step: str, fingerprint: str):
+        for run in reversed(self.registry.list_runs()):
+            if (
+                run.stage == f"pipeline-{step}"
+                and run.status == "completed"
+                and run.config.get("fingerprint") == fingerprint
+                and self._still_there(run.metrics.get("outputs", {}))
+            ):
+                return run
+        return None
+
+    def _still_there(self, outputs: dict) -> bool:
+        try:
+            for ref in outputs.values():
+                if ref.split(":", 1)[0] in ("adapter", "rm", "model"):
+                    self.registry.resolve_artifact(ref)
+                elif not ref.startswith("run:"):
+                    self.registry.resolve(ref)
+        except AlignError:
+            return False
+        return True
+
+    def _settings(self, step: str) -> dict:
+        """What a step's result depends on: its settings and the pinned outputs of the steps before it."""
+        config = self.config
+        needs = {
+            "import": {},
+            "sft": {"sft_data": "sft_data"},
+            "generate": {"sft": "sft", "sft_test": "sft_test"},
+            "preferences": {"candidates": "candidates", "prefs_train": "prefs_train"},
+            "rm": {"train_prefs": "train_prefs", "test_prefs": "test_prefs"},
+            "dpo": {"sft": "sft", "train_prefs": "train_prefs", "test_prefs": "test_prefs"},
+            "ppo": {"sft": "sft", "rm": "rm", "train_prefs": "train_prefs"},
+            "eval": {"sft": "sft", "dpo": "dpo", "ppo": "ppo", "rm": "rm", "test_prefs": "test_prefs"},
+        }[step]
+        inputs = {key: self.outputs.get(source) for key, source in needs.items()}
+        files = {}
+        if step == "import":
+            files = {path: _file_hash(Path(path)) for path in (config.sft_data, config.preference_data)}
+        block = getattr(config, step, {}) if step in ("sft", "generate", "rm", "dpo", "ppo", "eval") else {}
+        recipe = block.get("recipe")
+        recipe_text = Path(recipe).read_text(encoding="utf-8") if recipe else None
+        votes = None
+        if step == "preferences" and config.preferences == "labels" and inputs["candidates"]:
+            # New votes in the ranking UI make new preferences: the vote count is part of the fingerprint.
+            candidates = self.registry.resolve(inputs["candidates"])
+            votes = self.registry.db.execute(
+                "SELECT COUNT(*) FROM comparisons WHERE dataset_id = ?", (candidates.id,)
+            ).fetchone()[0]
+        return {
+            "inputs": inputs,
+            "files": files,
+            "block": block,
+            "recipe_text": recipe_text,
+            "base_model": config.base_model,
+            "seed": config.seed,
+            "test_size": config.test_size,
+            "preferences": config.preferences if step == "preferences" else None,
+            "votes": votes,
+        }
+
+    # The steps. Each returns the references it made.
+
+    def step_import(self) -> dict:
+        registry, config = self.registry, self.config
+        sft, _ = registry.import_file(config.sft_data, name="pipeline-sft", kind="sft")
+        sft_train, sft_test = registry.split(sft, test_size=config.test_size, seed=config.seed)
+        prefs, _ = registry.import_file(config.preference_data, name="pipeline-prefs", kind="preference")
+        prefs_train, prefs_test = registry.split(prefs, test_size=config.test_size, seed=config.seed)
+        return {
+            "sft_data": sft_train.ref,
+            "sft_test": sft_test.ref,
+            "prefs_train": prefs_train.ref,
+            "prefs_test": prefs_test.ref,
+        }
+
+    def step_sft(self) -> dict:
+        from align.sft import SFTStageConfig, run_sft
+
+        inputs = {"model": self.config.base_model, "dataset": self.outputs["sft_data"], "seed": self.config.seed}
+        values = stage_recipe(self.config, "sft", inputs)
+        artifact = run_sft(build_config(SFTStageConfig, values, source="pipeline sft"), self.registry, recipe=values)
+        return {"sft": artifact.ref}
+
+    def step_generate(self) -> dict:
+        from align.generate import SamplingSettings, generate_candidates
+
+        block = dict(self.config.generate)
+        prompts = self.registry.convert(self.outputs["sft_test"], name="pipeline-prompts", kind="prompts")
+        settings = SamplingSettings(
+            seed=self.config.seed, **{k: v for k, v in block.items() if k not in ("n", "limit")}
+        )
+        version = generate_candidates(
+            self.registry,
+            [self.outputs["sft"], self.config.base_model],
+            prompts.ref,
+            n=block.get("n", 2),
+            name="pipeline-candidates",
+            limit=block.get("limit"),
+            settings=settings,
+        )
+        return {"candidates": version.ref}
+
+    def step_preferences(self) -> dict:
+        if self.config.preferences == "import":
+            return {"train_prefs": self.outputs["prefs_train"], "test_prefs": self.outputs["prefs_test"]}
+        from align.labels import from_labels
+
+        version, _, _ = from_labels(self.registry, self.outputs["candidates"], name="pipeline-labels")
+        # Human votes train; the imported held-out pairs stay the yardstick.
+        return {"train_prefs": version.ref, "test_prefs": self.outputs["prefs_test"]}
+
+    def step_rm(self) -> dict:
+        from reward.train import RewardStageConfig, run_rm
+
+        inputs = {
+            "model": self.config.base_model,
+            "dataset": self.outputs["train_prefs"],
+            "eval_dataset": self.outputs["test_prefs"],
+            "seed": self.config.seed,
+        }
+        values = stage_recipe(self.config, "rm", inputs)
+        artifact = run_rm(build_config(RewardStageConfig, values, source="pipeline rm"), self.registry, recipe=values)
+        return {"rm": artifact.ref}
+
+    def step_dpo(self) -> dict:
+        from align.dpo import DPOStageConfig, run_dpo
+
+        inputs = {
+            "model": self.outputs["sft"],
+            "dataset": self.outputs["train_prefs"],
+            "eval_dataset": self.outputs["test_prefs"],
+            "seed": self.config.seed,
+        }
+        values = stage_recipe(self.config, "dpo", inputs)
+        artifact = run_dpo(build_config(DPOStageConfig, values, source="pipeline dpo"), self.registry, recipe=values)
+        return {"dpo": artifact.ref}
+
+    def step_ppo(self) -> dict:
+        from align.ppo import PPOStageConfig, run_ppo
+
+        prompts = self.registry.convert(self.outputs["train_prefs"], name="pipeline-rl-prompts", kind="prompts")
+        inputs = {
+            "model": self.outputs["sft"],
+            "reward_model": self.outputs["rm"],
+            "dataset": prompts.ref,
+            "seed": self.config.seed,
+        }
+        values = stage_recipe(self.config, "ppo", inputs)
+        artifact = run_ppo(build_config(PPOStageConfig, values, source="pipeline ppo"), self.registry, recipe=values)
+        return {"ppo": artifact.ref}
+
+    def step_eval(self) -> dict:
+        from align.evaluate import EvalOptions, run_eval
+        from align.generate import SamplingSettings
+
+        block = dict(self.config.eval)
+        prompts = self.registry.convert(self.outputs["test_prefs"], name="pipeline-eval-prompts", kind="prompts")
+        models = [self.config.base_model] + [self.outputs[key] for key in ("sft", "dpo", "ppo") if key in self.outputs]
+        settings = SamplingSettings(
+            seed=self.config.seed, max_new_tokens=block.get("max_new_tokens", 64), temperature=0.0
+        )
+        options = EvalOptions(
+            models=models,
+            prompts=prompts.ref,
+            rm=self.outputs.get("rm"),
+            baseline=self.outputs["sft"],
+            limit=block.get("limit"),
+            bootstrap=block.get("bootstrap", 1000),
+            few_shot=block.get("few_shot", 0),
+            sampling=settings,
+            name="pipeline-eval",
+        )
+        result = run_eval(self.registry, options)
+        return {"eval": result.version.ref, "eval_run": f"run:{result.run.id}"}
+
+
+def _refs(settings: dict) -> list[str]:
+    return [value for value in settings["inputs"].values() if isinstance(value, str)]
+
+
+def _file_hash(path: Path) -> str:
+    if not path.is_file():
+        raise AlignError(f"pipeline input {path} does not exist")
+    return sha256(path.read_bytes()).hexdigest()
+
+
+def main(config_path: str, *, workspace: str | None = None, start: str | None = None, until: str | None = None):
+    from align.config import read_yaml
+
+    config = build_config(PipelineConfig, read_yaml(config_path), source=config_path)
+    registry = Registry(workspace)
+    outputs = Pipeline(config, registry).run(start=start, until=until)
+    print("\npipeline outputs:")
+    for name, ref in outputs.items():
+        print(f"  {name:12} {ref}")
+    return outputs

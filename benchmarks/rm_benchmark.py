@@ -1,0 +1,205 @@
+"""Reward-model benchmark: the plain TRL recipe (the floor) against our `align rm` recipe, same data, one run.
+
+    # the full run (all shared HH pairs; more than an hour on 2 CPU cores)
+    .venv/bin/python benchmarks/rm_benchmark.py
+    # a reduced run: 400 training pairs, 160 held-out pairs
+    .venv/bin/python benchmarks/rm_benchmark.py --pairs 400 --eval-pairs 160
+    # also measure variants of our recipe (NAME:key=value,key=value; any config key)
+    .venv/bin/python benchmarks/rm_benchmark.py --pairs 400 --variant lr3e-4:learning_rate=3e-4
+
+Data: the shared HH-harmless dev file (1,600 pairs, 1,597 valid), imported into a fresh workspace and split with
+a fixed seed into train and test (`--test-size`, default 10%). Only these pairs are public here, so "unseen
+pairs" means the held-out test split. Every model is scored on the same test pairs, twice:
+
+    acc<=256   the test pairs that fit in max_length whole (what the floor can be measured on)
+    acc(all)   every test pair, long ones cut from the left of the prompt (none dropped)
+
+The floor: TRL's RewardTrainer as documented, on the conversational rows (TRL tokenizes them and drops pairs
+longer than max_length), SmolLM2 + LoRA r16 (PEFT's default targets, q_proj and v_proj), lr 2e-4, one epoch,
+batch 8, TRL's defaults otherwise (gradient checkpointing on), fp32. Ours: recipes/rm/smollm2-135m-lora.yaml.
+Speed is training pairs per second of training time (the trainer's train_runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from align.config import load_config  # noqa: E402
+from align.registry import Registry  # noqa: E402
+from align.truncation import encode_rows  # noqa: E402
+from reward.metrics import expected_calibration_error, pairwise_accuracy, sigmoid  # noqa: E402
+from reward.model import RewardModel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "rm" / "smollm2-135m-lora.yaml"
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
+
+
+def prepare(workspace: Path, args) -> tuple[Registry, str, str]:
+    registry = Registry(workspace)
+    source, _ = registry.import_file(args.data, name="hh-harmless")
+    train, test = registry.split(source.ref, test_size=args.test_size, seed=args.seed)
+    rng = random.Random(args.seed)
+    train_rows, test_rows = registry.rows(train), registry.rows(test)
+    if args.pairs and args.pairs < len(train_rows):
+        train_rows = rng.sample(train_rows, args.pairs)
+    if args.eval_pairs and args.eval_pairs < len(test_rows):
+        test_rows = rng.sample(test_rows, args.eval_pairs)
+    train_ref = registry.register(train_rows, name="bench-train", kind="preference", parents=[train]).ref
+    test_ref = registry.register(test_rows, name="bench-test", kind="preference", parents=[test]).ref
+    # The stage evaluates on this two-pair probe; the benchmark scores the reloaded artifact on the test split.
+    registry.register(test_rows[:2], name="bench-probe", kind="preference", parents=[test])
+    print(f"data: {train_ref} ({len(train_rows)} pairs) for training, {test_ref} ({len(test_rows)} pairs) held out")
+    return registry, train_ref, test_ref
+
+
+def held_out(rm: RewardModel, rows: list[dict], max_length: int) -> dict:
+    """Accuracy on the pairs that fit whole and on all pairs (left-truncated), and ECE on all."""
+    encoded, _ = encode_rows(rm.tokenizer, rows, max_length, overflow="cut")
+    fits = [i for i, item in enumerate(encoded) if not item.truncated]
+    rm.max_length = max_length
+    scores = rm.score_pairs(rows, progress=True)
+    c, r = scores.chosen, scores.rejected
+    return {
+        "acc_fit": pairwise_accuracy([c[i] for i in fits], [r[i] for i in fits]),
+        "fit_pairs": len(fits),
+        "acc_all": pairwise_accuracy(c, r),
+        "all_pairs": len(rows),
+        "ece": expected_calibration_error([sigmoid(a - b) for a, b in zip(c, r)]),
+    }
+
+
+def run_floor(registry: Registry, train_ref: str, test_ref: str, args) -> dict:
+    import peft
+    from trl import RewardConfig, RewardTrainer
+
+    from align.models import embedded_checkpoint, load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = RewardConfig(
+            output_dir=output_dir,
+            learning_rate=2e-4,
+            num_train_epochs=1,
+            max_length=args.max_length,
+            per_device_train_batch_size=8,
+            bf16=False,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10,
+            seed=args.seed,
+        )
+        lora = peft.LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, lora_dropout=0.05)
+        trainer = RewardTrainer(
+            model=str(embedded_checkpoint()),
+            args=config,
+            train_dataset=registry.load(train_ref),
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
+        trained = len(trainer.train_dataset)
+        result = trainer.train()
+        runtime = result.metrics["train_runtime"]
+        rm = RewardModel(trainer.model, tokenizer, batch_size=16)
+        figures = held_out(rm, registry.rows(test_ref), args.max_length)
+    train_rows = registry.resolve(train_ref).num_rows
+    return figures | {"trained": trained, "dropped": train_rows - trained, "seconds": runtime}
+
+
+def run_ours(registry: Registry, train_ref: str, test_ref: str, args, name: str, overrides: dict) -> dict:
+    from reward.train import RewardStageConfig, run_rm
+
+    values = {
+        "dataset": train_ref,
+        "eval_dataset": "bench-probe",
+        "output_name": f"bench-{name}",
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": args.seed,
+        "max_length": args.max_length,
+    } | overrides
+    config = load_config(RewardStageConfig, RECIPE, values)
+    artifact = run_rm(config, registry)
+    metrics = registry.get_run(artifact.run_id).metrics
+    rm = RewardModel.load(artifact.ref, registry, batch_size=16)  # the saved artifact, reloaded
+    figures = held_out(rm, registry.rows(test_ref), args.max_length)
+    return figures | {
+        "trained": metrics["train_pairs"],
+        "dropped": metrics["train_dropped"],
+        "seconds": metrics["train_runtime_s"],
+    }
+
+
+def run_untrained(registry: Registry, test_ref: str, args) -> dict:
+    rm = RewardModel.load("smollm2-135m", registry, batch_size=16, seed=args.seed)
+    return held_out(rm, registry.rows(test_ref), args.max_length) | {"trained": 0, "dropped": 0, "seconds": 0.0}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, body = text.partition(":")
+    values = {}
+    for item in filter(None, body.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise SystemExit(f"--variant {text!r}: write NAME:key=value,key=value")
+        values[key.strip()] = value.strip()
+    return name, values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="the HH-harmless JSONL file")
+    parser.add_argument("--pairs", type=int, help="training pairs to sample (default: the whole train split)")
+    parser.add_argument("--eval-pairs", type=int, help="held-out pairs to sample (default: the whole test split)")
+    parser.add_argument("--test-size", type=float, default=0.1)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...")
+    parser.add_argument("--skip-floor", action="store_true")
+    parser.add_argument("--skip-untrained", action="store_true")
+    parser.add_argument("--skip-ours", action="store_true", help="only the --variant runs")
+    parser.add_argument("--workspace", type=Path, help="default: a temporary folder")
+    args = parser.parse_args()
+
+    workspace = args.workspace or Path(tempfile.mkdtemp(prefix="rm-benchmark-"))
+    registry, train_ref, test_ref = prepare(workspace, args)
+    results = {}
+    if not args.skip_untrained:
+        results["untrained head"] = run_untrained(registry, test_ref, args)
+    if not args.skip_floor:
+        results["TRL floor"] = run_floor(registry, train_ref, test_ref, args)
+        gc.collect()
+    runs = ([] if args.skip_ours else [("ours", {})]) + [parse_variant(v) for v in args.variant]
+    for name, overrides in runs:
+        started = time.perf_counter()
+        results[name] = run_ours(registry, train_ref, test_ref, args, name, overrides)
+        print(f"{name}: {results[name]} ({time.perf_counter() - started:.0f} s with evaluation)")
+        gc.collect()
+
+    print(f"\nworkspace {workspace}; {train_ref} -> {test_ref}, max_length {args.max_length}")
+    columns = ("trained", "dropped", "train s", "pairs/s", "acc<=256", "acc(all)", "ECE")
+    header = f"{'model':<28} " + " ".join(f"{c:>8}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        speed = r["trained"] / r["seconds"] if r["seconds"] else float("nan")
+        print(
+            f"{name:<28} {r['trained']:>8} {r['dropped']:>8} {r['seconds']:>8.0f} {speed:>8.2f} "
+            f"{r['acc_fit']:>8.3f} {r['acc_all']:>8.3f} {r['ece']:>8.3f}"
+        )
+    some = next(iter(results.values()))
+    print(f"(acc<=256 on the {some['fit_pairs']} held-out pairs that fit whole; acc(all) on all {some['all_pairs']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Load a reward model and score text with it.
+
+    from reward.model import RewardModel
+
+    rm = RewardModel.load("rm:hh-rm")                       # or a base model: an untrained head, seeded
+    rm.score(prompts, completions)                          # -> list[float], one per (prompt, completion)
+
+A prompt is a list of messages ({"role", "content"}) ending with a user turn, or a plain string. A completion
+is the reply: a list of assistant messages, or a plain string (with a conversational prompt it becomes one
+assistant message). The reward model renders each pair with its own chat template and tokenizer, so a policy
+with another tokenizer works: what passes between them is text, never token ids.
+
+Long pairs are cut from the left of the prompt to the model's `max_length` (the one it was trained with), as in
+training; a reply longer than that keeps its end. Batches are sorted by length, so little compute goes to pads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from align.errors import AlignError
+from align.truncation import TruncationStats, encode_rows
+
+DEFAULT_MAX_LENGTH = 256  # the rm stage's default, so an untrained head reads the same text as a trained model
+
+
+def load_scorer(ref: str, registry: Any = None, *, seed: int = 0, dtype: Any = None, device_map: Any = None):
+    """(model, tokenizer, artifact or None): a 1-label sequence classifier in eval mode.
+
+    `rm:NAME[@V]` loads a trained reward model (base + LoRA adapter + its saved score head). Any base model
+    reference gives that model with a fresh score head drawn with `seed`: the exact model reward training
+    starts from (LoRA's B matrices start at zero), so it is the honest "untrained" baseline.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    from align.models import ModelRefError, load_model, load_tokenizer, parse_dtype, resolve_model
+
+    artifact = None
+    if ref.startswith("rm:"):
+        with suppress_seqcls_warning():  # the head is missing from the base checkpoint: the adapter holds it
+            model, tokenizer = load_model(ref, registry, dtype=dtype, device_map=device_map)
+        artifact = (registry or _default_registry()).resolve_artifact(ref)
+    elif ref.startswith("adapter:"):
+        raise AlignError(
+            f"{ref} is a policy adapter, not a reward model: name a reward model (rm:NAME) or a base model "
+            "(for an untrained head)"
+        )
+    else:
+        resolved = resolve_model(ref, registry)
+        tokenizer = load_tokenizer(resolved)
+        kwargs = {"dtype": parse_dtype(dtype), "use_safetensors": True, "num_labels": 1}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        torch.manual_seed(seed)  # the new head's weights
+        try:
+            with suppress_seqcls_warning():
+                model = AutoModelForSequenceClassification.from_pretrained(resolved.base, **kwargs)
+        except OSError as e:
+            raise ModelRefError(f"cannot load {resolved.describe()}: {str(e).splitlines()[0]}") from e
+    # The head reads the last token that is not padding: the pad id must be the tokenizer's, as in training.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer, artifact
+
+
+def _default_registry():
+    from align.registry import Registry
+
+    return Registry()
+
+
+@dataclass
+class PairScores:
+    """The scores of preference rows, in row order, with the reply lengths (tokens) the metrics need."""
+
+    chosen: list[float]
+    rejected: list[float]
+    chosen_lengths: list[int]
+    rejected_lengths: list[int]
+    tie: list[bool]
+    stats: TruncationStats
+    extra: dict = field(default_factory=dict)
+
+
+class RewardModel:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        batch_size: int = 8,
+        ref: str = "model",
+    ):
+        self.model = model
+        self.ref = ref
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.last_stats: TruncationStats | None = None  # truncation counts of the last score() call
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    @classmethod
+    def load(
+        cls,
+        ref: str,
+        registry: Any = None,
+        *,
+        max_length: int | None = None,
+        batch_size: int = 8,
+        seed: int = 0,
+        dtype: Any = None,
+        device_map: Any = None,
+    ) -> RewardModel:
+        """A registered reward model (`rm:NAME[@V]`) or a base model with an untrained head (see load_scorer)."""
+        model, tokenizer, artifact = load_scorer(ref, registry, seed=seed, dtype=dtype, device_map=device_map)
+        trained_length = artifact.meta.get("max_length") if artifact is not None else None
+        return cls(
+            model,
+            tokenizer,
+            max_length=max_length or trained_length or DEFAULT_MAX_LENGTH,
+            batch_size=batch_size,
+            ref=artifact.ref if artifact is not None else ref,
+        )
+
+    def score(
+        self,
+        prompts: Sequence[list[dict] | str],
+        completions: Sequence[list[dict] | str],
+        *,
+        progress: bool = False,
+    ) -> list[float]:
+        """One reward per (prompt, completion), in order."""
+        if len(prompts) != len(completions):
+            raise AlignError(f"score() got {len(prompts)} prompts but {len(completions)} completions")
+        rows = [{"prompt": p, "reply": c} for p, c in zip(prompts, completions)]
+        encoded, self.last_stats = encode_rows(
+            self.tokenizer, rows, self.max_length, reply_fields=("reply",), overflow="cut"
+        )
+        return self.score_ids([item.sequence(0) for item in encoded], progress=progress)
+
+    def score_pairs(self, rows: Sequence[dict], *, progress: bool = False) -> PairScores:
+        """Scores of preference rows' chosen and rejected replies; the pair shares its (cut) prompt."""
+        encoded, stats = encode_rows(self.tokenizer, rows, self.max_length, overflow="cut", progress=progress)
+        sequences = [item.sequence(0) for item in encoded] + [item.sequence(1) for item in encoded]
+        scores = self.score_ids(sequences, progress=progress)
+        n = len(rows)
+        return PairScores(
+            chosen=scores[:n],
+            rejected=scores[n:],
+            chosen_lengths=[len(item.reply_ids[0]) for item in encoded],
+            rejected_lengths=[len(item.reply_ids[1]) for item in encoded],
+            tie=[bool(row.get("tie")) for row in rows],
+            stats=stats,
+        )
+
+    def evaluate(self, rows: Sequence[dict], *, progress: bool = False) -> tuple[dict, PairScores]:
+        """Accuracy, margin, calibration and length bias on preference rows (see reward.metrics)."""
+        from reward.metrics import pair_metrics
+
+        scores = self.score_pairs(rows, progress=progress)
+        metrics = pair_metrics(
+            scores.chosen, scores.rejected, scores.chosen_lengths, scores.rejected_lengths, scores.tie
+        )
+        metrics["truncation"] = scores.stats.summary()
+        return metrics, scores
+
+    def score_ids(self, sequences: Sequence[list[int]], *, progress: bool = False) -> list[float]:
+        """Scores of token-id sequences (this model's tokenizer), batched longest first, returned in order."""
+        import torch
+        from tqdm.auto import tqdm
+
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+        scores = [0.0] * len(sequences)
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        try:
+            with torch.inference_mode():
+                for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+                    width = len(sequences[batch[0]])
+                    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for row, index in enumerate(batch):
+                        ids = sequences[index]
+                        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                        attention_mask[row, : len(ids)] = 1
+                    logits = self.model(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                    ).logits
+                    for row, index in enumerate(batch):
+                        scores[index] = float(logits[row, 0])
+        finally:
+            self.model.train(was_training)
+        return scores

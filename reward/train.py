@@ -1,0 +1,323 @@
+"""Reward-model stage: train a scorer on a registry `preference` dataset with TRL's RewardTrainer and LoRA.
+
+    # LoRA on the embedded SmolLM2 (the default recipe)
+    align rm --config recipes/rm/smollm2-135m-lora.yaml
+    # any config key can be overridden; --resume continues the last interrupted rm run
+    align rm --config recipes/rm/smollm2-135m-lora.yaml --dataset hh-harmless-train --max_steps 30
+    align rm --config recipes/rm/smollm2-135m-lora.yaml --resume
+    # then: the same metrics on any preference version, and scores for any rows
+    align rm eval --rm rm:rm --data hh-harmless-test
+    align rm score --rm rm:rm --data seed-candidates --name seed-candidates-rm
+
+The model is the base with a one-output score head (AutoModelForSequenceClassification); LoRA trains the base,
+and the head is saved with the adapter (PEFT modules_to_save), so the registered artifact reloads to identical
+scores. Pairs are tokenized here, not by TRL: a pair longer than `max_length` keeps its replies and loses the
+oldest part of its prompt (align/truncation.py) where TRL would drop it; a pair whose reply alone is too long is
+dropped and counted. The loss is Bradley-Terry with the labels' margins and weights when present, and a
+tie-aware term for ties (reward/loss.py). After training the model is evaluated on a held-out split: pairwise
+accuracy, mean margin, calibration (ECE and a reliability diagram) and length bias, all in the run's report.
+The output is registered as `rm:NAME@V` with lineage to the data, the base model and the run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from align.config import AdapterFields, StageFields, build_config, config_to_dict, peft_config_for
+from align.errors import AlignError
+from align.models import resolve_model
+from align.registry import Registry
+from align.runs import (
+    history_series,
+    last_checkpoint,
+    open_run,
+    plot_series,
+    recipe_for,
+    write_metrics,
+    write_report,
+)
+from align.truncation import encode_rows
+from reward.loss import preference_loss
+from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
+from reward.model import DEFAULT_MAX_LENGTH, RewardModel, load_scorer
+
+TIE_MODES = ("together", "drop")
+RM_PEFT = ("lora", "ia3")
+
+
+@dataclass
+class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
+    output_name: str | None = field(default="rm", metadata={"help": "artifact name: rm:NAME"})
+    max_length: int | None = field(
+        default=DEFAULT_MAX_LENGTH,
+        metadata={"help": "tokens per prompt + reply; longer pairs lose the oldest prompt tokens, not the pair"},
+    )
+    eval_max_length: int | None = field(
+        default=None, metadata={"help": "max_length for the held-out evaluation (default: max_length)"}
+    )
+    ties: str = field(
+        default="together", metadata={"help": "together: the tie-aware loss pulls tied scores together | drop"}
+    )
+    use_margins: bool = field(default=True, metadata={"help": "use the rows' `margin` labels when present"})
+    use_weights: bool = field(default=True, metadata={"help": "use the rows' `weight` labels when present"})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
+
+    def __post_init__(self):
+        self.check_stage_fields()
+        self.check_adapter_fields()
+        if self.peft not in RM_PEFT:
+            raise ValueError(
+                f"config key 'peft' must be {' or '.join(RM_PEFT)} for a reward model (got {self.peft!r}): "
+                "an rm: artifact is an adapter with its score head"
+            )
+        if self.load_in_4bit:
+            raise ValueError("config key 'load_in_4bit' is not supported for reward models yet")
+        if self.ties not in TIE_MODES:
+            raise ValueError(f"config key 'ties' must be one of {', '.join(TIE_MODES)} (got {self.ties!r})")
+        for key in ("max_length", "eval_max_length"):
+            value = getattr(self, key)
+            if (value is not None and value < 16) or (key == "max_length" and value is None):
+                raise ValueError(f"config key '{key}' must be a token count of at least 16 (got {value!r})")
+        if self.report_to == "tensorboard" and not _tensorboard_installed():
+            self.report_to = "none"
+        super().__post_init__()
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def training_examples(rows: list[dict], encoded: list, config: RewardStageConfig) -> tuple[list[dict], int]:
+    """Token ids per pair plus the label columns in use; returns (examples, ties dropped)."""
+    has_margin = config.use_margins and any("margin" in row for row in rows)
+    has_weight = config.use_weights and any("weight" in row for row in rows)
+    has_tie = config.ties == "together" and any(row.get("tie") for row in rows)
+    examples, ties_dropped = [], 0
+    for row, item in zip(rows, encoded):
+        if item is None:
+            continue  # a reply alone is longer than max_length: counted by the truncation stats
+        if row.get("tie") and config.ties == "drop":
+            ties_dropped += 1
+            continue
+        chosen, rejected = item.sequence(0), item.sequence(1)
+        example = {"chosen_ids": chosen, "rejected_ids": rejected, "length": max(len(chosen), len(rejected))}
+        if has_margin:
+            example["margin"] = float(row.get("margin", 0.0))
+        if has_weight:
+            example["weight"] = float(row.get("weight", 1.0))
+        if has_tie:
+            example["tie"] = bool(row.get("tie", False))
+        examples.append(example)
+    return examples, ties_dropped
+
+
+@dataclass
+class PairCollator(DataCollatorForPreference):
+    """TRL's collator (chosen then rejected, right-padded, margins) plus per-pair weights and tie flags."""
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        batch = super().torch_call(examples)
+        if "weight" in examples[0]:
+            batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
+        if "tie" in examples[0]:
+            batch["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
+        return batch
+
+
+class PreferenceRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with our loss: margins as TRL has them, plus weights and ties."""
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:  # keep our label columns, and `length` for grouped batches
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight", "tie", "length"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
+        tie = inputs.get("tie")
+        loss = preference_loss(
+            chosen,
+            rejected,
+            margin=inputs.get("margin"),
+            weight=inputs.get("weight"),
+            tie=tie,
+            center_coefficient=self.args.center_rewards_coefficient,
+        )
+        with torch.no_grad():
+            decided = ~tie if tie is not None else torch.ones_like(chosen, dtype=torch.bool)
+            if decided.any():
+                accuracy = (chosen[decided] > rejected[decided]).float().mean()
+                margin = (chosen[decided] - rejected[decided]).mean()
+                self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
+                self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+
+def run_rm(
+    config: RewardStageConfig,
+    registry: Registry,
+    *,
+    recipe: dict | None = None,
+    resume: str | bool | None = None,
+    callbacks=(),
+):
+    """Train, evaluate, save and register. Returns the registered artifact."""
+    import datasets
+
+    # Everything that can be wrong with the inputs fails here, before any model is loaded.
+    dataset = registry.resolve(config.dataset, kind="preference")
+    if config.eval_dataset:
+        train_version, eval_version = dataset, registry.resolve(config.eval_dataset, kind="preference")
+    else:
+        if dataset.num_rows < 2:
+            raise AlignError(f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation")
+        train_version, eval_version = registry.split(dataset, test_size=config.eval_split, seed=config.seed)
+    if config.model.startswith(("adapter:", "rm:")):
+        raise AlignError(f"reward training starts from a base model, not {config.model}: name its base instead")
+    resolve_model(config.model, registry)  # a reference that does not resolve fails now
+
+    inputs = [dataset.ref, train_version.ref, eval_version.ref, config.model]
+    run = open_run(
+        registry,
+        "rm",
+        recipe=recipe or {},
+        config_dict=config_to_dict(config),
+        inputs=inputs,
+        seed=config.seed,
+        resume=resume,
+    )
+    config.output_dir = str(run.dir / "checkpoints")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "logs")
+    print(f"run {run.id}: reward model on {config.model} from {train_version.ref} (eval on {eval_version.ref})")
+    try:
+        model, tokenizer, _ = load_scorer(config.model, registry, seed=config.seed, dtype=config.torch_dtype)
+        train_rows = registry.rows(train_version)
+        encoded, train_stats = encode_rows(tokenizer, train_rows, config.max_length, progress=True)
+        examples, ties_dropped = training_examples(train_rows, encoded, config)
+        if not examples:
+            raise AlignError(f"no pair of {train_version.ref} fits max_length {config.max_length}: raise it")
+        print(
+            f"train: {train_stats.describe()}" + (f"; {ties_dropped} ties dropped (ties: drop)" if ties_dropped else "")
+        )
+
+        peft_config = peft_config_for(config, "SEQ_CLS")
+        peft_config.modules_to_save = ["score"]  # the head is trained and saved with the adapter
+        trainer = PreferenceRewardTrainer(
+            model=model,
+            args=config,
+            data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
+            train_dataset=datasets.Dataset.from_list(examples),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=list(callbacks),
+        )
+        if len(trainer.train_dataset) != len(examples):  # TRL filters by max_length: ours all fit already
+            raise AlignError(f"TRL dropped {len(examples) - len(trainer.train_dataset)} pairs that should fit (a bug)")
+        trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
+
+        output_dir = run.dir / "rm"
+        trainer.save_model(str(output_dir))
+        tokenizer.save_pretrained(str(output_dir))
+
+        eval_length = config.eval_max_length or config.max_length
+        scorer = RewardModel(
+            trainer.model, tokenizer, max_length=eval_length, batch_size=config.per_device_eval_batch_size
+        )
+        evaluation, _ = scorer.evaluate(registry.rows(eval_version), progress=True)
+        metrics = {
+            **{f"eval_{key}": value for key, value in headline(evaluation).items()},
+            "train_pairs": len(examples),
+            "train_truncated": train_stats.truncated,
+            "train_dropped": train_stats.dropped,
+            "train_ties_dropped": ties_dropped,
+            "eval_truncated": evaluation["truncation"]["truncated"],
+            "eval_replies_cut": evaluation["truncation"]["replies_cut"],
+            "steps": trainer.state.global_step,
+            "train_runtime_s": _train_runtime(trainer.state.log_history),
+        }
+        artifact = registry.register_artifact(
+            "rm",
+            config.output_name,
+            output_dir,
+            base_model=config.model,
+            run=run,
+            parents=[(train_version, "train"), (eval_version, "eval")],
+            meta={
+                "peft": config.peft,
+                "max_length": config.max_length,
+                "metrics": metrics,
+                "truncation": train_stats.summary(),
+            },
+        )
+        _report(run, config, trainer.state.log_history, metrics, evaluation, train_stats, artifact)
+        registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
+        print(
+            f"registered {artifact.ref}: held-out accuracy {metrics['eval_accuracy']:.3f} on "
+            f"{metrics['eval_pairs']} pairs, mean margin {metrics['eval_mean_margin']:.3f}, "
+            f"ECE {metrics['eval_ece']:.3f}; report {run.dir / 'report.md'}"
+        )
+        return artifact
+    except BaseException as exc:
+        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _train_runtime(log_history: list[dict]) -> float | None:
+    return next((entry["train_runtime"] for entry in reversed(log_history) if "train_runtime" in entry), None)
+
+
+def _report(run, config, log_history, metrics, evaluation, train_stats, artifact) -> None:
+    plots = [
+        plot_series(run.dir / "loss.png", "reward-model loss", {"train loss": history_series(log_history, "loss")}),
+        plot_series(
+            run.dir / "train_accuracy.png",
+            "pairwise accuracy on training batches",
+            {"train accuracy": history_series(log_history, "accuracy")},
+        ),
+        plot_reliability(evaluation, run.dir / "reliability.png", "reliability on the held-out pairs"),
+        plot_length_bias(evaluation, run.dir / "length_bias.png"),
+    ]
+    write_metrics(run, metrics | {"eval_length_buckets": evaluation["length_buckets"]})
+    setup = (
+        f"Base `{config.model}` with a one-output score head, PEFT `{config.peft}` (r={config.lora_r}), data "
+        f"`{config.dataset}`, learning rate {config.learning_rate}, {metrics['steps']} steps of "
+        f"{config.per_device_train_batch_size} pairs, max_length {config.max_length}, ties `{config.ties}`. "
+        f"Output `{artifact.ref}` in `{artifact.path}`."
+    )
+    data = (
+        f"Training: {train_stats.describe()}. Evaluation: {evaluation['truncation']['rows']} pairs, "
+        f"{evaluation['truncation']['truncated']} with the prompt cut from the left, none dropped."
+    )
+    write_report(
+        run,
+        "Reward-model report",
+        summary=metrics,
+        sections=[
+            ("Setup", setup),
+            ("Data and truncation", data),
+            ("Length bias and calibration", markdown(evaluation)),
+        ],
+        plots=plots,
+    )
+
+
+def main(
+    config_path: str | None,
+    overrides: list[str],
+    *,
+    workspace: str | None = None,
+    resume: str | bool | None = None,
+):
+    """`align rm`: the recipe plus overrides, or on --resume the recipe the run started with."""
+    registry = Registry(workspace)
+    recipe, source, run_id = recipe_for(registry, "rm", config_path, overrides, resume)
+    config = build_config(RewardStageConfig, recipe, source=source)
+    return run_rm(config, registry, recipe=recipe, resume=run_id)
