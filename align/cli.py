@@ -802,7 +802,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from align.evaluate import EvalOptions, run_eval
+    from align.evaluate import EvalOptions, print_summary, run_eval
     from align.generate import SamplingSettings
 
     if args.resume:
@@ -834,16 +834,7 @@ def cmd_eval(args) -> int:
             sampling=sampling,
         )
         result = run_eval(_registry(args), options)
-    print(f"{result.version.ref}  {result.version.num_rows} rows  kind=candidates")
-    for name, entry in result.metrics["rows"].items():
-        parts = [f"reward {entry['reward']['value']:.3f}"] if "reward" in entry else []
-        if "win_rate" in entry:
-            parts.append(f"win rate {entry['win_rate']['value']:.3f} (LC {entry['lc_win_rate']['value']:.3f})")
-        parts.append(f"{entry['length_tokens']['value']:.1f} tokens")
-        if "kl" in entry and "value" in entry["kl"]:
-            parts.append(f"KL {entry['kl']['value']:.3f}")
-        print(f"  {name}: " + ", ".join(parts))
-    print(f"report: {result.run.dir / 'report.md'}")
+    print_summary(result)
     return 0
 
 

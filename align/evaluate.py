@@ -818,3 +818,17 @@ def _plot_lengths(path: Path, rows, generations) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def print_summary(result: EvalResult) -> None:
+    """One line per row: mean reward, win rate against the baseline (raw and length-controlled), length, KL."""
+    print(f"{result.version.ref}  {result.version.num_rows} rows  kind=candidates")
+    for name, entry in result.metrics["rows"].items():
+        parts = [f"reward {entry['reward']['value']:.3f}"] if "reward" in entry else []
+        if "win_rate" in entry:
+            parts.append(f"win rate {entry['win_rate']['value']:.3f} (LC {entry['lc_win_rate']['value']:.3f})")
+        parts.append(f"{entry['length_tokens']['value']:.1f} tokens")
+        if "kl" in entry and "value" in entry["kl"]:
+            parts.append(f"KL {entry['kl']['value']:.3f}")
+        print(f"  {name}: " + ", ".join(parts))
+    print(f"report: {result.run.dir / 'report.md'}")

@@ -41,7 +41,11 @@ class PipelineConfig:
     base_model: str = field(default="smollm2-135m", metadata={"help": "the base every stage starts from"})
     sft_data: str = field(default="../shared/data/self-instruct-seed-tasks.jsonl", metadata={"help": "file"})
     preference_data: str = field(default="../shared/data/hh-rlhf-harmless-dev.jsonl.gz", metadata={"help": "file"})
-    test_size: float = 0.1
+    sft_test_size: float = field(
+        default=24,
+        metadata={"help": "held-out SFT rows (a count, or a share below 1): the prompts the candidates answer"},
+    )
+    preference_test_size: float = field(default=0.1, metadata={"help": "held-out preference pairs (count or share)"})
     seed: int = 0
     preferences: str = field(default="import", metadata={"help": "import | labels (votes from the ranking UI)"})
     steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": "the steps to run, in order"})
@@ -197,7 +201,7 @@ class Pipeline:
             "recipe_text": recipe_text,
             "base_model": config.base_model,
             "seed": config.seed,
-            "test_size": config.test_size,
+            "test_sizes": [config.sft_test_size, config.preference_test_size],
             "preferences": config.preferences if step == "preferences" else None,
             "votes": votes,
         }
@@ -207,9 +211,9 @@ class Pipeline:
     def step_import(self) -> dict:
         registry, config = self.registry, self.config
         sft, _ = registry.import_file(config.sft_data, name="pipeline-sft", kind="sft")
-        sft_train, sft_test = registry.split(sft, test_size=config.test_size, seed=config.seed)
+        sft_train, sft_test = registry.split(sft, test_size=config.sft_test_size, seed=config.seed)
         prefs, _ = registry.import_file(config.preference_data, name="pipeline-prefs", kind="preference")
-        prefs_train, prefs_test = registry.split(prefs, test_size=config.test_size, seed=config.seed)
+        prefs_train, prefs_test = registry.split(prefs, test_size=config.preference_test_size, seed=config.seed)
         return {
             "sft_data": sft_train.ref,
             "sft_test": sft_test.ref,
@@ -294,7 +298,7 @@ class Pipeline:
         return {"ppo": artifact.ref}
 
     def step_eval(self) -> dict:
-        from align.evaluate import EvalOptions, run_eval
+        from align.evaluate import EvalOptions, print_summary, run_eval
         from align.generate import SamplingSettings
 
         block = dict(self.config.eval)
@@ -315,6 +319,11 @@ class Pipeline:
             name="pipeline-eval",
         )
         result = run_eval(self.registry, options)
+        print(
+            f"evaluation on held-out prompts, judged by {self.outputs.get('rm')}; win rates are against the "
+            f"SFT adapter {self.outputs['sft']} (the base's win rate below 0.5 means SFT beat the base):"
+        )
+        print_summary(result)
         return {"eval": result.version.ref, "eval_run": f"run:{result.run.id}"}
 
 

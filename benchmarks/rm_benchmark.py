@@ -176,14 +176,16 @@ def main() -> None:
     results = {}
     if not args.skip_untrained:
         results["untrained head"] = run_untrained(registry, test_ref, args)
+        print(f"untrained head: {results['untrained head']}", flush=True)
     if not args.skip_floor:
         results["TRL floor"] = run_floor(registry, train_ref, test_ref, args)
+        print(f"TRL floor: {results['TRL floor']}", flush=True)
         gc.collect()
     runs = ([] if args.skip_ours else [("ours", {})]) + [parse_variant(v) for v in args.variant]
     for name, overrides in runs:
         started = time.perf_counter()
         results[name] = run_ours(registry, train_ref, test_ref, args, name, overrides)
-        print(f"{name}: {results[name]} ({time.perf_counter() - started:.0f} s with evaluation)")
+        print(f"{name}: {results[name]} ({time.perf_counter() - started:.0f} s with evaluation)", flush=True)
         gc.collect()
 
     print(f"\nworkspace {workspace}; {train_ref} -> {test_ref}, max_length {args.max_length}")

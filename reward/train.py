@@ -286,10 +286,11 @@ def _report(run, config, log_history, metrics, evaluation, train_stats, artifact
         plot_length_bias(evaluation, run.dir / "length_bias.png"),
     ]
     write_metrics(run, metrics | {"eval_length_buckets": evaluation["length_buckets"]})
+    pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     setup = (
         f"Base `{config.model}` with a one-output score head, PEFT `{config.peft}` (r={config.lora_r}), data "
         f"`{config.dataset}`, learning rate {config.learning_rate}, {metrics['steps']} steps of "
-        f"{config.per_device_train_batch_size} pairs, max_length {config.max_length}, ties `{config.ties}`. "
+        f"{pairs_per_step} pairs, max_length {config.max_length}, ties `{config.ties}`. "
         f"Output `{artifact.ref}` in `{artifact.path}`."
     )
     data = (
