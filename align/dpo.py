@@ -21,9 +21,10 @@ annotator agreement recorded in the data's lineage. Optional row fields are used
   tie      "neither is better": the loss pulls the two implicit rewards together (a 50/50 Bradley-Terry label, or
            an IPO target of 0); ties are left out of the accuracy
 Long pairs are cut from the left of the prompt (the replies and the latest context stay); a pair whose reply alone
-does not fit is dropped and counted. The prompt is run once for both replies (`share_prompt`), and only reply
-tokens go through the LM head. Evaluation on a held-out split (implicit-reward accuracy and margins, chosen and
-rejected log-probs) runs before and after training and lands in the run report with plots. The output is
+does not fit is dropped and counted. The prompt is run once for both replies (`share_prompt`), only reply
+tokens go through the LM head, and `torch_threads: auto` uses one CPU thread per idle core. Evaluation on a
+held-out split (implicit-reward accuracy and margins, chosen and rejected log-probs) runs before and after
+training and lands in the run report with plots. The output is
 `adapter:NAME@V` with lineage to the starting adapter, the preference versions and the run.
 """
 
@@ -77,6 +78,10 @@ class DPOStageConfig(StageFields, AdapterFields, DPOConfig):
     )
     margin_scale: float = field(default=1.0, metadata={"help": "multiplies the rows' margins (0 ignores them)"})
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N pairs of the eval split"})
+    torch_threads: int | str | None = field(
+        default=None,
+        metadata={"help": "CPU threads: a number, auto (the idle cores, by the load average) or null (torch's)"},
+    )
 
     def __post_init__(self):
         self.check_stage_fields()
@@ -113,6 +118,14 @@ def check_dpo_fields(config: DPOStageConfig) -> None:
         raise ValueError(f"config key 'min_prompt_length' must be at least 1 (got {config.min_prompt_length!r})")
     if config.eval_limit is not None and config.eval_limit < 1:
         raise ValueError(f"config key 'eval_limit' must be at least 1 (got {config.eval_limit!r})")
+    if isinstance(config.torch_threads, str):
+        if config.torch_threads.strip().lower() != "auto":
+            raise ValueError(
+                f"config key 'torch_threads' must be a number, auto or null (got {config.torch_threads!r})"
+            )
+        config.torch_threads = "auto"
+    if isinstance(config.torch_threads, int) and config.torch_threads < 1:
+        raise ValueError(f"config key 'torch_threads' must be at least 1 (got {config.torch_threads!r})")
     if config.margin_scale < 0:
         raise ValueError(f"config key 'margin_scale' must be at least 0 (got {config.margin_scale!r})")
     unsupported = {
@@ -132,6 +145,45 @@ def _tensorboard_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def cpu_threads(setting: int | str | None) -> int | None:
+    """The torch thread count to use: a number as given; auto: one per idle core; None: leave torch's default.
+
+    On a CPU shared with other processes, threads that wait for each other at every op run far slower than one
+    thread (benchmarks/dpo_benchmark.py measured 5x on 2 busy cores), while on idle cores more threads win (1.8x).
+    auto measures how busy the cores are right now (/proc/stat over half a second; the load average lags by a
+    minute) and leaves torch's default where it cannot tell or with a GPU.
+    """
+    if setting is None:
+        return None
+    if setting != "auto":
+        return int(setting)
+    idle = idle_fraction()
+    if idle is None or torch.cuda.is_available():
+        return None
+    cores = torch.get_num_threads()
+    return max(1, min(cores, round(cores * idle)))
+
+
+def idle_fraction(seconds: float = 0.5) -> float | None:
+    """The share of CPU time spent idle across all cores over `seconds` (Linux), or None."""
+    import time
+
+    def sample():
+        fields = [int(value) for value in open("/proc/stat").readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle_before, total_before = sample()
+        time.sleep(seconds)
+        idle_after, total_after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total_after - total_before
+    if total <= 0:
+        return None
+    return min(max((idle_after - idle_before) / total, 0.0), 1.0)  # iowait can step back: keep it a share
 
 
 # The loss, on sequence log-probs. Kept free of the trainer so it can be checked by hand (tests/unit).
@@ -635,6 +687,10 @@ def run_dpo(
         f"(eval on {eval_version.ref})"
     )
     print(smoothing_note)
+    threads = cpu_threads(config.torch_threads)
+    if threads:
+        print(f"torch threads: {threads} (torch_threads {config.torch_threads})")
+        torch.set_num_threads(threads)
     try:
         model, tokenizer = load_model(
             config.model,
@@ -775,10 +831,14 @@ def _report(run, config, log_history, metrics, before, after, artifact, smoothin
     plots = [
         plot_series(run.dir / "loss.png", "DPO loss", {"train loss": history_series(log_history, "loss")}),
         plot_series(
+            run.dir / "reward_accuracy.png",
+            "implicit-reward accuracy (train batches)",
+            {"accuracy": history_series(log_history, "rewards/accuracies")},
+        ),
+        plot_series(
             run.dir / "rewards.png",
             "implicit rewards (train)",
             {
-                "accuracy": history_series(log_history, "rewards/accuracies"),
                 "margin": history_series(log_history, "rewards/margins"),
                 "chosen": history_series(log_history, "rewards/chosen"),
                 "rejected": history_series(log_history, "rewards/rejected"),

@@ -20,7 +20,9 @@ from align.errors import AlignError
 from align.models import load_model, parse_dtype, resolve_model
 from align.registry import Registry
 
-TOLERANCE = 1e-4  # largest |logit difference| accepted between the adapter model and the merged one (fp32)
+# Largest |logit difference| accepted between the adapter model and the merged one (fp32), relative to the largest
+# |logit|: summation order alone moves SmolLM2's logits (up to ~30) by ~1e-4, a wrong merge moves them by ~1.
+TOLERANCE = 1e-5
 PROBE = [{"role": "user", "content": "Name three colours and say why the sky is blue."}]
 
 
@@ -58,8 +60,11 @@ def merge_adapter(
         adapter_logits = model(**probe).logits
         merged = model.merge_and_unload()
         difference = (merged(**probe).logits - adapter_logits).abs().max().item()
-    if not difference <= TOLERANCE:
-        raise AlignError(f"merging {adapter.ref} changed the logits by {difference:.2e} (more than {TOLERANCE}): a bug")
+    allowed = TOLERANCE * max(1.0, adapter_logits.abs().max().item())
+    if not difference <= allowed:
+        raise AlignError(
+            f"merging {adapter.ref} changed the logits by {difference:.2e} (more than {allowed:.1e}): a bug"
+        )
 
     # Write into a private folder next to `out`, then rename: a reader never sees half a model.
     out.parent.mkdir(parents=True, exist_ok=True)

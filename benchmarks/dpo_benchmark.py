@@ -1,34 +1,34 @@
 """DPO speed: TRL's DPOTrainer (its defaults plus LoRA) against `align dpo`'s recipe, same pairs, one run.
 
-    # the headline: TRL against ours, 3 interleaved rounds of 32 pairs each (about 10 minutes on 2 cores)
+    # the headline: TRL against ours on 48 pairs (6 steps of 8)
     .venv/bin/python benchmarks/dpo_benchmark.py
-    # also each lever on its own (about 35 minutes)
+    # also each lever on its own, against the same two
     .venv/bin/python benchmarks/dpo_benchmark.py --levers
 
-Both train SmolLM2-135M-Instruct from its base with a fresh LoRA adapter (r 16, alpha 32, all linear layers),
-batch 8, max_length 128, one epoch over the same pairs: HH-harmless training pairs whose prompt TRL keeps (TRL
+Both train SmolLM2-135M-Instruct from its base with a fresh LoRA adapter (r 16, alpha 32, dropout 0.05, all linear
+layers), batch 8, max_length 128, one epoch over the same pairs: HH-harmless training pairs that both keep (TRL
 drops a pair whose prompt alone reaches max_length, ours one whose reply leaves under 16 prompt tokens), in a
-seeded order. The figure is pairs per second of wall
-time from building the trainer to the end of training: tokenizing, precomputing reference log-probs when that
-is on, and every step. Model loading is left out of both.
+seeded order.
 
-    trl    TRL's DPOTrainer with its defaults (gradient checkpointing on, the reference computed every step) in
-           fp32: TRL's default bf16=True runs as autocast on a CPU, which is slower here
+    trl    TRL's DPOTrainer with its defaults (gradient checkpointing on, the reference computed every step, its
+           collator and sampler) in fp32: TRL's default bf16=True runs as autocast on a CPU, which is slower here
     ours   recipes/dpo/smollm2-135m-lora.yaml: the prompt run once for both replies, batches grouped by length,
-           only reply tokens through the LM head, no gradient checkpointing
+           only reply tokens through the LM head, no gradient checkpointing, torch_threads auto (one thread per
+           core idle when it is built: 2 on idle cores, 1 when other processes keep a core busy)
 
-The variants run in turn within each round (trl, ours, trl, ours, ...), so another process's load hits all of them
-alike; the table gives each variant's median over the rounds. Levers (--levers) change one thing from ours (or,
-for trl-no-checkpointing, from trl).
+The machine is shared, so the variants run side by side: every trainer is built first (model loading is left out;
+tokenizing, and precomputing reference log-probs when that is on, are timed), then they take training steps in turn
+(trl step 1, ours step 1, trl step 2, ...), each step being the trainer's own `training_step` (its collator, loss
+and backward) plus the optimizer and scheduler step, as `Trainer.train` does it. A burst of load from another
+process then hits every variant alike. pairs/s = pairs / (setup + all steps); the CPU-time column counts only this
+process's work. Levers (--levers) change one thing from ours (the trl-* ones from trl).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -46,40 +46,39 @@ from align.dpo import (  # noqa: E402
     PairCollator,
     PairDPOTrainer,
     add_pair_scoring,
+    cpu_threads,
     freeze_reference,
     tokenize_pairs,
 )
-from align.models import EMBEDDED_ALIAS, load_model, resolve_model  # noqa: E402
+from align.models import EMBEDDED_ALIAS, load_model, load_tokenizer, resolve_model  # noqa: E402
 from align.registry import Registry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "dpo" / "smollm2-135m-lora.yaml"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
 
-# name -> (trainer, our recipe overrides or TRL config changes, torch threads)
+# name -> (trainer, changes to TRL's config or to our recipe, torch threads during its steps)
 VARIANTS = {
     "trl": ("trl", {}, None),
     "ours": ("ours", {}, None),
 }
 LEVERS = {
     "trl-no-checkpointing": ("trl", {"activation_checkpointing": False}, None),
+    "trl-1-thread": ("trl", {}, 1),
     "ours-two-rows-per-pair": ("ours", {"share_prompt": False}, None),
     "ours-random-order": ("ours", {"train_sampling_strategy": "random"}, None),
     "ours-checkpointing": ("ours", {"activation_checkpointing": True}, None),
     "ours-precompute-ref": ("ours", {"precompute_ref_log_probs": True}, None),
     "ours-bf16-base": ("ours", {"torch_dtype": "bf16"}, None),
-    "ours-1-thread": ("ours", {}, 1),
+    "ours-1-thread": ("ours", {"torch_threads": 1}, None),
+    "ours-2-threads": ("ours", {"torch_threads": 2}, None),
 }
 
 
 def benchmark_pairs(args, base: str) -> list[dict]:
-    """A seeded sample of HH training pairs that both keep at this max_length: TRL drops a pair whose prompt alone
-    reaches max_length, ours one whose reply leaves less than min_prompt_length tokens of prompt."""
-    from align.models import load_tokenizer
-
+    """A seeded sample of HH training pairs that both trainers keep whole at this max_length."""
     config = load_config(DPOStageConfig, RECIPE, {"dataset": "benchmark", "report_to": "none"})
-    workspace = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    registry = Registry(workspace)
+    registry = Registry(Path(tempfile.mkdtemp(prefix="dpo-bench-")))
     source, _ = registry.import_file(args.data, name="hh-harmless")
     train, _ = registry.split(source.ref, test_size=0.1, seed=0)
     rows = registry.rows(train)
@@ -99,7 +98,7 @@ def benchmark_pairs(args, base: str) -> list[dict]:
     raise SystemExit(f"only {len(kept)} pairs fit; ask for fewer with --pairs")
 
 
-def run_trl(base: str, rows: list[dict], args, changes: dict) -> dict:
+def trl_trainer(base: str, rows: list[dict], args, changes: dict):
     import datasets
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -113,13 +112,12 @@ def run_trl(base: str, rows: list[dict], args, changes: dict) -> dict:
         bf16=False,
         report_to="none",
         save_strategy="no",
-        logging_steps=10_000,
         disable_tqdm=True,
         seed=args.seed,
         **changes,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     trainer = DPOTrainer(
         model=model,
         args=config,
@@ -127,13 +125,10 @@ def run_trl(base: str, rows: list[dict], args, changes: dict) -> dict:
         processing_class=tokenizer,
         peft_config=lora,
     )
-    trainer.train()
-    seconds = time.perf_counter() - started
-    pairs = len(trainer.train_dataset)
-    return {"pairs": pairs, "seconds": seconds, "tokens": trainer._total_train_tokens}
+    return trainer, time.perf_counter() - started, time.process_time() - cpu, len(trainer.train_dataset)
 
 
-def run_ours(base: str, rows: list[dict], args, changes: dict) -> dict:
+def our_trainer(base: str, rows: list[dict], args, changes: dict):
     import datasets
 
     overrides = {
@@ -146,13 +141,12 @@ def run_ours(base: str, rows: list[dict], args, changes: dict) -> dict:
         "max_steps": -1,
         "report_to": "none",
         "save_strategy": "no",
-        "logging_steps": 10_000,
         "disable_tqdm": True,
         "seed": args.seed,
     } | {key: str(value) for key, value in changes.items()}
     config = load_config(DPOStageConfig, RECIPE, overrides)
     model, tokenizer = load_model(base, dtype=config.torch_dtype)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     examples, counts = tokenize_pairs(
         rows, tokenizer, max_length=config.max_length, min_prompt_length=config.min_prompt_length
     )
@@ -166,38 +160,52 @@ def run_ours(base: str, rows: list[dict], args, changes: dict) -> dict:
         peft_config=peft_config_for(config),
     )
     freeze_reference(trainer.model)
-    trainer.train()
-    seconds = time.perf_counter() - started
-    per_pair = [
-        len(e["prompt_ids"]) * (1 if config.share_prompt else 2) + len(e["chosen_ids"]) + len(e["rejected_ids"])
-        for e in examples
-    ]
-    return {"pairs": counts["kept"], "seconds": seconds, "tokens": sum(per_pair)}
+    trainer.threads = cpu_threads(config.torch_threads)  # what `align dpo` would set for the run
+    return trainer, time.perf_counter() - started, time.process_time() - cpu, counts["kept"]
 
 
-def measure(name: str, spec: tuple, base: str, rows: list[dict], args) -> dict:
-    kind, changes, threads = spec
-    default_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        result = (run_trl if kind == "trl" else run_ours)(base, rows, args, changes)
-    finally:
-        torch.set_num_threads(default_threads)
-        gc.collect()
-    result["pairs_per_second"] = result["pairs"] / result["seconds"]
-    print(
-        f"  {name:24s} {result['pairs_per_second']:6.3f} pairs/s  ({result['pairs']} pairs in "
-        f"{result['seconds']:.1f} s, {result['tokens'] / result['pairs']:.0f} tokens per pair)",
-        flush=True,
-    )
-    return result
+class Contestant:
+    """One trainer, built and ready to take its steps one at a time."""
+
+    def __init__(self, name: str, spec: tuple, base: str, rows: list[dict], args):
+        kind, changes, self.threads = spec
+        self.name = name
+        build = trl_trainer if kind == "trl" else our_trainer
+        self.trainer, self.seconds, self.cpu_seconds, self.pairs = build(base, rows, args, changes)
+        self.threads = self.threads or getattr(self.trainer, "threads", None) or torch.get_num_threads()
+        trainer = self.trainer
+        steps = len(trainer.get_train_dataloader())
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        trainer.current_gradient_accumulation_steps = 1  # Trainer.train sets it per accumulation window
+        if trainer.args.activation_checkpointing:  # what Trainer.train switches on before its loop
+            trainer.model.activation_checkpointing_enable()
+        self.batches = iter(trainer.get_train_dataloader())
+        self.steps_left = steps
+        self.step_seconds: list[float] = []
+
+    def step(self) -> None:
+        trainer = self.trainer
+        threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            batch = next(self.batches)
+            trainer.training_step(trainer.model, batch)
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+            trainer.optimizer.zero_grad()
+        finally:
+            torch.set_num_threads(threads)
+        self.step_seconds.append(time.perf_counter() - started)
+        self.seconds += self.step_seconds[-1]
+        self.cpu_seconds += time.process_time() - cpu
+        self.steps_left -= 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=32, help="pairs per run (default 32: 4 steps of 8)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--pairs", type=int, default=48, help="pairs to train on (default 48: 6 steps of 8)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -209,25 +217,39 @@ def main() -> None:
     rows = benchmark_pairs(args, base)
     variants = VARIANTS | (LEVERS if args.levers else {})
     print(
-        f"{len(rows)} HH pairs, batch {args.batch}, max_length {args.max_length}, {args.rounds} rounds, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+        f"{len(rows)} HH pairs, batch {args.batch}, max_length {args.max_length}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
     )
-    results: dict[str, list[dict]] = {name: [] for name in variants}
-    for round_number in range(1, args.rounds + 1):
-        print(f"round {round_number}/{args.rounds}", flush=True)
-        for name, spec in variants.items():
-            results[name].append(measure(name, spec, base, rows, args))
+    contestants = [Contestant(name, spec, base, rows, args) for name, spec in variants.items()]
+    for contestant in contestants:
+        print(
+            f"  built {contestant.name}: {contestant.seconds:.1f} s of setup, {contestant.threads} threads", flush=True
+        )
+    step = 0
+    while any(contestant.steps_left for contestant in contestants):
+        step += 1
+        for contestant in contestants:
+            if contestant.steps_left:
+                contestant.step()
+        times = "  ".join(f"{c.name} {c.step_seconds[-1]:.1f}s" for c in contestants if len(c.step_seconds) >= step)
+        print(f"  step {step}: {times}", flush=True)
 
-    baseline = statistics.median(r["pairs_per_second"] for r in results["trl"])
-    print("\nmedian pairs/s over the rounds (same pairs, same settings, one run)")
-    print(f"  {'variant':24s} {'pairs/s':>8s} {'vs trl':>7s}")
-    for name, runs in results.items():
-        speed = statistics.median(r["pairs_per_second"] for r in runs)
-        print(f"  {name:24s} {speed:8.3f} {speed / baseline:6.2f}x")
-    ours = statistics.median(r["pairs_per_second"] for r in results["ours"])
+    trl = contestants[0]
+    baseline = trl.pairs / trl.seconds
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print(f"  {'variant':24s} {'pairs':>5s} {'seconds':>8s} {'pairs/s':>8s} {'vs trl':>7s} {'pairs/CPU-s':>12s}")
+    for c in contestants:
+        speed = c.pairs / c.seconds
+        print(
+            f"  {c.name:24s} {c.pairs:5d} {c.seconds:8.1f} {speed:8.3f} {speed / baseline:6.2f}x "
+            f"{c.pairs / c.cpu_seconds:12.3f}"
+        )
+    ours = next(c for c in contestants if c.name == "ours")
+    speed = ours.pairs / ours.seconds
     print(
-        f"\nTRL DPOTrainer (defaults + LoRA): {baseline:.3f} pairs/s   ours: {ours:.3f} pairs/s   "
-        f"({ours / baseline:.2f}x; target 1.5x)"
+        f"\nTRL DPOTrainer (defaults + LoRA): {baseline:.3f} pairs/s   ours: {speed:.3f} pairs/s   "
+        f"({speed / baseline:.2f}x; target 1.5x)"
     )
 
 

@@ -167,7 +167,7 @@ def test_dpo_from_the_sft_adapter(registry, tiny_model_dir, monkeypatch):
     # The report, with the held-out table and plots.
     report = (run.dir / "report.md").read_text()
     assert "implicit-reward accuracy" in report and "| 0.5000 | 1.0000 |" in report
-    for plot in ("loss.png", "rewards.png", "logps.png", "eval_margins.png"):
+    for plot in ("loss.png", "reward_accuracy.png", "rewards.png", "logps.png", "eval_margins.png"):
         assert (run.dir / plot).is_file(), plot
 
 

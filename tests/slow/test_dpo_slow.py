@@ -42,6 +42,6 @@ def test_one_epoch_on_hh_pairs_writes_the_report_with_held_out_metrics(tmp_path)
 
     report = (run.dir / "report.md").read_text()
     assert "| held-out metric | before | after |" in report and "implicit-reward accuracy" in report
-    for plot in ("loss.png", "rewards.png", "logps.png", "eval_margins.png"):
+    for plot in ("loss.png", "reward_accuracy.png", "rewards.png", "logps.png", "eval_margins.png"):
         assert (run.dir / plot).is_file(), plot
     assert artifact.base_model == "smollm2-135m" and (artifact.path / "adapter_model.safetensors").is_file()
