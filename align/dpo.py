@@ -49,6 +49,7 @@ from align.registry import Registry
 from align.runs import (
     history_series,
     last_checkpoint,
+    live_metrics_callback,
     open_run,
     plot_series,
     recipe_for,
@@ -733,7 +734,7 @@ def run_dpo(
             eval_dataset=datasets.Dataset.from_list(eval_examples) if evaluates else None,
             processing_class=tokenizer,
             peft_config=None if start else peft_config_for(config),
-            callbacks=list(callbacks),
+            callbacks=[live_metrics_callback(run), *callbacks],
         )
         freeze_reference(trainer.model)
         before = evaluate_pairs(trainer, eval_examples, desc="eval before")

@@ -46,7 +46,7 @@ from align.rl_utils import (
     value_loss,
     whiten,
 )
-from align.runs import open_run, plot_series, recipe_for, write_metrics, write_report
+from align.runs import append_live, open_run, plot_series, recipe_for, write_metrics, write_report
 
 ALGOS = ("ppo", "rloo", "grpo")
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
@@ -473,6 +473,7 @@ def run_ppo(
                 if update == 0:
                     stats["eval_before"] = before
                 history.append(stats)
+                append_live(run.dir, update + 1, stats)
                 progress.update(1)
                 progress.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
                 if (update + 1) % config.save_steps == 0 or update + 1 == config.num_updates:

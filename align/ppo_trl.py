@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from align.config import config_to_dict
 from align.errors import AlignError
-from align.runs import history_series, last_checkpoint, open_run, plot_series, write_metrics, write_report
+from align.runs import (
+    history_series,
+    last_checkpoint,
+    live_metrics_callback,
+    open_run,
+    plot_series,
+    write_metrics,
+    write_report,
+)
 
 
 def trl_args(config, output_dir: str):
@@ -99,6 +107,7 @@ def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, r
             train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in registry.rows(train_version)]),
             processing_class=tokenizer,
             peft_config=peft_config,
+            callbacks=[live_metrics_callback(run)],
         )
         trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
         trained = trainer.model

@@ -2,6 +2,7 @@
 metrics and a short report with plots into runs/ID/.
 
     runs/ID/recipe.yaml     the values the user gave (recipe plus overrides): what `--resume` rebuilds from
+    runs/ID/live.jsonl      one line per logged step while the run trains: what `align serve` plots live
     runs/ID/metrics.json    the final numbers
     runs/ID/report.md       a short report, with PNG plots beside it
 """
@@ -154,3 +155,43 @@ def write_report(
     path = run.dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# Live metrics: each logged step is appended to runs/ID/live.jsonl as it happens, so a run can be watched while
+# it trains (the Runs tab of `align serve`); a line is flushed at once and a half-written last line is skipped.
+
+LIVE_FILE = "live.jsonl"
+
+
+def append_live(run_dir: Path, step: float, values: dict) -> None:
+    numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {k: v for k, v in numbers.items() if math.isfinite(v)}
+    if not numbers:
+        return
+    with open(Path(run_dir) / LIVE_FILE, "a", encoding="utf-8") as out:
+        out.write(json.dumps({"step": step, **numbers}) + "\n")
+
+
+def read_live(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / LIVE_FILE
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the line being written right now
+    return entries
+
+
+def live_metrics_callback(run):
+    """A Trainer callback that appends every log entry (loss, learning rate, ...) to the run's live.jsonl."""
+    from transformers import TrainerCallback
+
+    class LiveMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                append_live(run.dir, state.global_step, logs)
+
+    return LiveMetrics()

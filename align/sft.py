@@ -30,6 +30,7 @@ from align.registry import Registry
 from align.runs import (
     history_series,
     last_checkpoint,
+    live_metrics_callback,
     open_run,
     plot_series,
     recipe_for,
@@ -118,7 +119,7 @@ def run_sft(
             eval_dataset=datasets.Dataset.from_list(eval_rows),
             processing_class=tokenizer,
             peft_config=peft_config_for(config),
-            callbacks=list(callbacks),
+            callbacks=[live_metrics_callback(run), *callbacks],
         )
         before = trainer.evaluate(metric_key_prefix="before")
         trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)

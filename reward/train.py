@@ -35,6 +35,7 @@ from align.registry import Registry
 from align.runs import (
     history_series,
     last_checkpoint,
+    live_metrics_callback,
     open_run,
     plot_series,
     recipe_for,
@@ -217,7 +218,7 @@ def run_rm(
             train_dataset=datasets.Dataset.from_list(examples),
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=list(callbacks),
+            callbacks=[live_metrics_callback(run), *callbacks],
         )
         if len(trainer.train_dataset) != len(examples):  # TRL filters by max_length: ours all fit already
             raise AlignError(f"TRL dropped {len(examples) - len(trainer.train_dataset)} pairs that should fit (a bug)")

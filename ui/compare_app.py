@@ -24,8 +24,6 @@ Login follows the ranking app: required whenever an annotator exists (`align ann
 local user, 'local') is then refused; without annotators the app starts only with --open.
 """
 
-import hashlib
-import hmac
 import html
 import queue
 import random
@@ -41,10 +39,11 @@ import gradio as gr
 
 from align.arena import DEFAULT_ARENA, arena_leaderboard, plot_win_rates, record_battle
 from align.errors import AlignError
-from align.labels import OPEN_USER, verify_password
+from align.labels import OPEN_USER
 from align.registry import Registry
 from align.registry.catalog import open_catalog
 from align.registry.registry import ARTIFACT_KINDS, check_name
+from ui.serving import Logins, check_access
 
 SIDES = ("a", "b")  # left, right
 VOTES = (
@@ -174,17 +173,7 @@ class CompareDesk:
             resolve_model(ref, registry)  # every reference checked before anything loads
         # Registry artifacts pinned to their version: a vote names exactly the model that answered.
         self.refs = [registry.resolve_artifact(r).ref if r.split(":", 1)[0] in ARTIFACT_KINDS else r for r in models]
-        annotators = registry.db.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
-        if not open_access and not annotators:
-            raise AlignError(
-                f"no annotators in {registry.root} yet: add one with `align annotators add NAME` "
-                "(it asks for a password), or run with --open for a single local user"
-            )
-        if open_access and annotators:
-            raise AlignError(
-                f"--open is refused: {annotators} annotator(s) exist in {registry.root}, so login is required "
-                "(drop --open and log in; `align annotators list` shows who)"
-            )
+        check_access(registry.db, registry.root, open_access)
         self.open_access = open_access
         self.defaults = defaults or ChatSettings()
         self.bootstrap = bootstrap
@@ -192,8 +181,7 @@ class CompareDesk:
         self._local = threading.local()
         self._random = random.Random(seed) if seed is not None else random.SystemRandom()
         self._lock = threading.Lock()
-        self._secret = secrets.token_bytes(32)
-        self._logins: set[bytes] = set()
+        self.logins = Logins(lambda: self.db)
         self._board: tuple | None = None  # (last battle id, leaderboard): recomputed only after new votes
         self.loaded: dict[str, tuple] = {}
         for ref in self.refs:
@@ -217,18 +205,7 @@ class CompareDesk:
         return not self.open_access
 
     def check_login(self, name: str, password: str) -> bool:
-        found = self.db.execute("SELECT password FROM annotators WHERE name = ?", (name,)).fetchone()
-        if found is None or not password:
-            return False
-        key = hmac.new(self._secret, f"{name}\0{password}\0{found['password']}".encode(), hashlib.sha256).digest()
-        with self._lock:
-            if key in self._logins:
-                return True
-        if not verify_password(password, found["password"]):
-            return False
-        with self._lock:
-            self._logins.add(key)  # scrypt once per password, not on every request
-        return True
+        return self.logins.check(name, password)
 
     def user(self, request: gr.Request | None) -> str:
         if self.open_access:
@@ -421,260 +398,275 @@ def heatmap_image(board):
 
 
 def build_blocks(desk: CompareDesk) -> gr.Blocks:
-    defaults = desk.defaults
+    """`align compare`: Side by side, Battle and Leaderboard tabs under shared generation settings."""
     with gr.Blocks(title=f"align compare · {desk.arena}") as blocks:
-        side_state = gr.State(None)
-        battle_state = gr.State(None)
-        with gr.Accordion("Generation settings", open=False):
+        on_load, outputs = compare_panel(desk, leaderboard=True)
+        blocks.load(on_load, None, outputs)
+    return blocks
+
+
+def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
+    """The generation settings and the Side by side and Battle tabs (and Leaderboard), built in the current Blocks
+    context. Returns (load function, its outputs) to run on page load."""
+    defaults = desk.defaults
+    side_state = gr.State(None)
+    battle_state = gr.State(None)
+    with gr.Accordion("Generation settings", open=False):
+        with gr.Row():
+            system = gr.Textbox(defaults.system, label="System prompt", elem_id="system", max_lines=4, scale=3)
+            max_new = gr.Slider(1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens")
+            temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)")
+            top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
+    settings_inputs = [system, max_new, temperature, top_p]
+    with gr.Tabs():
+        with gr.Tab("Side by side", id="side"):
             with gr.Row():
-                system = gr.Textbox(defaults.system, label="System prompt", elem_id="system", max_lines=4, scale=3)
-                max_new = gr.Slider(1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens")
-                temperature = gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)")
-                top_p = gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top-p")
-        settings_inputs = [system, max_new, temperature, top_p]
-        with gr.Tabs():
-            with gr.Tab("Side by side", id="side"):
-                with gr.Row():
-                    pick = [
-                        gr.Dropdown(desk.refs, value=desk.refs[i], label=f"Model {label}", elem_id=f"side-model-{s}")
-                        for i, (s, label) in enumerate(zip(SIDES, "AB"))
-                    ]
-                with gr.Row(equal_height=True):
-                    side_panels = [gr.HTML(elem_id=f"side-{s}", js_on_load=None) for s in SIDES]
-                side_input = gr.Textbox(label="Your message", elem_id="side-input", lines=2, max_lines=8)
-                with gr.Row():
-                    side_send = gr.Button("Send", variant="primary", elem_id="side-send")
-                    side_regen = gr.Button("Regenerate", elem_id="side-regenerate")
-                    side_clear = gr.Button("Clear", elem_id="side-clear")
-                side_status = gr.Markdown(elem_id="side-status")
-            with gr.Tab("Battle", id="battle"):
-                gr.Markdown(
-                    "Two models, drawn at random and kept anonymous. Chat, then vote: the names are revealed after "
-                    "the vote, which ends the battle."
-                )
-                with gr.Row(equal_height=True):
-                    battle_panels = [gr.HTML(elem_id=f"battle-{s}", js_on_load=None) for s in SIDES]
-                battle_input = gr.Textbox(label="Your message", elem_id="battle-input", lines=2, max_lines=8)
-                with gr.Row():
-                    battle_send = gr.Button("Send", variant="primary", elem_id="battle-send")
-                    battle_regen = gr.Button("Regenerate", elem_id="battle-regenerate")
-                    battle_new = gr.Button("New battle", elem_id="battle-new")
-                with gr.Row():
-                    vote_buttons = [gr.Button(label, elem_id=elem) for _, label, elem in VOTES]
-                battle_status = gr.Markdown(elem_id="battle-status")
+                pick = [
+                    gr.Dropdown(desk.refs, value=desk.refs[i], label=f"Model {label}", elem_id=f"side-model-{s}")
+                    for i, (s, label) in enumerate(zip(SIDES, "AB"))
+                ]
+            with gr.Row(equal_height=True):
+                side_panels = [gr.HTML(elem_id=f"side-{s}", js_on_load=None) for s in SIDES]
+            side_input = gr.Textbox(label="Your message", elem_id="side-input", lines=2, max_lines=8)
+            with gr.Row():
+                side_send = gr.Button("Send", variant="primary", elem_id="side-send")
+                side_regen = gr.Button("Regenerate", elem_id="side-regenerate")
+                side_clear = gr.Button("Clear", elem_id="side-clear")
+            side_status = gr.Markdown(elem_id="side-status")
+        with gr.Tab("Battle", id="battle"):
+            gr.Markdown(
+                "Two models, drawn at random and kept anonymous. Chat, then vote: the names are revealed after "
+                "the vote, which ends the battle."
+            )
+            with gr.Row(equal_height=True):
+                battle_panels = [gr.HTML(elem_id=f"battle-{s}", js_on_load=None) for s in SIDES]
+            battle_input = gr.Textbox(label="Your message", elem_id="battle-input", lines=2, max_lines=8)
+            with gr.Row():
+                battle_send = gr.Button("Send", variant="primary", elem_id="battle-send")
+                battle_regen = gr.Button("Regenerate", elem_id="battle-regenerate")
+                battle_new = gr.Button("New battle", elem_id="battle-new")
+            with gr.Row():
+                vote_buttons = [gr.Button(label, elem_id=elem) for _, label, elem in VOTES]
+            battle_status = gr.Markdown(elem_id="battle-status")
+        if leaderboard:
             with gr.Tab("Leaderboard", id="leaderboard") as board_tab:
-                board_refresh = gr.Button("Refresh", size="sm", elem_id="leaderboard-refresh")
-                board_summary = gr.Markdown(elem_id="leaderboard-summary")
-                board_table = gr.Dataframe(headers=HEADERS, interactive=False, elem_id="leaderboard-table")
-                board_plot = gr.Image(
-                    label="Win rate of the row's model against the column's (ties half; games in brackets)",
-                    elem_id="leaderboard-heatmap",
-                    interactive=False,
-                    type="pil",
-                )
+                leaderboard_panel(desk.leaderboard, board_tab)
 
-        def settings_from(values) -> ChatSettings:
-            system_text, tokens, temp, nucleus = values
-            return ChatSettings(system_text or "", int(tokens), float(temp), float(nucleus))
+    def settings_from(values) -> ChatSettings:
+        system_text, tokens, temp, nucleus = values
+        return ChatSettings(system_text or "", int(tokens), float(temp), float(nucleus))
 
-        # Side by side
+    # Side by side
 
-        def side_fresh(left, right):
-            return {"models": [left, right], "threads": [[], []]}
+    def side_fresh(left, right):
+        return {"models": [left, right], "threads": [[], []]}
 
-        def side_outputs(state, pieces=None, message="", busy=False, text=None):
-            panels = [
-                panel_html(f"Model {'AB'[i]}: {name}", state["threads"][i], pieces, i)
-                for i, name in enumerate(state["models"])
-            ]
-            box = gr.Textbox() if text is None else gr.Textbox(value=text)
-            buttons = [gr.Button(interactive=not busy) for _ in range(3)]
-            return [state, *panels, box, message, *buttons]
+    def side_outputs(state, pieces=None, message="", busy=False, text=None):
+        panels = [
+            panel_html(f"Model {'AB'[i]}: {name}", state["threads"][i], pieces, i)
+            for i, name in enumerate(state["models"])
+        ]
+        box = gr.Textbox() if text is None else gr.Textbox(value=text)
+        buttons = [gr.Button(interactive=not busy) for _ in range(3)]
+        return [state, *panels, box, message, *buttons]
 
-        side_out = [side_state, *side_panels, side_input, side_status, side_send, side_regen, side_clear]
+    side_out = [side_state, *side_panels, side_input, side_status, side_send, side_regen, side_clear]
 
-        def run_side(state, settings):
-            try:
-                for pieces in desk.stream(state["models"], state["threads"], settings):
-                    yield side_outputs(state, pieces, busy=True)
-            except AlignError as exc:
-                yield side_outputs(state, None, f"Not sent: {exc}")
-                return
-            if any(pieces.errors):
-                for thread in state["threads"]:
-                    thread.pop()  # the two threads stay in step: the question is taken back from both
-                failed = "; ".join(f"{'AB'[i]}: {pieces.errors[i]}" for i in range(2) if pieces.errors[i])
-                yield side_outputs(state, None, f"Failed, nothing kept: {failed}")
-                return
-            for i in range(2):
-                state["threads"][i].append({"role": "assistant", "content": pieces.texts[i].strip()})
-            yield side_outputs(state, None, "")
-
-        def on_side_send(state, text, left, right, *values):
-            state = state or side_fresh(left, right)
-            if not (text or "").strip():
-                yield side_outputs(state, None, "Type a message first.")
-                return
-            try:
-                settings = settings_from(values)
-            except AlignError as exc:
-                yield side_outputs(state, None, f"Not sent: {exc}")
-                return
+    def run_side(state, settings):
+        try:
+            for pieces in desk.stream(state["models"], state["threads"], settings):
+                yield side_outputs(state, pieces, busy=True)
+        except AlignError as exc:
+            yield side_outputs(state, None, f"Not sent: {exc}")
+            return
+        if any(pieces.errors):
             for thread in state["threads"]:
-                thread.append({"role": "user", "content": text})
-            yield side_outputs(state, None, "", busy=True, text="")
-            yield from run_side(state, settings)
+                thread.pop()  # the two threads stay in step: the question is taken back from both
+            failed = "; ".join(f"{'AB'[i]}: {pieces.errors[i]}" for i in range(2) if pieces.errors[i])
+            yield side_outputs(state, None, f"Failed, nothing kept: {failed}")
+            return
+        for i in range(2):
+            state["threads"][i].append({"role": "assistant", "content": pieces.texts[i].strip()})
+        yield side_outputs(state, None, "")
 
-        def on_side_regen(state, left, right, *values):
-            state = state or side_fresh(left, right)
-            if not state["threads"][0] or state["threads"][0][-1]["role"] != "assistant":
-                yield side_outputs(state, None, "Nothing to regenerate yet.")
-                return
-            try:
-                settings = settings_from(values)
-            except AlignError as exc:
-                yield side_outputs(state, None, f"Not sent: {exc}")
-                return
-            for thread in state["threads"]:
-                thread.pop()
-            yield from run_side(state, settings)
+    def on_side_send(state, text, left, right, *values):
+        state = state or side_fresh(left, right)
+        if not (text or "").strip():
+            yield side_outputs(state, None, "Type a message first.")
+            return
+        try:
+            settings = settings_from(values)
+        except AlignError as exc:
+            yield side_outputs(state, None, f"Not sent: {exc}")
+            return
+        for thread in state["threads"]:
+            thread.append({"role": "user", "content": text})
+        yield side_outputs(state, None, "", busy=True, text="")
+        yield from run_side(state, settings)
 
-        def on_side_clear(left, right):
-            return side_outputs(side_fresh(left, right), None, "")
+    def on_side_regen(state, left, right, *values):
+        state = state or side_fresh(left, right)
+        if not state["threads"][0] or state["threads"][0][-1]["role"] != "assistant":
+            yield side_outputs(state, None, "Nothing to regenerate yet.")
+            return
+        try:
+            settings = settings_from(values)
+        except AlignError as exc:
+            yield side_outputs(state, None, f"Not sent: {exc}")
+            return
+        for thread in state["threads"]:
+            thread.pop()
+        yield from run_side(state, settings)
 
-        # Battle
+    def on_side_clear(left, right):
+        return side_outputs(side_fresh(left, right), None, "")
 
-        def battle_outputs(state, pieces=None, message="", busy=False, text=None):
-            voted = state["vote"] is not None
-            panels = []
-            for i in range(2):
-                name = f"Model {'AB'[i]}" + (f": {state['models'][i]}" if voted else "")  # names only after the vote
-                panels.append(panel_html(name, state["threads"][i], pieces, i))
-            answered = bool(state["threads"][0]) and state["threads"][0][-1]["role"] == "assistant"
-            box = gr.Textbox(interactive=not voted) if text is None else gr.Textbox(value=text, interactive=not voted)
-            return [
-                state,
-                *panels,
-                box,
-                message,
-                gr.Button(interactive=not busy and not voted),  # send
-                gr.Button(interactive=not busy and not voted and answered),  # regenerate
-                gr.Button(interactive=not busy),  # new battle
-                *[gr.Button(interactive=not busy and not voted and answered) for _ in VOTES],
-            ]
+    # Battle
 
-        battle_out = [
-            battle_state,
-            *battle_panels,
-            battle_input,
-            battle_status,
-            battle_send,
-            battle_regen,
-            battle_new,
-            *vote_buttons,
+    def battle_outputs(state, pieces=None, message="", busy=False, text=None):
+        voted = state["vote"] is not None
+        panels = []
+        for i in range(2):
+            name = f"Model {'AB'[i]}" + (f": {state['models'][i]}" if voted else "")  # names only after the vote
+            panels.append(panel_html(name, state["threads"][i], pieces, i))
+        answered = bool(state["threads"][0]) and state["threads"][0][-1]["role"] == "assistant"
+        box = gr.Textbox(interactive=not voted) if text is None else gr.Textbox(value=text, interactive=not voted)
+        return [
+            state,
+            *panels,
+            box,
+            message,
+            gr.Button(interactive=not busy and not voted),  # send
+            gr.Button(interactive=not busy and not voted and answered),  # regenerate
+            gr.Button(interactive=not busy),  # new battle
+            *[gr.Button(interactive=not busy and not voted and answered) for _ in VOTES],
         ]
 
-        def run_battle(state, settings):
-            try:
-                for pieces in desk.stream(state["models"], state["threads"], settings):
-                    yield battle_outputs(state, pieces, "", busy=True)
-            except AlignError as exc:
-                yield battle_outputs(state, None, f"Not sent: {exc}")
-                return
-            if any(pieces.errors):
-                for thread in state["threads"]:
-                    thread.pop()  # a battle needs both replies: take the question back
-                failed = "; ".join(f"{'AB'[i]}: {pieces.errors[i]}" for i in range(2) if pieces.errors[i])
-                yield battle_outputs(state, None, f"Failed, nothing to vote on: {failed}", text=None)
-                return
-            for i in range(2):
-                state["threads"][i].append({"role": "assistant", "content": pieces.texts[i].strip()})
-            state["settings"] = settings.record()
-            state["system"] = [{"role": "system", "content": settings.system}] if settings.system.strip() else []
-            state["shown_at"] = time.time()
-            yield battle_outputs(state, None, "Vote when you are ready, or keep chatting.")
+    battle_out = [
+        battle_state,
+        *battle_panels,
+        battle_input,
+        battle_status,
+        battle_send,
+        battle_regen,
+        battle_new,
+        *vote_buttons,
+    ]
 
-        def on_battle_send(state, text, *values):
+    def run_battle(state, settings):
+        try:
+            for pieces in desk.stream(state["models"], state["threads"], settings):
+                yield battle_outputs(state, pieces, "", busy=True)
+        except AlignError as exc:
+            yield battle_outputs(state, None, f"Not sent: {exc}")
+            return
+        if any(pieces.errors):
+            for thread in state["threads"]:
+                thread.pop()  # a battle needs both replies: take the question back
+            failed = "; ".join(f"{'AB'[i]}: {pieces.errors[i]}" for i in range(2) if pieces.errors[i])
+            yield battle_outputs(state, None, f"Failed, nothing to vote on: {failed}", text=None)
+            return
+        for i in range(2):
+            state["threads"][i].append({"role": "assistant", "content": pieces.texts[i].strip()})
+        state["settings"] = settings.record()
+        state["system"] = [{"role": "system", "content": settings.system}] if settings.system.strip() else []
+        state["shown_at"] = time.time()
+        yield battle_outputs(state, None, "Vote when you are ready, or keep chatting.")
+
+    def on_battle_send(state, text, *values):
+        state = state or desk.new_battle()
+        if state["vote"] is not None:
+            yield battle_outputs(state, None, "This battle is over: start a new battle.")
+            return
+        if not (text or "").strip():
+            yield battle_outputs(state, None, "Type a message first.")
+            return
+        try:
+            settings = settings_from(values)
+        except AlignError as exc:
+            yield battle_outputs(state, None, f"Not sent: {exc}")
+            return
+        for thread in state["threads"]:
+            thread.append({"role": "user", "content": text})
+        yield battle_outputs(state, None, "", busy=True, text="")
+        yield from run_battle(state, settings)
+
+    def on_battle_regen(state, *values):
+        state = state or desk.new_battle()
+        if state["vote"] is not None or not state["threads"][0]:
+            yield battle_outputs(state, None, "Nothing to regenerate.")
+            return
+        try:
+            settings = settings_from(values)
+        except AlignError as exc:
+            yield battle_outputs(state, None, f"Not sent: {exc}")
+            return
+        for thread in state["threads"]:
+            thread.pop()
+        yield from run_battle(state, settings)
+
+    def make_vote(choice: str):
+        def on_vote(state, request: gr.Request):
             state = state or desk.new_battle()
             if state["vote"] is not None:
-                yield battle_outputs(state, None, "This battle is over: start a new battle.")
-                return
-            if not (text or "").strip():
-                yield battle_outputs(state, None, "Type a message first.")
-                return
+                return battle_outputs(state, None, "Already voted: start a new battle.")
             try:
-                settings = settings_from(values)
+                battle_id, duplicate = desk.vote(desk.user(request), state, choice)
             except AlignError as exc:
-                yield battle_outputs(state, None, f"Not sent: {exc}")
-                return
-            for thread in state["threads"]:
-                thread.append({"role": "user", "content": text})
-            yield battle_outputs(state, None, "", busy=True, text="")
-            yield from run_battle(state, settings)
+                return battle_outputs(state, None, f"Not saved: {exc}")
+            state["vote"] = choice
+            left, right = state["models"]
+            saved = "Already saved" if duplicate else "Saved"
+            message = (
+                f"{saved}: {SAID[choice]} (vote {battle_id} in arena `{desk.arena}`). "
+                f"**A** was `{left}` · **B** was `{right}`. Start a new battle to vote again."
+            )
+            return battle_outputs(state, None, message)
 
-        def on_battle_regen(state, *values):
-            state = state or desk.new_battle()
-            if state["vote"] is not None or not state["threads"][0]:
-                yield battle_outputs(state, None, "Nothing to regenerate.")
-                return
-            try:
-                settings = settings_from(values)
-            except AlignError as exc:
-                yield battle_outputs(state, None, f"Not sent: {exc}")
-                return
-            for thread in state["threads"]:
-                thread.pop()
-            yield from run_battle(state, settings)
+        return on_vote
 
-        def make_vote(choice: str):
-            def on_vote(state, request: gr.Request):
-                state = state or desk.new_battle()
-                if state["vote"] is not None:
-                    return battle_outputs(state, None, "Already voted: start a new battle.")
-                try:
-                    battle_id, duplicate = desk.vote(desk.user(request), state, choice)
-                except AlignError as exc:
-                    return battle_outputs(state, None, f"Not saved: {exc}")
-                state["vote"] = choice
-                left, right = state["models"]
-                saved = "Already saved" if duplicate else "Saved"
-                message = (
-                    f"{saved}: {SAID[choice]} (vote {battle_id} in arena `{desk.arena}`). "
-                    f"**A** was `{left}` · **B** was `{right}`. Start a new battle to vote again."
-                )
-                return battle_outputs(state, None, message)
+    def on_battle_new():
+        return battle_outputs(desk.new_battle(), None, "A new battle: two models drawn at random.", text="")
 
-            return on_vote
+    def on_load():
+        first = desk.refs
+        return [
+            *side_outputs(side_fresh(first[0], first[1])),
+            *battle_outputs(desk.new_battle()),
+        ]
 
-        def on_battle_new():
-            return battle_outputs(desk.new_battle(), None, "A new battle: two models drawn at random.", text="")
+    side_send.click(on_side_send, [side_state, side_input, *pick, *settings_inputs], side_out)
+    side_input.submit(on_side_send, [side_state, side_input, *pick, *settings_inputs], side_out)
+    side_regen.click(on_side_regen, [side_state, *pick, *settings_inputs], side_out)
+    side_clear.click(on_side_clear, pick, side_out)
+    for dropdown in pick:
+        dropdown.change(on_side_clear, pick, side_out)  # another model: a fresh conversation
+    battle_send.click(on_battle_send, [battle_state, battle_input, *settings_inputs], battle_out)
+    battle_input.submit(on_battle_send, [battle_state, battle_input, *settings_inputs], battle_out)
+    battle_regen.click(on_battle_regen, [battle_state, *settings_inputs], battle_out)
+    battle_new.click(on_battle_new, None, battle_out)
+    for (choice, _, _), button in zip(VOTES, vote_buttons):
+        button.click(make_vote(choice), [battle_state], battle_out)
+    return on_load, [*side_out, *battle_out]
 
-        def on_board():
-            return leaderboard_view(desk.leaderboard())
 
-        def on_load():
-            first = desk.refs
-            return [
-                *side_outputs(side_fresh(first[0], first[1])),
-                *battle_outputs(desk.new_battle()),
-            ]
+def leaderboard_panel(board, tab) -> None:
+    """The arena leaderboard, built in the current context; `board()` computes it, on Refresh and when `tab` opens."""
+    board_refresh = gr.Button("Refresh", size="sm", elem_id="leaderboard-refresh")
+    board_summary = gr.Markdown(elem_id="leaderboard-summary")
+    board_table = gr.Dataframe(headers=HEADERS, interactive=False, elem_id="leaderboard-table")
+    board_plot = gr.Image(
+        label="Win rate of the row's model against the column's (ties half; games in brackets)",
+        elem_id="leaderboard-heatmap",
+        interactive=False,
+        type="pil",
+    )
 
-        blocks.load(on_load, None, [*side_out, *battle_out])
-        side_send.click(on_side_send, [side_state, side_input, *pick, *settings_inputs], side_out)
-        side_input.submit(on_side_send, [side_state, side_input, *pick, *settings_inputs], side_out)
-        side_regen.click(on_side_regen, [side_state, *pick, *settings_inputs], side_out)
-        side_clear.click(on_side_clear, pick, side_out)
-        for dropdown in pick:
-            dropdown.change(on_side_clear, pick, side_out)  # another model: a fresh conversation
-        battle_send.click(on_battle_send, [battle_state, battle_input, *settings_inputs], battle_out)
-        battle_input.submit(on_battle_send, [battle_state, battle_input, *settings_inputs], battle_out)
-        battle_regen.click(on_battle_regen, [battle_state, *settings_inputs], battle_out)
-        battle_new.click(on_battle_new, None, battle_out)
-        for (choice, _, _), button in zip(VOTES, vote_buttons):
-            button.click(make_vote(choice), [battle_state], battle_out)
-        board_refresh.click(on_board, None, [board_summary, board_table, board_plot])
-        board_tab.select(on_board, None, [board_summary, board_table, board_plot])
-    return blocks
+    def on_board():
+        return leaderboard_view(board())
+
+    board_refresh.click(on_board, None, [board_summary, board_table, board_plot])
+    tab.select(on_board, None, [board_summary, board_table, board_plot])
 
 
 def create_app(

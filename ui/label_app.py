@@ -32,11 +32,7 @@ A ranking lists the rank of each completion in the order shown.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations at runtime.
-import hashlib
-import hmac
 import html
-import secrets
-import threading
 import warnings
 from dataclasses import asdict
 from typing import Annotated
@@ -47,8 +43,9 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel
 
 from align.errors import AlignError
-from align.labels import OPEN_USER, LabelError, LabelStore, quality, verify_password
+from align.labels import OPEN_USER, LabelError, LabelStore, quality
 from align.registry import Registry
+from ui.serving import Logins, check_access
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PAIRWISE_BUTTONS = (
@@ -117,41 +114,18 @@ class LabelDesk:
     ):
         self.store = LabelStore(registry, candidates, mode=mode, overlap=overlap, lease_seconds=lease_seconds)
         self.open_access = open_access
-        annotators = registry.db.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
-        if not open_access and not annotators:
-            raise AlignError(
-                f"no annotators in {registry.root} yet: add one with `align annotators add NAME` "
-                "(it asks for a password), or run with --open for a single local user"
-            )
-        if open_access and annotators:
-            raise AlignError(
-                f"--open is refused: {annotators} annotator(s) exist in {registry.root}, so login is required "
-                "(drop --open and log in; `align annotators list` shows who)"
-            )
+        check_access(registry.db, registry.root, open_access)
         self.width = max(len(item) for item in self.store.items)  # completions shown at most
         if self.width > len(LETTERS):
             raise AlignError(f"a row of {self.store.version.ref} has {self.width} completions: 26 at most are shown")
-        self._secret = secrets.token_bytes(32)
-        self._logins: set[bytes] = set()  # verified (name, password, hash) keys: scrypt once per password
-        self._lock = threading.Lock()
+        self.logins = Logins(lambda: self.store.db)
 
     @property
     def login_required(self) -> bool:
         return not self.open_access
 
     def check_login(self, name: str, password: str) -> bool:
-        found = self.store.db.execute("SELECT password FROM annotators WHERE name = ?", (name,)).fetchone()
-        if found is None or not password:
-            return False
-        key = hmac.new(self._secret, f"{name}\0{password}\0{found['password']}".encode(), hashlib.sha256).digest()
-        with self._lock:
-            if key in self._logins:
-                return True
-        if not verify_password(password, found["password"]):
-            return False
-        with self._lock:
-            self._logins.add(key)
-        return True
+        return self.logins.check(name, password)
 
     def is_admin(self, user: str) -> bool:
         if self.open_access:
@@ -235,140 +209,169 @@ NOTICES = {
 
 
 def build_blocks(desk: LabelDesk) -> gr.Blocks:
-    store = desk.store
-    pairwise = store.mode == "pairwise"
-    buttons_spec = PAIRWISE_BUTTONS if pairwise else RANK_BUTTONS
-    title = f"align label · {store.version.ref}"
-
-    with gr.Blocks(title=title) as blocks:
-        lease = gr.Textbox(visible=False, elem_id="lease")  # the lease of the item on screen, sent with each vote
+    """`align label`: the Label and Quality tabs for one candidates version."""
+    with gr.Blocks(title=f"align label · {desk.store.version.ref}") as blocks:
+        chosen = gr.Textbox(desk.store.version.ref, visible=False)
         with gr.Tabs():
-            with gr.Tab("Label", id="label"):
-                heading = gr.Markdown(elem_id="heading")
-                progress = gr.Markdown(elem_id="progress")
-                prompt = gr.HTML(elem_id="prompt", js_on_load=None)
-                panels, ranks = [], []
-                if pairwise:
-                    with gr.Row(equal_height=True):
-                        for letter in "AB":
-                            panels.append(gr.HTML(elem_id=f"completion-{letter.lower()}", js_on_load=None))
-                else:
-                    choices = [str(rank) for rank in range(1, desk.width + 1)]
-                    for letter in LETTERS[: desk.width]:
-                        with gr.Row(equal_height=True):
-                            panels.append(gr.HTML(elem_id=f"completion-{letter.lower()}", js_on_load=None))
-                            ranks.append(
-                                gr.Dropdown(
-                                    choices, label=f"Rank of {letter}", elem_id=f"rank-{letter.lower()}", scale=0
-                                )
-                            )
-                reason = gr.Textbox(label="Reason (optional)", elem_id="reason", max_lines=4)
-                with gr.Row():
-                    buttons = [gr.Button(label, elem_id=elem, variant="primary") for _, label, elem, _ in buttons_spec]
-                with gr.Row():
-                    undo = gr.Button("Undo last vote", elem_id="undo", size="sm")
-                    again = gr.Button("Check for a new item", elem_id="next-item", size="sm")
-                status = gr.Markdown(elem_id="status")
-                keys = " · ".join(f"`{key}` {label}" for _, label, _, key in buttons_spec)
-                hint = "" if pairwise else "Rank 1 is the best; equal ranks are a tie. "
-                gr.Markdown(f"{hint}Keys: {keys} · `u` undo (not while typing in a text box)")
-            with gr.Tab("Quality", id="quality", visible=False, elem_id="quality-tab") as quality_tab:
-                refresh = gr.Button("Refresh", elem_id="quality-refresh", size="sm")
-                summary = gr.Markdown(elem_id="quality-summary")
-                people = gr.Dataframe(
-                    label="Per annotator (and all): counted votes, skips, median seconds per vote, position bias "
-                    "(share of A picks among A/B votes), tie and both-bad rates, accuracy on gold items",
-                    elem_id="quality-annotators",
-                    interactive=False,
-                )
-                kappas = gr.Dataframe(
-                    label="Cohen's kappa for each pair of annotators, over the completion pairs both judged",
-                    elem_id="quality-kappa",
-                    interactive=False,
-                )
-
-        screen = [lease, heading, progress, prompt, *panels, *ranks, reason, status, *buttons, undo]
-
-        def render(view: dict, message: str = "", reason_text: str = "") -> list:
-            item = view["status"] == "item"
-            shown = len(view.get("completions", ()))
-            heading_text = (
-                f"**{view['user']}** · `{store.version.ref}` · {store.mode} · each item to {store.overlap} "
-                f"annotator{'s' if store.overlap > 1 else ''}"
-            )
-            if item:
-                body = conversation_html(view["prompt"])
-                texts = [completion_html(label, c) for label, c in zip(view["labels"], view["completions"])]
-            else:
-                body = f'<div class="notice">{html.escape(NOTICES[view["status"]])}</div>'
-                texts = []
-            panel_updates = [
-                gr.HTML(value=texts[i] if i < len(texts) else "", visible=i < shown) for i in range(len(panels))
-            ]
-            rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
-            return [
-                str(view.get("lease") or ""),
-                heading_text,
-                progress_text(view),
-                body,
-                *panel_updates,
-                *rank_updates,
-                reason_text,
-                message,
-                *[gr.Button(interactive=item) for _ in buttons],
-                gr.Button(interactive=view["progress"]["mine"] > 0),
-            ]
-
-        def on_load(request: gr.Request):
-            user = _user(desk, request)
-            return [*render(desk.current(user)), gr.Tab(visible=desk.is_admin(user))]
-
-        def make_vote(choice: str):
-            def on_vote(request: gr.Request, lease_value: str, reason_text: str, *rank_values):
-                user = _user(desk, request)
-                ranking = None
-                if choice == "rank":
-                    shown = desk.store.lease_shown(int(lease_value or 0)) or ()
-                    ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
-                    if len(ranking) < len(shown):
-                        return render(desk.current(user), "Not saved: give every completion a rank.", reason_text)
-                try:
-                    result = desk.vote(user, int(lease_value or 0), choice, ranking=ranking, reason=reason_text)
-                except LabelError as exc:
-                    return render(desk.current(user), f"Not saved: {exc}", reason_text)
-                verb = "Already saved" if result["duplicate"] else "Saved"
-                return render(result["next"], f"{verb}: {SAID[choice]} on item {result['item']}.")
-
-            return on_vote
-
-        def on_undo(request: gr.Request):
-            user = _user(desk, request)
-            result = desk.undo(user)
-            undone = result["undone"]
-            if undone is None:
-                return render(result["next"], "Nothing to undo.")
-            message = f"Undid your vote ({undone['choice']}) on item {undone['item']}: vote again."
-            return render(result["next"], message, undone["reason"] or "")
-
-        def on_again(request: gr.Request):
-            return render(desk.current(_user(desk, request)))
-
-        def on_quality(request: gr.Request):
-            user = _user(desk, request)
-            try:
-                report = desk.quality(user)
-            except LabelError as exc:
-                return str(exc), None, None
-            return quality_tables(report)
-
-        blocks.load(on_load, None, [*screen, quality_tab])
-        for (choice, *_), button in zip(buttons_spec, buttons):
-            button.click(make_vote(choice), [lease, reason, *ranks], screen)
-        undo.click(on_undo, None, screen)
-        again.click(on_again, None, screen)
-        refresh.click(on_quality, None, [summary, people, kappas])
-        quality_tab.select(on_quality, None, [summary, people, kappas])
+            on_load, outputs = label_panel(lambda ref: desk, chosen, mode=desk.store.mode, width=desk.width)
+        blocks.load(on_load, [chosen], outputs)
     return blocks
+
+
+def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
+    """The Label and Quality tabs, built in the current Blocks context, for the desk `desk_for(ref)` of the
+    candidates version named by the `chosen` component (a hidden box in `align label`, a dropdown in
+    `align serve`). Returns (load function, its outputs): run it on page load and whenever `chosen` changes."""
+    pairwise = mode == "pairwise"
+    buttons_spec = PAIRWISE_BUTTONS if pairwise else RANK_BUTTONS
+    width = 2 if pairwise else width
+
+    lease = gr.Textbox(visible=False, elem_id="lease")  # the lease of the item on screen, sent with each vote
+    with gr.Tab("Label", id="label"):
+        heading = gr.Markdown(elem_id="heading")
+        progress = gr.Markdown(elem_id="progress")
+        prompt = gr.HTML(elem_id="prompt", js_on_load=None)
+        panels, ranks = [], []
+        if pairwise:
+            with gr.Row(equal_height=True):
+                for letter in "AB":
+                    panels.append(gr.HTML(elem_id=f"completion-{letter.lower()}", js_on_load=None))
+        else:
+            choices = [str(rank) for rank in range(1, width + 1)]
+            for letter in LETTERS[:width]:
+                with gr.Row(equal_height=True):
+                    panels.append(gr.HTML(elem_id=f"completion-{letter.lower()}", js_on_load=None))
+                    ranks.append(
+                        gr.Dropdown(choices, label=f"Rank of {letter}", elem_id=f"rank-{letter.lower()}", scale=0)
+                    )
+        reason = gr.Textbox(label="Reason (optional)", elem_id="reason", max_lines=4)
+        with gr.Row():
+            buttons = [gr.Button(label, elem_id=elem, variant="primary") for _, label, elem, _ in buttons_spec]
+        with gr.Row():
+            undo = gr.Button("Undo last vote", elem_id="undo", size="sm")
+            again = gr.Button("Check for a new item", elem_id="next-item", size="sm")
+        status = gr.Markdown(elem_id="status")
+        keys = " · ".join(f"`{key}` {label}" for _, label, _, key in buttons_spec)
+        hint = "" if pairwise else "Rank 1 is the best; equal ranks are a tie. "
+        gr.Markdown(f"{hint}Keys: {keys} · `u` undo (not while typing in a text box)")
+    with gr.Tab("Quality", id="quality", visible=False, elem_id="quality-tab") as quality_tab:
+        refresh = gr.Button("Refresh", elem_id="quality-refresh", size="sm")
+        summary = gr.Markdown(elem_id="quality-summary")
+        people = gr.Dataframe(
+            label="Per annotator (and all): counted votes, skips, median seconds per vote, position bias "
+            "(share of A picks among A/B votes), tie and both-bad rates, accuracy on gold items",
+            elem_id="quality-annotators",
+            interactive=False,
+        )
+        kappas = gr.Dataframe(
+            label="Cohen's kappa for each pair of annotators, over the completion pairs both judged",
+            elem_id="quality-kappa",
+            interactive=False,
+        )
+
+    screen = [lease, heading, progress, prompt, *panels, *ranks, reason, status, *buttons, undo]
+
+    def render(desk: LabelDesk, view: dict, message: str = "", reason_text: str = "") -> list:
+        store = desk.store
+        item = view["status"] == "item"
+        shown = len(view.get("completions", ()))
+        heading_text = (
+            f"**{view['user']}** · `{store.version.ref}` · {store.mode} · each item to {store.overlap} "
+            f"annotator{'s' if store.overlap > 1 else ''}"
+        )
+        if item:
+            body = conversation_html(view["prompt"])
+            texts = [completion_html(label, c) for label, c in zip(view["labels"], view["completions"])]
+        else:
+            body = f'<div class="notice">{html.escape(NOTICES[view["status"]])}</div>'
+            texts = []
+        panel_updates = [
+            gr.HTML(value=texts[i] if i < len(texts) else "", visible=i < shown) for i in range(len(panels))
+        ]
+        rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
+        return [
+            str(view.get("lease") or ""),
+            heading_text,
+            progress_text(view),
+            body,
+            *panel_updates,
+            *rank_updates,
+            reason_text,
+            message,
+            *[gr.Button(interactive=item) for _ in buttons],
+            gr.Button(interactive=view["progress"]["mine"] > 0),
+        ]
+
+    def nothing(message: str) -> list:
+        """The screen when there is nothing to label (no candidates version chosen, or it cannot be opened)."""
+        return [
+            "",
+            "",
+            "",
+            f'<div class="notice">{html.escape(message)}</div>',
+            *[gr.HTML(value="", visible=False) for _ in panels],
+            *[gr.Dropdown(value=None, visible=False) for _ in ranks],
+            "",
+            "",
+            *[gr.Button(interactive=False) for _ in buttons],
+            gr.Button(interactive=False),
+        ]
+
+    def on_load(ref: str, request: gr.Request):
+        try:
+            desk = desk_for(ref)
+        except AlignError as exc:
+            return [*nothing(str(exc)), gr.Tab(visible=False)]
+        user = _user(desk, request)
+        return [*render(desk, desk.current(user)), gr.Tab(visible=desk.is_admin(user))]
+
+    def make_vote(choice: str):
+        def on_vote(request: gr.Request, ref: str, lease_value: str, reason_text: str, *rank_values):
+            desk = desk_for(ref)
+            user = _user(desk, request)
+            ranking = None
+            if choice == "rank":
+                shown = desk.store.lease_shown(int(lease_value or 0)) or ()
+                ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
+                if len(ranking) < len(shown):
+                    return render(desk, desk.current(user), "Not saved: give every completion a rank.", reason_text)
+            try:
+                result = desk.vote(user, int(lease_value or 0), choice, ranking=ranking, reason=reason_text)
+            except LabelError as exc:
+                return render(desk, desk.current(user), f"Not saved: {exc}", reason_text)
+            verb = "Already saved" if result["duplicate"] else "Saved"
+            return render(desk, result["next"], f"{verb}: {SAID[choice]} on item {result['item']}.")
+
+        return on_vote
+
+    def on_undo(ref: str, request: gr.Request):
+        desk = desk_for(ref)
+        result = desk.undo(_user(desk, request))
+        undone = result["undone"]
+        if undone is None:
+            return render(desk, result["next"], "Nothing to undo.")
+        message = f"Undid your vote ({undone['choice']}) on item {undone['item']}: vote again."
+        return render(desk, result["next"], message, undone["reason"] or "")
+
+    def on_again(ref: str, request: gr.Request):
+        desk = desk_for(ref)
+        return render(desk, desk.current(_user(desk, request)))
+
+    def on_quality(ref: str, request: gr.Request):
+        desk = desk_for(ref)
+        try:
+            report = desk.quality(_user(desk, request))
+        except LabelError as exc:
+            return str(exc), None, None
+        return quality_tables(report)
+
+    for (choice, *_), button in zip(buttons_spec, buttons):
+        button.click(make_vote(choice), [chosen, lease, reason, *ranks], screen)
+    undo.click(on_undo, [chosen], screen)
+    again.click(on_again, [chosen], screen)
+    refresh.click(on_quality, [chosen], [summary, people, kappas])
+    quality_tab.select(on_quality, [chosen], [summary, people, kappas])
+    return on_load, [*screen, quality_tab]
 
 
 def _user(desk: LabelDesk, request: gr.Request) -> str:

@@ -1,13 +1,58 @@
-"""Serving the Gradio apps: check the port before starting, run in the foreground (the CLI) or in a background
-thread (tests), and stop cleanly."""
+"""Serving the Gradio apps: who may come in (annotator logins, or one local user with --open), check the port
+before starting, run in the foreground (the CLI) or in a background thread (tests), and stop cleanly."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import socket
 import threading
 import time
 
 from align.errors import AlignError
+
+
+def check_access(db, root, open_access: bool) -> None:
+    """Login is required whenever an annotator exists; without one, an app starts only for one local user."""
+    annotators = db.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
+    if not open_access and not annotators:
+        raise AlignError(
+            f"no annotators in {root} yet: add one with `align annotators add NAME` "
+            "(it asks for a password), or run with --open for a single local user"
+        )
+    if open_access and annotators:
+        raise AlignError(
+            f"--open is refused: {annotators} annotator(s) exist in {root}, so login is required "
+            "(drop --open and log in; `align annotators list` shows who)"
+        )
+
+
+class Logins:
+    """Checks a name and password against the registry's salted scrypt hashes; scrypt runs once per password,
+    not on every request (a verified login is remembered as a keyed hash, never as the password)."""
+
+    def __init__(self, db):
+        self._db = db  # a function returning a catalog connection usable from the calling thread
+        self._secret = secrets.token_bytes(32)
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def check(self, name: str, password: str) -> bool:
+        from align.labels import verify_password
+
+        found = self._db().execute("SELECT password FROM annotators WHERE name = ?", (name,)).fetchone()
+        if found is None or not password:
+            return False
+        key = hmac.new(self._secret, f"{name}\0{password}\0{found['password']}".encode(), hashlib.sha256).digest()
+        with self._lock:
+            if key in self._verified:
+                return True
+        if not verify_password(password, found["password"]):
+            return False
+        with self._lock:
+            self._verified.add(key)
+        return True
 
 
 def check_port(host: str, port: int) -> None:
