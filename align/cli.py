@@ -356,6 +356,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     p.set_defaults(handler=cmd_compare)
 
+    # align serve: every app in one, on the workspace
+    p = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="one app for the loop: Label, Compare / Arena, Leaderboard, Datasets (with lineage), Runs",
+        description="A Gradio app with every tab on one workspace. It binds to 127.0.0.1; --expose makes a "
+        "non-loopback --host possible and then requires login (annotators from `align annotators add`). On "
+        "loopback, login is required whenever an annotator exists, and otherwise one local user is served.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--expose", action="store_true", help="allow a non-loopback --host (login required)")
+    p.add_argument(
+        "--models",
+        metavar="REF1,REF2[,...]",
+        help="the Compare / Arena models (default: the base models and the newest adapters, at most 6)",
+    )
+    p.add_argument("--mode", choices=("pairwise", "rank"), default="pairwise", help="labeling mode (default: pairwise)")
+    p.add_argument("--overlap", type=int, help="distinct annotators per item (default: 2 with login, else 1)")
+    p.add_argument("--arena", default="default", metavar="NAME", help="the arena battle votes go to (default: default)")
+    p.add_argument("--lease-minutes", type=float, default=10.0, help="how long an item is held for its annotator")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256 (editable in the app)")
+    p.add_argument("--temperature", type=float, default=0.7, help="default: 0.7 (editable in the app)")
+    p.set_defaults(handler=cmd_serve)
+
     p = commands.add_parser(
         "eval",
         parents=[common],
@@ -797,6 +822,26 @@ def cmd_compare(args) -> int:
         open_access=args.open,
         defaults=defaults,
         bootstrap=args.bootstrap,
+    )
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ui.compare_app import ChatSettings
+    from ui.serve_app import run_serve
+
+    models = [ref for ref in args.models.split(",") if ref.strip()] if args.models else None
+    run_serve(
+        args.workspace,
+        host=args.host,
+        port=args.port,
+        expose=args.expose,
+        models=models,
+        mode=args.mode,
+        overlap=args.overlap,
+        arena=args.arena,
+        lease_seconds=args.lease_minutes * 60,
+        defaults=ChatSettings("", args.max_new_tokens, args.temperature, 0.9),
     )
     return 0
 

@@ -47,10 +47,10 @@ from ui.serving import Logins, check_access
 
 SIDES = ("a", "b")  # left, right
 VOTES = (
-    ("left", "A is better", "vote-a"),
-    ("right", "B is better", "vote-b"),
-    ("tie", "Tie", "vote-tie"),
-    ("both-bad", "Both are bad", "vote-both-bad"),
+    ("left", "A is better", "battle-vote-a"),
+    ("right", "B is better", "battle-vote-b"),
+    ("tie", "Tie", "battle-vote-tie"),
+    ("both-bad", "Both are bad", "battle-vote-both-bad"),
 )
 HEADERS = ["rank", "model", "BT rating", "95% CI", "Elo", "votes", "W-T-L"]
 SAID = {"left": "A is better", "right": "B is better", "tie": "a tie", "both-bad": "both are bad"}

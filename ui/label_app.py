@@ -70,7 +70,7 @@ SHORTCUTS = """
     const target = event.target;
     if (target && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName))) return;
     const button = document.getElementById(keys[event.key.toLowerCase()]);
-    if (button && !button.disabled) {
+    if (button && !button.disabled && button.offsetParent !== null) {  // not on a hidden tab
       event.preventDefault();
       button.click();
     }
@@ -226,8 +226,8 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
     buttons_spec = PAIRWISE_BUTTONS if pairwise else RANK_BUTTONS
     width = 2 if pairwise else width
 
-    lease = gr.Textbox(visible=False, elem_id="lease")  # the lease of the item on screen, sent with each vote
     with gr.Tab("Label", id="label"):
+        lease = gr.Textbox(visible=False, elem_id="lease")  # the lease of the item on screen, sent with each vote
         heading = gr.Markdown(elem_id="heading")
         progress = gr.Markdown(elem_id="progress")
         prompt = gr.HTML(elem_id="prompt", js_on_load=None)

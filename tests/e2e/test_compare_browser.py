@@ -97,7 +97,7 @@ def test_a_battle_streams_both_replies_then_the_vote_reveals_the_names(registry,
         page.get_by_role("tab", name="Battle").click()
         expect(page.locator("#battle-a .name")).to_have_text("Model A", timeout=WAIT)
         expect(page.locator("#battle-b .name")).to_have_text("Model B", timeout=WAIT)
-        expect(page.locator("#vote-a")).to_be_disabled(timeout=WAIT)  # nothing to vote on yet
+        expect(page.locator("#battle-vote-a")).to_be_disabled(timeout=WAIT)  # nothing to vote on yet
         page.evaluate(WATCH)
 
         page.locator("#battle-input textarea").fill(QUESTION)
@@ -117,14 +117,14 @@ def test_a_battle_streams_both_replies_then_the_vote_reveals_the_names(registry,
         assert "adapter:tuned" not in body and str(tiny_model_dir) not in body
         assert page.locator("#battle-a .writing, #battle-b .writing").count() == 0
 
-        page.locator("#vote-a").click()
+        page.locator("#battle-vote-a").click()
         expect(status).to_contain_text("Saved: A is better", timeout=WAIT)
         revealed = re.search(r"A was (\S+) · B was (\S+)\.", status.inner_text())
         assert revealed, status.inner_text()
         left, right = revealed.group(1), revealed.group(2)
         assert {left, right} == set(desk.refs)
         expect(page.locator("#battle-a .name")).to_have_text(f"Model A: {left}", timeout=WAIT)
-        expect(page.locator("#vote-a")).to_be_disabled(timeout=WAIT)  # one vote per battle
+        expect(page.locator("#battle-vote-a")).to_be_disabled(timeout=WAIT)  # one vote per battle
         expect(page.locator("#battle-send")).to_be_disabled(timeout=WAIT)
 
         page.get_by_role("tab", name="Leaderboard").click()
