@@ -35,8 +35,8 @@ demo: setup
 	$(ALIGN) runs list
 	@echo "== 4/5 one chat prompt to the embedded model"
 	$(ALIGN) chat --model smollm2-135m --prompt "What is the capital of France?" --temperature 0 --max-new-tokens 64
-	@echo "== 5/5 the ranking app on the candidates: open http://127.0.0.1:7860/ in a browser (Ctrl-C stops)"
-	$(ALIGN) label --candidates pipeline-candidates --open
+	@echo "== 5/5 align serve: label the candidates, compare the models, browse datasets and runs (Ctrl-C stops)"
+	$(ALIGN) serve --candidates pipeline-candidates
 
 # Browser tests drive Debian's Chromium (never a downloaded browser): install it when it is missing.
 chromium:

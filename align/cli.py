@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REF1,REF2[,...]",
         help="the Compare / Arena models (default: the base models and the newest adapters, at most 6)",
     )
+    p.add_argument(
+        "--candidates", metavar="CANDS[@V]", help="the candidates the Label tab opens on (default: the newest)"
+    )
     p.add_argument("--mode", choices=("pairwise", "rank"), default="pairwise", help="labeling mode (default: pairwise)")
     p.add_argument("--overlap", type=int, help="distinct annotators per item (default: 2 with login, else 1)")
     p.add_argument("--arena", default="default", metavar="NAME", help="the arena battle votes go to (default: default)")
@@ -837,6 +840,7 @@ def cmd_serve(args) -> int:
         port=args.port,
         expose=args.expose,
         models=models,
+        candidates=args.candidates,
         mode=args.mode,
         overlap=args.overlap,
         arena=args.arena,

@@ -280,3 +280,18 @@ def stage_config_class(stage: str):
         raise AlignError(f"no stage '{stage}': known stages are {', '.join(STAGE_CONFIGS)}")
     module, _, name = STAGE_CONFIGS[stage].partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def quantization_config_for(config):
+    """QLoRA's 4-bit NF4 base (bf16 compute, double quantization) when `load_in_4bit` is set, else None."""
+    if not config.load_in_4bit:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )

@@ -42,7 +42,14 @@ import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
-from align.config import AdapterFields, StageFields, build_config, config_to_dict, peft_config_for
+from align.config import (
+    AdapterFields,
+    StageFields,
+    build_config,
+    config_to_dict,
+    peft_config_for,
+    quantization_config_for,
+)
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
@@ -698,7 +705,7 @@ def run_dpo(
             registry,
             dtype=config.torch_dtype,
             trainable_adapter=True,
-            quantization_config=_quantization(config),
+            quantization_config=quantization_config_for(config),
         )
         if not getattr(tokenizer, "chat_template", None):
             raise AlignError(f"{config.model}'s tokenizer has no chat template, which conversational pairs need")
@@ -792,19 +799,6 @@ def freeze_reference(model) -> None:
     for name, parameter in model.named_parameters():
         if ".ref." in name:
             parameter.requires_grad_(False)
-
-
-def _quantization(config: DPOStageConfig):
-    if not config.load_in_4bit:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
 
 
 def _metrics(before, after, train_counts, eval_counts, trainer, label_smoothing) -> dict:

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
 
-from align.config import AdapterFields, StageFields, build_config, config_to_dict, peft_config_for
+from align.config import (
+    AdapterFields,
+    StageFields,
+    build_config,
+    config_to_dict,
+    peft_config_for,
+    quantization_config_for,
+)
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
@@ -110,7 +117,7 @@ def run_sft(
         train_rows = to_prompt_completion(registry.rows(train_version))
         eval_rows = to_prompt_completion(registry.rows(eval_version))
         model, tokenizer = load_model(
-            config.model, registry, dtype=config.torch_dtype, quantization_config=_quantization(config)
+            config.model, registry, dtype=config.torch_dtype, quantization_config=quantization_config_for(config)
         )
         trainer = SFTTrainer(
             model=model,
@@ -161,20 +168,6 @@ def run_sft(
 
 def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
-
-
-def _quantization(config: SFTStageConfig):
-    if not config.load_in_4bit:
-        return None
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
 
 
 def _report(run, config, log_history, metrics, artifact) -> None:

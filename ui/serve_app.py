@@ -2,6 +2,7 @@
 
     align serve                                        # http://127.0.0.1:7860/ (loopback only)
     align serve --models smollm2-135m,adapter:dpo      # the models of the Compare / Arena tab
+    align serve --candidates pipeline-candidates       # the candidates the Label tab opens on
     align serve --expose --host 0.0.0.0                # reachable from other machines: login required
 
 Tabs:
@@ -74,7 +75,7 @@ def default_models(registry: Registry) -> list[str]:
         if artifact.kind in ("adapter", "model"):
             newest[(artifact.kind, artifact.name)] = artifact  # listed by version: the last one wins
     bases = sorted({artifact.base_model for artifact in newest.values() if artifact.base_model})
-    models = bases + [artifact.ref for artifact in sorted(newest.values(), key=lambda a: a.created_at)]
+    models = bases + [artifact.ref for artifact in sorted(newest.values(), key=lambda a: a.id)]
     return models[:MAX_DEFAULT_MODELS]
 
 
@@ -109,53 +110,54 @@ class LabelDesks:
 # The Datasets tab
 
 
-def node_label(node) -> str:
-    if isinstance(node, str):  # a base model or a snapshot of votes
-        kind, _, key = node.partition(":")
-        return f"human votes (snapshot {key})" if kind == "comparisons" else node
-    if hasattr(node, "kind") and hasattr(node, "num_rows"):
+def node_label(key: str, node) -> str:
+    """How a lineage node reads: 'name@v (kind, N rows)', 'adapter:x@1', 'run ID (stage)', 'base model REF'."""
+    kind, _, rest = key.partition(":")
+    if kind == "comparisons":
+        return f"human votes (snapshot {rest})"
+    if kind == "base":
+        return f"base model {rest}"
+    if isinstance(node, str):
+        return node
+    if hasattr(node, "num_rows"):
         return f"{node.ref} ({node.kind}, {node.num_rows} rows)"
     if hasattr(node, "ref"):
         return node.ref
     return f"run {node.id} ({node.stage})"
 
 
-def node_key(node) -> str:
-    return node if isinstance(node, str) else node.node
-
-
-def lineage(registry: Registry, start, limit: int = 60) -> tuple[dict[str, object], list[tuple[str, str, str]]]:
-    """The nodes and (parent, child, role) edges around `start`: all its ancestors, then its descendants."""
-    nodes = {node_key(start): start}
+def lineage(registry: Registry, start, limit: int = 60) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """The labelled nodes ({key: label}) and (parent, child, role) edges around `start`: all its ancestors, then
+    all its descendants (at most `limit` nodes), read from the catalog's lineage table."""
+    first = start.node
+    labels = {first: node_label(first, start)}
     edges: set[tuple[str, str, str]] = set()
-    for step in (registry.parents, registry.children):
-        queue = [start]
-        seen = {node_key(start)}
-        while queue and len(nodes) < limit:
-            node = queue.pop(0)
-            if isinstance(node, str) and not node.startswith("run:"):
-                continue  # a base model or a votes snapshot: nothing is recorded beyond it
-            for role, other in step(node):
-                key = node_key(other)
-                edge = (key, node_key(node), role) if step == registry.parents else (node_key(node), key, role)
-                edges.add(edge)
-                nodes.setdefault(key, other)
-                if key not in seen:
-                    seen.add(key)
+    for upward in (True, False):
+        queue, seen = [first], {first}
+        while queue and len(labels) < limit:
+            key = queue.pop(0)
+            query = "SELECT parent, child, role FROM lineage WHERE " + ("child" if upward else "parent") + " = ?"
+            for row in registry.db.execute(query, (key,)).fetchall():
+                edges.add((row["parent"], row["child"], row["role"]))
+                other = row["parent"] if upward else row["child"]
+                if other not in labels:
+                    labels[other] = node_label(other, registry.node(other))
+                if other not in seen:
+                    seen.add(other)
                     queue.append(other)
-    return nodes, sorted(edges)
+    return labels, sorted(edges)
 
 
-def lineage_markdown(nodes: dict, edges: list, start_key: str) -> str:
+def lineage_markdown(labels: dict, edges: list, start_key: str) -> str:
     if not edges:
-        return f"`{node_label(nodes[start_key])}` has no recorded parents or children (it was imported)."
-    lines = [f"Lineage of **{html.escape(node_label(nodes[start_key]))}** ({len(edges)} links):", ""]
+        return f"`{labels[start_key]}` has no recorded parents or children (it was imported)."
+    lines = [f"Lineage of **{html.escape(labels[start_key])}** ({len(edges)} links):", ""]
     for parent, child, role in edges:
-        lines.append(f"- {html.escape(node_label(nodes[parent]))} → {html.escape(node_label(nodes[child]))} ({role})")
+        lines.append(f"- {html.escape(labels[parent])} → {html.escape(labels[child])} ({role})")
     return "\n".join(lines)
 
 
-def lineage_image(nodes: dict, edges: list, start_key: str):
+def lineage_image(labels: dict, edges: list, start_key: str):
     """A left-to-right drawing: each node in the column of its longest path from a root, arrows parent -> child."""
     import io
 
@@ -165,7 +167,7 @@ def lineage_image(nodes: dict, edges: list, start_key: str):
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    parents_of: dict[str, list[str]] = {key: [] for key in nodes}
+    parents_of: dict[str, list[str]] = {key: [] for key in labels}
     for parent, child, _ in edges:
         parents_of[child].append(parent)
     depth: dict[str, int] = {}
@@ -177,7 +179,7 @@ def lineage_image(nodes: dict, edges: list, start_key: str):
         return depth[key]
 
     columns: dict[int, list[str]] = {}
-    for key in nodes:
+    for key in labels:
         columns.setdefault(depth_of(key), []).append(key)
     position = {}
     for column, keys in columns.items():
@@ -190,8 +192,9 @@ def lineage_image(nodes: dict, edges: list, start_key: str):
         (x0, y0), (x1, y1) = position[parent], position[child]
         axis.annotate("", xy=(x1 - 0.32, y1), xytext=(x0 + 0.32, y0), arrowprops={"arrowstyle": "->", "alpha": 0.6})
     colours = {"dataset": "#dbeafe", "artifact": "#dcfce7", "run": "#f3f4f6", "comparisons": "#fde68a"}
+    colours["base"] = "#ede9fe"
     for key, (x, y) in position.items():
-        label = node_label(nodes[key])
+        label = labels[key]
         label = label if len(label) <= 34 else label[:33] + "…"
         face = colours.get(key.split(":", 1)[0], "#fee2e2")
         edge = "#111827" if key == start_key else "#9ca3af"
@@ -360,14 +363,19 @@ def runs_panel(registry: Registry, tab) -> None:
 # The app
 
 
-def build_blocks(registry: Registry, desks: LabelDesks, compare: compare_app.CompareDesk | None, arena: str):
+def build_blocks(
+    registry: Registry, desks: LabelDesks, compare: compare_app.CompareDesk | None, arena: str, first: str | None
+):
     refs = desks.refs()
     with gr.Blocks(title=f"align serve · {registry.root.name}") as blocks:
         header = gr.Markdown(elem_id="serve-header")
         with gr.Tabs():
             with gr.Tab("Label", id="label"):
                 chosen = gr.Dropdown(
-                    refs, value=refs[0] if refs else None, label="Candidates version", elem_id="label-candidates"
+                    refs,
+                    value=first or (refs[0] if refs else None),
+                    label="Candidates version",
+                    elem_id="label-candidates",
                 )
                 with gr.Tabs():
                     label_load, label_outputs = label_app.label_panel(
@@ -410,6 +418,7 @@ def create_app(
     host: str = "127.0.0.1",
     expose: bool = False,
     models: list[str] | None = None,
+    candidates: str | None = None,
     mode: str = "pairwise",
     overlap: int | None = None,
     arena: str = DEFAULT_ARENA,
@@ -431,7 +440,8 @@ def create_app(
             registry, models, arena=arena, open_access=not login, defaults=defaults, bootstrap=bootstrap
         )
     warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
-    blocks = build_blocks(registry, desks, compare, arena)
+    first = registry.resolve(candidates, kind="candidates").ref if candidates else None  # checked before serving
+    blocks = build_blocks(registry, desks, compare, arena, first)
     blocks.queue(default_concurrency_limit=8)
     logins = Logins(lambda: registry.db)
     app = gr.mount_gradio_app(
@@ -445,7 +455,8 @@ def create_app(
         footer_links=["gradio"],
         allowed_paths=[str(registry.root / "runs")],  # the report plots shown in the Runs tab
     )
-    return app, {"login": login, "models": compare.refs if compare else [], "candidates": desks.refs()}
+    served = {"login": login, "models": compare.refs if compare else [], "candidates": desks.refs(), "first": first}
+    return app, served
 
 
 def run_serve(workspace: str | None, *, host: str, port: int, expose: bool, models: list[str] | None, **options):
@@ -457,7 +468,8 @@ def run_serve(workspace: str | None, *, host: str, port: int, expose: bool, mode
     app, served = create_app(registry, host=host, expose=expose, models=models, **options)
     candidates = served["candidates"]
     print(f"workspace {registry.root}")
-    print(f"label: {len(candidates)} candidates version(s){': ' + ', '.join(candidates[:5]) if candidates else ''}")
+    shown = served["first"] or (candidates[0] if candidates else "none yet")
+    print(f"label: {len(candidates)} candidates version(s), {shown} first (the Label tab lists them all)")
     if served["models"]:
         print(f"compare / arena: {', '.join(served['models'])}")
     else:
