@@ -16,8 +16,9 @@ pairs" means the held-out test split. Every model is scored on the same test pai
 
 The floor: TRL's RewardTrainer as documented, on the conversational rows (TRL tokenizes them and drops pairs
 longer than max_length), SmolLM2 + LoRA r16 (PEFT's default targets, q_proj and v_proj), lr 2e-4, one epoch,
-batch 8, TRL's defaults otherwise (gradient checkpointing on), fp32. Ours: recipes/rm/smollm2-135m-lora.yaml.
-Speed is training pairs per second of training time (the trainer's train_runtime).
+batch 8, TRL's defaults otherwise (gradient checkpointing on), fp32. Ours: recipes/rm/smollm2-135m-lora.yaml
+(its own training max_length; every model is scored at --max-length). Speed is training pairs per second of
+training time (the trainer's train_runtime), and "train s" the whole training time.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def run_ours(registry: Registry, train_ref: str, test_ref: str, args, name: str,
         "report_to": "none",
         "save_strategy": "no",
         "seed": args.seed,
-        "max_length": args.max_length,
+        "eval_max_length": args.max_length,  # training length is the recipe's; scoring is the same for everyone
     } | overrides
     config = load_config(RewardStageConfig, RECIPE, values)
     artifact = run_rm(config, registry)

@@ -66,6 +66,10 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
     )
     use_margins: bool = field(default=True, metadata={"help": "use the rows' `margin` labels when present"})
     use_weights: bool = field(default=True, metadata={"help": "use the rows' `weight` labels when present"})
+    lora_top_layers: int | None = field(
+        default=None,
+        metadata={"help": "LoRA on the top N transformer layers only: backward stops below them; null = all"},
+    )
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
 
     def __post_init__(self):
@@ -80,6 +84,8 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
             raise ValueError("config key 'load_in_4bit' is not supported for reward models yet")
         if self.ties not in TIE_MODES:
             raise ValueError(f"config key 'ties' must be one of {', '.join(TIE_MODES)} (got {self.ties!r})")
+        if self.lora_top_layers is not None and self.lora_top_layers < 1:
+            raise ValueError(f"config key 'lora_top_layers' must be at least 1 (got {self.lora_top_layers!r})")
         for key in ("max_length", "eval_max_length"):
             value = getattr(self, key)
             if (value is not None and value < 16) or (key == "max_length" and value is None):
@@ -93,6 +99,31 @@ def _tensorboard_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def layer_linear_names(model, target_modules) -> list[str]:
+    """The module names LoRA targets inside the transformer layers: every linear layer's for 'all-linear'."""
+    if isinstance(target_modules, list):
+        return target_modules
+    if target_modules != "all-linear":
+        raise AlignError(
+            f"config key 'lora_top_layers' needs lora_target_modules to be all-linear or a list of names "
+            f"(got the pattern {target_modules!r})"
+        )
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in name
+    }
+    return sorted(names)
+
+
+def top_layers(model, count: int) -> list[int]:
+    """The indices of the model's top `count` transformer layers (refused when it has fewer)."""
+    total = model.config.num_hidden_layers
+    if count > total:
+        raise AlignError(f"config key 'lora_top_layers' is {count}, but {model.config.name_or_path} has {total} layers")
+    return list(range(total - count, total))
 
 
 def training_examples(rows: list[dict], encoded: list, config: RewardStageConfig) -> tuple[list[dict], int]:
@@ -211,6 +242,11 @@ def run_rm(
 
         peft_config = peft_config_for(config, "SEQ_CLS")
         peft_config.modules_to_save = ["score"]  # the head is trained and saved with the adapter
+        if config.lora_top_layers:
+            # PEFT filters layers only for a list of module names, so 'all-linear' is spelled out first.
+            peft_config.target_modules = layer_linear_names(model, config.lora_target_modules)
+            peft_config.layers_to_transform = top_layers(model, config.lora_top_layers)
+            peft_config.layers_pattern = "layers"
         trainer = PreferenceRewardTrainer(
             model=model,
             args=config,
@@ -253,7 +289,8 @@ def run_rm(
             parents=[(train_version, "train"), (eval_version, "eval")],
             meta={
                 "peft": config.peft,
-                "max_length": config.max_length,
+                "max_length": eval_length,  # what scoring cuts pairs to (align rm eval / score, RewardModel.load)
+                "train_max_length": config.max_length,
                 "metrics": metrics,
                 "truncation": train_stats.summary(),
             },

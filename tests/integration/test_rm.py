@@ -270,3 +270,23 @@ def test_bad_inputs_fail_before_training_and_start_no_run(tmp_path, tiny_model_d
     assert registry.list_runs() == []
     with pytest.raises(AlignError, match="no artifact 'rm:missing'"):
         RewardModel.load("rm:missing", registry)
+
+
+def test_lora_on_the_top_layers_only_and_a_longer_scoring_length(tmp_path, tiny_model_dir):
+    from safetensors import safe_open
+
+    registry = new_registry(tmp_path / "ws")
+    values = {"lora_top_layers": 1, "max_steps": 1, "max_length": 48, "eval_max_length": 64, "output_name": "top"}
+    artifact = run_rm(config(tiny_model_dir, **values), registry)
+    with safe_open(artifact.path / "adapter_model.safetensors", "pt") as saved:
+        names = list(saved.keys())
+    lora = [name for name in names if "lora_" in name]
+    assert lora and all(".layers.1." in name for name in lora), lora  # the tiny model's top layer of two
+    assert any("score" in name for name in names)  # the head is saved with the adapter
+    assert artifact.meta["max_length"] == 64 and artifact.meta["train_max_length"] == 48
+    assert RewardModel.load(artifact.ref, registry).max_length == 64  # scoring sees what evaluation saw
+
+    with pytest.raises(AlignError, match="'lora_top_layers' is 3, but .* has 2 layers"):
+        run_rm(config(tiny_model_dir, **(values | {"lora_top_layers": 3})), registry)
+    with pytest.raises(AlignError, match="'lora_top_layers' must be at least 1"):
+        config(tiny_model_dir, lora_top_layers=0)
