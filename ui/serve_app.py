@@ -402,12 +402,13 @@ def build_blocks(
         def on_load(ref: str | None, request: gr.Request):
             user = OPEN_USER if desks.options["open_access"] else (request.username if request else "")
             text = f"**align** · workspace `{registry.root}` · signed in as **{user}** · arena `{arena}`"
-            loaded = [text, *label_load(ref, request)]
+            versions = desks.refs()  # made since the app started too
+            loaded = [text, gr.Dropdown(choices=versions, value=ref), *label_load(ref, request)]
             if compare_load is not None:
                 loaded += compare_load()
             return loaded
 
-        blocks.load(on_load, [chosen], [header, *label_outputs, *compare_outputs])
+        blocks.load(on_load, [chosen], [header, chosen, *label_outputs, *compare_outputs])
         chosen.input(label_load, [chosen], label_outputs)
     return blocks
 
