@@ -383,15 +383,18 @@ def leaderboard_view(board) -> tuple:
 
 
 def heatmap_image(board):
-    """The win-rate heatmap as an image (the matplotlib figure is closed at once, not kept per refresh)."""
+    return figure_image(plot_win_rates(board))
+
+
+def figure_image(figure, dpi: int = 100):
+    """A matplotlib figure as a PIL image for gr.Image; the figure is closed at once, not kept per refresh."""
     import io
 
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    figure = plot_win_rates(board)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=dpi)
     plt.close(figure)
     buffer.seek(0)
     return Image.open(buffer)

@@ -159,13 +159,10 @@ def lineage_markdown(labels: dict, edges: list, start_key: str) -> str:
 
 def lineage_image(labels: dict, edges: list, start_key: str):
     """A left-to-right drawing: each node in the column of its longest path from a root, arrows parent -> child."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     parents_of: dict[str, list[str]] = {key: [] for key in labels}
     for parent, child, _ in edges:
@@ -205,11 +202,7 @@ def lineage_image(labels: dict, edges: list, start_key: str):
     axis.set_ylim(-height / 2 - 0.2, height / 2 + 0.2)
     axis.axis("off")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    buffer.seek(0)
-    return Image.open(buffer)
+    return compare_app.figure_image(figure, dpi=100)
 
 
 def datasets_panel(registry: Registry, tab) -> None:
@@ -256,13 +249,10 @@ def datasets_panel(registry: Registry, tab) -> None:
 
 
 def live_plot(entries: list[dict], keys: list[str]):
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     keys = [key for key in keys if any(key in entry for entry in entries)]
     if not keys:
@@ -276,11 +266,7 @@ def live_plot(entries: list[dict], keys: list[str]):
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    buffer.seek(0)
-    return Image.open(buffer)
+    return compare_app.figure_image(figure, dpi=90)
 
 
 def default_keys(available: list[str]) -> list[str]:

@@ -6,9 +6,7 @@ conversation. Then the leaderboard shows it, and the side-by-side tab chats with
 """
 
 import json
-import os
 import re
-import shutil
 import sqlite3
 
 import pytest
@@ -17,15 +15,9 @@ from align.registry import Registry
 from ui.compare_app import ChatSettings, create_app
 from ui.serving import BackgroundServer
 
-CHROMIUM = "/usr/bin/chromium"
 WAIT = 60_000  # ms for each expectation: generous, since the CPU may be shared (Playwright's default is 5 s)
 QUESTION = "Which is bigger, <b>2</b> or 3?"
 
-# `make test` installs Chromium; only a bare `pytest` elsewhere may skip, never CI.
-pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None and not os.environ.get("CI"),
-    reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)",
-)
 
 # Counts every change of each battle panel's text: more than one change per panel means it streamed.
 WATCH = """
@@ -40,19 +32,6 @@ WATCH = """
   }
 }
 """
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

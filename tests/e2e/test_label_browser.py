@@ -5,9 +5,7 @@ holding <script> must show as text and never run. Rank mode: order three complet
 """
 
 import json
-import os
 import re
-import shutil
 import sqlite3
 
 import pytest
@@ -17,27 +15,7 @@ from align.registry import Registry
 from ui.label_app import create_app
 from ui.serving import BackgroundServer
 
-CHROMIUM = "/usr/bin/chromium"
 INJECTION = '<script>window.__pwned = true</script><img src=x onerror="window.__pwned = true"> & <b>not bold</b>'
-
-# `make test` installs Chromium; only a bare `pytest` elsewhere may skip, never CI.
-pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None and not os.environ.get("CI"),
-    reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)",
-)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ served models, the Leaderboard counts a battle, the Datasets tab draws the linea
 adapter, and the Runs tab plots a run's live metrics and shows its report.
 """
 
-import os
-import shutil
 import sqlite3
 
 import pytest
@@ -17,13 +15,7 @@ from ui.compare_app import ChatSettings
 from ui.serve_app import create_app
 from ui.serving import BackgroundServer
 
-CHROMIUM = "/usr/bin/chromium"
 WAIT = 60_000  # ms per expectation: the CPU may be shared
-
-pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None and not os.environ.get("CI"),
-    reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install -y chromium)",
-)
 
 
 def candidates(tag: str, rows: int) -> list[dict]:
@@ -35,19 +27,6 @@ def candidates(tag: str, rows: int) -> list[dict]:
         }
         for r in range(rows)
     ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
