@@ -1,15 +1,17 @@
-"""PPO benchmark: our shared-base PPO against the same updates with four separately loaded models.
+"""PPO benchmark: our shared-base PPO against four separately loaded models and TRL 1.9.2's PPOTrainer.
 
     .venv/bin/python benchmarks/ppo_benchmark.py                 # SmolLM2, batch 8, response 32, 4 updates
     .venv/bin/python benchmarks/ppo_benchmark.py --updates 6 --batch-size 8 --response-length 32
 
 Printed side by side, all measured in this one run (each variant in its own process, so peak memory is its own):
   - seconds per PPO update and peak RSS: ours (policy, reference, value and reward as adapters on one base)
-    against four separately loaded models (policy, reference, value, reward);
+    against four separately loaded models (policy, reference, value, reward), and against the peer, TRL 1.9.2's
+    experimental PPOTrainer (LoRA policy, separate value and reward models) on the same workload;
   - rollout tokens/s of our PEFT policy against plain batched `generate` on the bare base model.
-The peer figures of TRL 1.9's experimental PPOTrainer on this machine (24.3 s per update, 6.1 GB peak RSS, same
-shape: SmolLM2, LoRA policy, separate value and reward models, batch 8, response length 32) are quoted from
-the issue: TRL 1.16 no longer ships a PPOTrainer to run beside ours.
+TRL 1.16 (our dependency) no longer ships a PPOTrainer, so the peer runs from its own `pip install --no-deps
+--target` of trl==1.9.2 (in the align cache, bench/trl-1.9.2, installed on first use; it runs on our
+transformers, peft and torch), first on PYTHONPATH in the peer's process only. If that install fails, the peer
+row is skipped. The figure quoted in the issue (24.3 s per update, 6.1 GB) is printed for reference only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
-TRL_19 = {"seconds_per_update": 24.3, "peak_rss_gb": 6.1}
+TRL_PEER_VERSION = "1.9.2"
+TRL_19_QUOTED = {"seconds_per_update": 24.3, "peak_rss_gb": 6.1}  # the issue's figure, printed for reference only
 
 
 def prepare(workspace: Path) -> None:
@@ -53,25 +57,25 @@ def prepare(workspace: Path) -> None:
     registry.register_artifact("rm", "rm", workspace / "rm", base_model="smollm2-135m")
 
 
+RECIPE = ROOT / "recipes" / "ppo" / "smollm2-135m-lora.yaml"
+
+
 def config_for(args):
-    from align.config import build_config
+    """The PPO recipe users run, on the benchmark's registry and shape (batch, response length)."""
+    from align.config import build_config, read_yaml
     from align.ppo import PPOStageConfig
 
-    return build_config(
-        PPOStageConfig,
-        {
-            "model": "adapter:sft",
-            "reward_model": "rm:rm",
-            "dataset": "hh-prompts",
-            "batch_size": args.batch_size,
-            "mini_batch_size": args.batch_size // 2,
-            "response_length": args.response_length,
-            "ppo_epochs": 2,
-            "max_prompt_length": 192,
-            "lora_dropout": 0.0,
-            "temperature": 0.7,
-        },
-    )
+    values = read_yaml(RECIPE) | {
+        "model": "adapter:sft",
+        "reward_model": "rm:rm",
+        "dataset": "hh-prompts",
+        "batch_size": args.batch_size,
+        "mini_batch_size": args.batch_size // 2,
+        "response_length": args.response_length,
+    }
+    if args.gradient_accumulation_steps:
+        values["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    return build_config(PPOStageConfig, values)
 
 
 class FourModelRoles:
@@ -201,65 +205,245 @@ def rollout_throughput(roles, prompts, config, reward_fn) -> dict:
     }
 
 
+# The peer: TRL 1.9.2's experimental PPOTrainer, measured in this run on the same workload.
+
+
+def install_trl_peer() -> Path | None:
+    """The folder holding trl==1.9.2 (installed there on first use), or None when pip cannot install it.
+
+    `--no-deps --target`: only TRL itself goes there, so the peer runs on the transformers, peft and torch of
+    our venv, and our own TRL 1.16 stays untouched.
+    """
+    from align.models import cache_dir
+
+    dest = cache_dir() / "bench" / f"trl-{TRL_PEER_VERSION}"
+    if (dest / f"trl-{TRL_PEER_VERSION}.dist-info").is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Install into a private folder, then rename: a concurrent run sees a whole install or none.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    print(f"installing trl=={TRL_PEER_VERSION} into {dest} (first use only) ...", file=sys.stderr)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp)]
+    done = subprocess.run(pip + [f"trl=={TRL_PEER_VERSION}"], stdout=sys.stderr)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(
+            f"could not install trl=={TRL_PEER_VERSION} (pip exited with {done.returncode}): "
+            "the TRL PPOTrainer row is skipped",
+            file=sys.stderr,
+        )
+        return None
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+    try:
+        tmp.rename(dest)
+    except OSError:  # another run installed it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def run_trl_peer(args) -> dict:
+    """TRL 1.9.2's PPOTrainer on our workload, in a process whose PYTHONPATH starts with the TRL 1.9.2 install.
+
+    Same as ours: the embedded SmolLM2, the SFT adapter as the trainable policy, the `rm` reward model, the
+    hh-prompts (chat-templated, cut from the left to 192 tokens by our own `encode_prompts`), batch 8 in 2
+    minibatches of 4, 2 epochs, response length 32, temperature 0.7, lr 5e-5, KL coefficient 0.05, fp32.
+    TRL's layout: the policy's base (the reference is that base with the adapter disabled), a value model and
+    a reward model, three bases in all.
+
+    What one TRL update runs, for reading its time against ours: one `generate` (its old log-probs come from
+    the generation scores, where ours runs one more policy forward), a reference forward, a value forward and
+    a reward forward, then epochs x minibatches of a policy + value forward and backward. Its forwards compute
+    LM-head logits for every position, prompt included, and its value model gets gradients for every weight.
+    """
+    import contextlib
+
+    import peft
+    import torch
+    import trl
+
+    if trl.__version__ != TRL_PEER_VERSION:  # e.g. PYTHONPATH not set: never report another TRL as the peer
+        raise SystemExit(f"the peer needs trl {TRL_PEER_VERSION} first on PYTHONPATH, got {trl.__version__}")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from align.models import embedded_checkpoint, load_tokenizer, resolve_model
+    from align.ppo import encode_prompts
+    from align.registry import Registry
+
+    torch.manual_seed(0)
+    registry = Registry(args.workspace)
+    config = config_for(args)
+    base = str(embedded_checkpoint())
+
+    tokenizer = load_tokenizer(config.model, registry)
+    prompts = [row["prompt"] for row in registry.rows("hh-prompts")]
+    ids, mask = encode_prompts(tokenizer, prompts, config.max_prompt_length)  # also sets left padding
+    dataset = Dataset.from_dict({"input_ids": [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]})
+    # TRL 1.9 finds padding by token id (attention mask = ids != pad_token_id). SmolLM2 pads with its EOS,
+    # <|im_end|>, which also closes every chat turn: TRL would mask the prompts' turn ends and the responses'
+    # EOS. Its unused unk token, <|endoftext|>, pads instead (an existing id: no new embedding).
+    tokenizer.pad_token = tokenizer.unk_token
+
+    fp32 = {"dtype": torch.float32}
+    # Policy: the SFT adapter, trainable, as ours. ref_model=None is TRL's own choice for a PeftModel policy:
+    # the reference is the policy with its adapter disabled (the bare base), not the frozen SFT adapter we use
+    # (TRL's ref_adapter_name would match ours; one forward of the base either way).
+    sft = str(resolve_model(config.model, registry).adapter_path)
+    policy = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **fp32), sft, is_trainable=True)
+    # Value: TRL's separate scalar model, trained whole (every weight, with Adam state), where ours trains a LoRA
+    # adapter and a head.
+    value = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **fp32)
+    # Reward: the benchmark's `rm` (base + its LoRA and score head), merged. TRL scores the policy's token ids
+    # directly (same tokenizer), where ours decodes and re-tokenises.
+    rm_path = str(registry.resolve_artifact(config.reward_model).path)
+    scorer = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **fp32)
+    reward = peft.PeftModel.from_pretrained(scorer, rm_path).merge_and_unload()
+
+    class UpdateClock(TrainerCallback):
+        """Timestamps at the start of training and at the end of each update (PPOTrainer calls on_step_end
+        once per update, after its epochs of minibatch steps)."""
+
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_begin(self, *a, **k):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.marks.append(time.perf_counter())
+            took = self.marks[-1] - self.marks[-2]
+            print(f"  trl19: update {len(self.marks) - 1} took {took:.1f} s", file=sys.stderr)
+
+    clock = UpdateClock()
+    with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(sys.stderr):
+        ppo_config = PPOConfig(
+            output_dir=output_dir,
+            use_cpu=True,
+            bf16=False,  # PPOConfig defaults to bf16; fp32 like ours
+            seed=0,
+            per_device_train_batch_size=config.batch_size,  # prompts per update (one process, no accumulation)
+            # 2 epochs over 2 minibatches of 4, like our recipe (TRL's defaults: 4 epochs over 1 minibatch).
+            num_mini_batches=config.batch_size // config.mini_batch_size,
+            num_ppo_epochs=config.ppo_epochs,
+            total_episodes=args.updates * config.batch_size,  # exactly --updates updates
+            response_length=config.response_length,
+            stop_token="eos",  # responses end at EOS, as ours (TRL's default never stops before response_length)
+            temperature=config.temperature,
+            learning_rate=config.learning_rate,
+            kl_coef=config.kl_coef,
+            cliprange=config.cliprange,
+            cliprange_value=config.cliprange_value,
+            vf_coef=config.vf_coef,
+            gamma=config.gamma,
+            lam=config.lam,
+            gradient_checkpointing=False,  # 1.9.2's PPOTrainer ignores it anyway; ours does not checkpoint
+            num_sample_generations=0,  # no sample generations during training
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        )
+        trainer = PPOTrainer(
+            args=ppo_config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=None,
+            reward_model=reward,
+            train_dataset=dataset,
+            value_model=value,
+            callbacks=[clock],
+        )
+        trainer.train()
+    seconds = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+    return {
+        "seconds_per_update": statistics.median(seconds[1:] or seconds),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "trl_version": trl.__version__,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--response-length", type=int, default=32)
     parser.add_argument("--workspace", type=Path)
-    parser.add_argument("--variant", choices=["shared", "separate"], help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-accumulation-steps", type=int, help="override the recipe's")
+    parser.add_argument("--variant", choices=["shared", "separate", "trl19"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.variant:
-        print(json.dumps(run_variant(args)))
+        print(json.dumps(run_trl_peer(args) if args.variant == "trl19" else run_variant(args)))
         return 0
 
     workspace = args.workspace or Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     if not (workspace / "registry.sqlite").exists():
         print(f"preparing {workspace} ...", file=sys.stderr)
         prepare(workspace)
-    results = {}
-    for variant in ("shared", "separate"):
-        command = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--workspace",
-            str(workspace),
-            "--updates",
-            str(args.updates),
-            "--batch-size",
-            str(args.batch_size),
-            "--response-length",
-            str(args.response_length),
-        ]
-        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-        results[variant] = json.loads(output.strip().splitlines()[-1])
-    ours, four = results["shared"], results["separate"]
+    ours = measure("shared", workspace, args)
+    four = measure("separate", workspace, args)
+    peer = None
+    trl_path = install_trl_peer()
+    if trl_path is not None:
+        # TRL 1.9.2 first on the PYTHONPATH of the peer's process only, ahead of our TRL 1.16.
+        path = os.pathsep.join(filter(None, [str(trl_path), os.environ.get("PYTHONPATH")]))
+        peer = measure("trl19", workspace, args, env=os.environ | {"PYTHONPATH": path})
+
     print(
         f"\nPPO, SmolLM2-135M + LoRA, batch {args.batch_size}, response length {args.response_length}, "
         f"{args.updates} updates (median after the first)"
     )
     print(f"{'':44}{'s/update':>10}{'peak RSS GB':>13}")
-    print(f"{'ours: one base, 4 roles as adapters':44}{ours['seconds_per_update']:>10.1f}{ours['peak_rss_gb']:>13.2f}")
-    print(
-        f"{'four separately loaded models (this run)':44}{four['seconds_per_update']:>10.1f}"
-        f"{four['peak_rss_gb']:>13.2f}"
-    )
-    print(
-        f"{'TRL 1.9 PPOTrainer (quoted, same machine)':44}{TRL_19['seconds_per_update']:>10.1f}"
-        f"{TRL_19['peak_rss_gb']:>13.2f}"
-    )
-    print(
-        f"memory: ours is {ours['peak_rss_gb'] / four['peak_rss_gb']:.0%} of four models, "
-        f"{ours['peak_rss_gb'] / TRL_19['peak_rss_gb']:.0%} of TRL 1.9 (target: at most 50%)"
-    )
+    rows = [
+        ("ours: one base, 4 roles as adapters", ours),
+        ("four separately loaded models (this run)", four),
+        (f"TRL {TRL_PEER_VERSION} PPOTrainer (this run)", peer),
+        ("TRL 1.9 PPOTrainer (issue's quoted figure)", TRL_19_QUOTED),
+    ]
+    for label, row in rows:
+        if row is None:
+            print(f"{label:44}{'skipped (see above)':>23}")
+        else:
+            print(f"{label:44}{row['seconds_per_update']:>10.1f}{row['peak_rss_gb']:>13.2f}")
+    memory = f"memory: ours is {ours['peak_rss_gb'] / four['peak_rss_gb']:.0%} of four models"
+    if peer is not None:
+        memory += f", {ours['peak_rss_gb'] / peer['peak_rss_gb']:.0%} of TRL {TRL_PEER_VERSION} (this run)"
+    print(memory + " (target: at most 50%)")
     print(
         f"rollout: {ours['rollout_tokens_per_s']:.1f} tokens/s (our PEFT policy) vs "
         f"{ours['plain_generate_tokens_per_s']:.1f} tokens/s (plain batched generate on the bare base)"
     )
     return 0
+
+
+def measure(variant: str, workspace: Path, args, env=None) -> dict | None:
+    """Run one variant in its own process (so its peak RSS is its own) and return its JSON line. Only the
+    TRL peer may fail without stopping the benchmark: its row is then skipped (None)."""
+    command = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--workspace",
+        str(workspace),
+        "--updates",
+        str(args.updates),
+        "--batch-size",
+        str(args.batch_size),
+        "--response-length",
+        str(args.response_length),
+    ]
+    if args.gradient_accumulation_steps:
+        command += ["--gradient-accumulation-steps", str(args.gradient_accumulation_steps)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+    if done.returncode != 0 and variant == "trl19":
+        print(
+            f"the TRL {TRL_PEER_VERSION} peer failed (exit {done.returncode}, see above): row skipped", file=sys.stderr
+        )
+        return None
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, command)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

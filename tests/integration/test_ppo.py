@@ -204,3 +204,66 @@ def test_ppo_with_a_registry_reward_model_loads_the_base_once(registry, tiny_pol
     assert loads == [str(tiny_policy_dir)], loads
     roles = {role: parent for role, parent in registry.parents(artifact)}
     assert roles["reward-model"].ref == "rm:tiny-rm@1"
+
+
+def test_sampling_with_the_lora_folded_in_changes_nothing_after(registry, tiny_policy_dir):
+    """Folding the policy's LoRA into the weights for sampling gives the unfolded policy's logits, and the base
+    weights come back bit for bit (not W + BA - BA)."""
+    from align.ppo import SharedBaseRoles, folded_lora
+
+    roles, _ = SharedBaseRoles.load("adapter:sft", registry, build_config(PPOStageConfig, recipe(tiny_policy_dir)))
+    model = roles.model
+    ids = torch.tensor([[5, 9, 17, 3, 11]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        unfolded = model(input_ids=ids).logits
+        with folded_lora(model):
+            folded = model(input_ids=ids).logits
+            assert not any(torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+        bare = roles.model.get_base_model()
+        with model.disable_adapter():
+            base_only = bare(input_ids=ids).logits
+    torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(folded, base_only, atol=1e-3)  # the SFT adapter does change the logits
+    for name, parameter in model.named_parameters():
+        if name in before:
+            assert torch.equal(parameter, before[name]), name
+    assert model.active_adapter == "default"
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
+
+
+def test_chunks_drop_the_padding_every_row_shares_and_keep_the_logprobs(registry, tiny_policy_dir):
+    from align.ppo import Rollout, SharedBaseRoles, chunks
+
+    roles, _ = SharedBaseRoles.load("adapter:sft", registry, build_config(PPOStageConfig, recipe(tiny_policy_dir)))
+    # Prompts of 2, 3 and 6 tokens left-padded to 6; responses of 1, 2 and 4 tokens right-padded to 4 (pad 0).
+    prompts = [[0, 0, 0, 0, 7, 8], [0, 0, 0, 4, 5, 6], [9, 10, 11, 12, 13, 14]]
+    responses = [[21, 0, 0, 0], [22, 23, 0, 0], [24, 25, 26, 27]]
+    response_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float)
+    prompt_mask = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1], [1] * 6])
+    batch = Rollout(
+        sequences=torch.tensor([p + r for p, r in zip(prompts, responses)]),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        response_mask=response_mask,
+        prompt_length=6,
+        responses=["", "", ""],
+        scores=torch.zeros(3),
+        contains_eos=torch.ones(3, dtype=torch.bool),
+    )
+    pieces = list(chunks(batch, [0, 1, 2], 2))
+    assert [rows for rows, _ in pieces] == [[0, 1], [2]]
+    first = pieces[0][1]
+    # Rows 0 and 1 share 3 columns of left padding and 2 of right padding: 3 prompt + 2 response columns stay.
+    assert (first.prompt_length, first.width) == (3, 2)
+    assert first.sequences.tolist() == [[0, 7, 8, 21, 0], [4, 5, 6, 22, 23]]
+    assert (pieces[1][1].prompt_length, pieces[1][1].width) == (6, 4)
+    with torch.no_grad():
+        whole = roles.logprobs("default", batch.sequences, batch.attention_mask, 6, 1.0)
+        for rows, chunk in pieces:
+            part = roles.logprobs("default", *chunk.inputs, 1.0)
+            torch.testing.assert_close(
+                part * response_mask[rows, : chunk.width],
+                whole[rows, : chunk.width] * response_mask[rows, : chunk.width],
+                atol=1e-5,
+                rtol=1e-5,
+            )
