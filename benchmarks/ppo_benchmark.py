@@ -167,10 +167,24 @@ def run_variant(args) -> dict:
     result = {
         "seconds_per_update": statistics.median(seconds[1:] or seconds),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "machine_gflops": machine_gflops(),
     }
     if args.variant == "shared":
         result |= rollout_throughput(roles, prompts, config, reward_fn)
     return result
+
+
+def machine_gflops() -> float:
+    """fp32 matmul speed right after a variant ran. This machine's speed drifts (by up to 2x within an hour on
+    the 2-core VM we measured on), so each row carries it: rows measured at different speeds are not comparable."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    began = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    return 20 * 2 * 1024**3 / (time.perf_counter() - began) / 1e9
 
 
 def rollout_throughput(roles, prompts, config, reward_fn) -> dict:
@@ -359,6 +373,7 @@ def run_trl_peer(args) -> dict:
         "seconds_per_update": statistics.median(seconds[1:] or seconds),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "trl_version": trl.__version__,
+        "machine_gflops": machine_gflops(),
     }
 
 
@@ -393,7 +408,14 @@ def main() -> int:
         f"\nPPO, SmolLM2-135M + LoRA, batch {args.batch_size}, response length {args.response_length}, "
         f"{args.updates} updates (median after the first)"
     )
-    print(f"{'':44}{'s/update':>10}{'peak RSS GB':>13}")
+    config = config_for(args)
+    micro = config.mini_batch_size // config.gradient_accumulation_steps
+    print(
+        f"{config.ppo_epochs} epochs over minibatches of {config.mini_batch_size}; ours and four models run {micro} "
+        f"rollouts per forward (the recipe's gradient_accumulation_steps {config.gradient_accumulation_steps}), "
+        f"TRL all {config.mini_batch_size}"
+    )
+    print(f"{'':44}{'s/update':>10}{'peak RSS GB':>13}{'GFLOP/s':>9}")
     rows = [
         ("ours: one base, 4 roles as adapters", ours),
         ("four separately loaded models (this run)", four),
@@ -404,7 +426,8 @@ def main() -> int:
         if row is None:
             print(f"{label:44}{'skipped (see above)':>23}")
         else:
-            print(f"{label:44}{row['seconds_per_update']:>10.1f}{row['peak_rss_gb']:>13.2f}")
+            speed = f"{row['machine_gflops']:>9.0f}" if "machine_gflops" in row else ""
+            print(f"{label:44}{row['seconds_per_update']:>10.1f}{row['peak_rss_gb']:>13.2f}{speed}")
     memory = f"memory: ours is {ours['peak_rss_gb'] / four['peak_rss_gb']:.0%} of four models"
     if peer is not None:
         memory += f", {ours['peak_rss_gb'] / peer['peak_rss_gb']:.0%} of TRL {TRL_PEER_VERSION} (this run)"
