@@ -141,6 +141,27 @@ class PPOStageConfig(StageFields, AdapterFields):
 # The roles: one base model, three adapters.
 
 
+def backbone(model, sequences, attention_mask):
+    """The last hidden states of a PEFT-wrapped causal LM, without its LM head."""
+    # Left padding: positions count real tokens only, as they did during generation.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    inner = model.get_base_model().base_model  # the transformer without the LM head
+    return inner(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
+def response_logprobs(model, sequences, attention_mask, prompt_length: int, temperature: float, with_entropy=False):
+    """Per-token log-probs of the response tokens under `model` as it is (and their entropy, a statistic without
+    gradient). The LM head only sees the positions that predict response tokens."""
+    hidden = backbone(model, sequences, attention_mask)[:, prompt_length - 1 : -1]
+    logits = model.get_base_model().get_output_embeddings()(hidden).float() / temperature
+    targets = sequences[:, prompt_length:]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():
+        return logprobs, entropy_from_logits(logits.detach())
+
+
 class SharedBaseRoles:
     """Policy, reference and value as adapters on one loaded base model, plus the value head."""
 
@@ -190,12 +211,6 @@ class SharedBaseRoles:
         adapters = [p for n, p in self.model.named_parameters() if ".default." in n or ".value." in n]
         return adapters + list(self.value_head.parameters())
 
-    def _backbone(self, sequences, attention_mask):
-        # Left padding: positions count real tokens only, as they did during generation.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        inner = self.model.get_base_model().base_model  # the transformer without the LM head
-        return inner(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-
     def logprobs(
         self,
         adapter: str | None,
@@ -205,20 +220,13 @@ class SharedBaseRoles:
         temperature: float,
         with_entropy: bool = False,
     ):
-        """Per-token log-probs of the response tokens (and their entropy, a statistic without gradient) under one
-        role."""
+        """Per-token log-probs of the response tokens (and their entropy) under one role."""
         self.use(adapter)
         context = self.model.disable_adapter() if adapter is None else contextlib.nullcontext()
         with context:
-            hidden = self._backbone(sequences, attention_mask)[:, prompt_length - 1 : -1]
-            logits = self.model.get_base_model().get_output_embeddings()(hidden).float() / temperature
+            result = response_logprobs(self.model, sequences, attention_mask, prompt_length, temperature, with_entropy)
         self.use("default")
-        targets = sequences[:, prompt_length:]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        if not with_entropy:
-            return logprobs
-        with torch.no_grad():
-            return logprobs, entropy_from_logits(logits.detach())
+        return result
 
     def reference_logprobs(self, sequences, attention_mask, prompt_length: int, temperature: float):
         adapter = "ref" if self.has_reference_adapter else None
@@ -226,7 +234,7 @@ class SharedBaseRoles:
 
     def values(self, sequences, attention_mask, prompt_length: int):
         self.use("value")
-        hidden = self._backbone(sequences, attention_mask)[:, prompt_length - 1 : -1]
+        hidden = backbone(self.model, sequences, attention_mask)[:, prompt_length - 1 : -1]
         self.use("default")
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
@@ -285,7 +293,7 @@ class SharedBaseScorer(torch.nn.Module):
         roles = self.roles[0]
         roles.use("reward")
         try:
-            hidden = roles._backbone(input_ids, attention_mask)
+            hidden = backbone(roles.model, input_ids, attention_mask)
         finally:
             roles.use("default")
         # As transformers does: the score is read at the last token that is not padding.

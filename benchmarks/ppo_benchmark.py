@@ -110,31 +110,22 @@ class FourModelRoles:
         params += [p for p in self.value_model.parameters() if p.requires_grad]
         return params + list(self.value_head.parameters())
 
-    @staticmethod
-    def _hidden(model, sequences, attention_mask, prompt_length):
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        inner = model.get_base_model().base_model
-        out = inner(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids)
-        return out.last_hidden_state[:, prompt_length - 1 : -1]
-
-    def _logprobs(self, model, sequences, attention_mask, prompt_length, temperature, with_entropy=False):
-        import torch
-
-        from align.rl_utils import entropy_from_logits
-
-        hidden = self._hidden(model, sequences, attention_mask, prompt_length)
-        logits = model.get_base_model().get_output_embeddings()(hidden).float() / temperature
-        logprobs = torch.log_softmax(logits, -1).gather(-1, sequences[:, prompt_length:].unsqueeze(-1)).squeeze(-1)
-        return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
+    # The same computations as SharedBaseRoles, on three models instead of three adapters.
 
     def logprobs(self, adapter, sequences, attention_mask, prompt_length, temperature, with_entropy=False):
-        return self._logprobs(self.model, sequences, attention_mask, prompt_length, temperature, with_entropy)
+        from align.ppo import response_logprobs
+
+        return response_logprobs(self.model, sequences, attention_mask, prompt_length, temperature, with_entropy)
 
     def reference_logprobs(self, sequences, attention_mask, prompt_length, temperature):
-        return self._logprobs(self.reference, sequences, attention_mask, prompt_length, temperature)
+        from align.ppo import response_logprobs
+
+        return response_logprobs(self.reference, sequences, attention_mask, prompt_length, temperature)
 
     def values(self, sequences, attention_mask, prompt_length):
-        hidden = self._hidden(self.value_model, sequences, attention_mask, prompt_length)
+        from align.ppo import backbone
+
+        hidden = backbone(self.value_model, sequences, attention_mask)[:, prompt_length - 1 : -1]
         return self.value_head(hidden).squeeze(-1)
 
 
@@ -387,6 +378,12 @@ def main() -> int:
     parser.add_argument("--variant", choices=["shared", "separate", "trl19"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from align.errors import AlignError
+
+    try:
+        config_for(args)  # a shape the recipe cannot run fails here, not in a subprocess
+    except AlignError as exc:
+        parser.error(str(exc))
     if args.variant:
         print(json.dumps(run_trl_peer(args) if args.variant == "trl19" else run_variant(args)))
         return 0
