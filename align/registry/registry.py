@@ -475,7 +475,9 @@ class Registry:
         return self._run(row)
 
     def list_runs(self) -> list[Run]:
-        return [self._run(row) for row in self.db.execute("SELECT * FROM runs ORDER BY created_at, id").fetchall()]
+        """Every run, oldest first. created_at has whole seconds, so runs started within one second keep their
+        insertion order (rowid), not the order of their random ids."""
+        return [self._run(row) for row in self.db.execute("SELECT * FROM runs ORDER BY created_at, rowid").fetchall()]
 
     # Artifacts: adapters, reward models, merged models
 

@@ -279,12 +279,20 @@ def test_runs_lifecycle(registry):
     assert done.finished_at is not None
     failed = registry.finish_run(registry.start_run("dpo", run_id="dpo-one"), status="failed", error="boom")
     assert (failed.status, failed.error) == ("failed", "boom")
-    assert sorted(r.id for r in registry.list_runs()) == ["dpo-one", "sft-one"]
+    assert [r.id for r in registry.list_runs()] == ["sft-one", "dpo-one"]
     assert registry.get_run("dpo-one").status == "failed"
     with pytest.raises(AlignError, match="no run 'nope'"):
         registry.get_run("nope")
     with pytest.raises(ValueError):
         registry.finish_run(run, status="running")
+
+
+def test_runs_started_in_one_second_list_in_start_order(registry):
+    # the ids sort the other way round, and both runs share their created_at second
+    for run_id in ("rm-eval-z", "rm-eval-a", "rm-eval-m"):
+        registry.start_run("rm-eval", run_id=run_id)
+    registry.db.execute("UPDATE runs SET created_at = '2026-11-30T12:00:00+00:00'")
+    assert [r.id for r in registry.list_runs()] == ["rm-eval-z", "rm-eval-a", "rm-eval-m"]
 
 
 def test_dead_pid_shows_interrupted(registry):
