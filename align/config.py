@@ -183,12 +183,18 @@ class StageFields:
             raise ValueError(f"config key 'model' must be a model reference (got {self.model!r})")
         if not 0 < self.eval_split < 1:
             raise ValueError(f"config key 'eval_split' must be between 0 and 1 (got {self.eval_split!r})")
-        # TRL turns bf16 on by default, which fails on a machine without a bf16 GPU: default it to what the
-        # hardware does, so one recipe runs on a CPU and on a GPU.
-        if getattr(self, "bf16", False) is None and not getattr(self, "fp16", False):
+        # bf16 mixed precision (autocast; the weights stay in torch_dtype) when unset: on where the hardware runs
+        # bf16 natively (a bf16 GPU, a CPU with AMX or AVX-512 BF16), off elsewhere. TRL turns it on
+        # unconditionally, which fails without a GPU; this way one recipe runs fast on a CPU and on a GPU.
+        if getattr(self, "bf16", False) is None:
+            from align.models import bf16_is_fast
+
+            self.bf16 = not getattr(self, "fp16", False) and bf16_is_fast()
+        if getattr(self, "bf16", False) and hasattr(self, "use_cpu"):
             import torch
 
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+            # transformers refuses bf16 without a GPU unless told the run is on the CPU
+            self.use_cpu = self.use_cpu or not torch.cuda.is_available()
         if self.output_name is not None:
             try:
                 check_name(self.output_name, "output")

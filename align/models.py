@@ -248,6 +248,18 @@ def setup_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def bf16_is_fast() -> bool:
+    """Whether bf16 matmuls run natively here: a CUDA GPU with bf16, or a CPU with AMX or AVX-512 BF16 (there,
+    bf16 autocast trains ~1.5x faster than fp32; elsewhere bf16 on a CPU is emulated and several times slower)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def parse_dtype(dtype: Any) -> Any:
     """None (float32 on CPU, "auto" with CUDA), a torch.dtype, or one of fp32, bf16, fp16, auto."""
     import torch

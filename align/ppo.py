@@ -95,6 +95,10 @@ class PPOStageConfig(StageFields, AdapterFields):
     save_steps: int = field(default=10, metadata={"help": "checkpoint every N updates (what --resume continues)"})
     eval_prompts: int = field(default=16, metadata={"help": "held-out prompts scored before and after"})
     num_generations: int = field(default=4, metadata={"help": "rloo/grpo: completions per prompt"})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast (weights stay in torch_dtype); null: on where the hardware runs bf16 natively"},
+    )
 
     def __post_init__(self):
         self.check_stage_fields()
@@ -236,7 +240,7 @@ class SharedBaseRoles:
         self.use("value")
         hidden = backbone(self.model, sequences, attention_mask)[:, prompt_length - 1 : -1]
         self.use("default")
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     # Checkpoints hold every trainable tensor (policy, value adapter, value head) in one safetensors file.
 
@@ -539,14 +543,16 @@ def run_ppo(
             print(f"resumed from update {start}")
 
         if start == 0:
-            before = mean_reward(roles.model, roles.tokenizer, eval_prompts, config, reward_fn)
+            with mixed_precision(config, roles.model.device):
+                before = mean_reward(roles.model, roles.tokenizer, eval_prompts, config, reward_fn)
         else:
             before = history[0]["eval_before"]
         from tqdm.auto import tqdm
 
         with tqdm(total=config.num_updates, initial=start, desc="ppo", unit="update") as progress:
             for update in range(start, config.num_updates):
-                stats = ppo_update(roles, optimizer, kl, moments, train_prompts, config, reward_fn, update)
+                with mixed_precision(config, roles.model.device):
+                    stats = ppo_update(roles, optimizer, kl, moments, train_prompts, config, reward_fn, update)
                 if update == 0:
                     stats["eval_before"] = before
                 history.append(stats)
@@ -559,7 +565,8 @@ def run_ppo(
                     )
                 if stop_after is not None and update + 1 >= stop_after and update + 1 < config.num_updates:
                     raise KeyboardInterrupt(f"stopped after update {update + 1}")
-        after = mean_reward(roles.model, roles.tokenizer, eval_prompts, config, reward_fn)
+        with mixed_precision(config, roles.model.device):
+            after = mean_reward(roles.model, roles.tokenizer, eval_prompts, config, reward_fn)
 
         output_dir = run.dir / "adapter"
         roles.model.save_pretrained(str(output_dir), selected_adapters=["default"])
@@ -595,6 +602,12 @@ def run_ppo(
     except BaseException as exc:
         registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def mixed_precision(config: PPOStageConfig, device: torch.device):
+    """bf16 autocast when the config asks for it: matmuls in bf16, weights, optimizer state, log-softmax, losses
+    and advantages in fp32 (the log-probs are cast up before the softmax)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(config.bf16))
 
 
 def ppo_update(

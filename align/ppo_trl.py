@@ -44,7 +44,8 @@ def trl_args(config, output_dir: str):
         save_steps=config.save_steps,
         seed=config.seed,
         report_to="none",
-        bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        bf16=bool(config.bf16),
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         disable_dropout=True,
     )

@@ -133,7 +133,7 @@ def run_variant(args) -> dict:
     """One variant in this process: time `--updates` PPO updates (the first is warm-up) and report peak RSS."""
     import torch
 
-    from align.ppo import SharedBaseRoles, ppo_update, registry_reward_fn
+    from align.ppo import SharedBaseRoles, mixed_precision, ppo_update, registry_reward_fn
     from align.registry import Registry
     from align.rl_utils import FixedKLController, RunningMoments
 
@@ -150,9 +150,10 @@ def run_variant(args) -> dict:
     optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.learning_rate)
     seconds = []
     for update in range(args.updates):
-        stats = ppo_update(
-            roles, optimizer, FixedKLController(config.kl_coef), RunningMoments(), prompts, config, reward_fn, update
-        )
+        with mixed_precision(config, torch.device("cpu")):
+            stats = ppo_update(
+                roles, optimizer, FixedKLController(config.kl_coef), RunningMoments(), prompts, config, reward_fn, update
+            )
         seconds.append(stats["seconds"])
         print(f"  {args.variant}: update {update + 1} took {stats['seconds']:.1f} s", file=sys.stderr)
     result = {
@@ -325,7 +326,7 @@ def run_trl_peer(args) -> dict:
         ppo_config = PPOConfig(
             output_dir=output_dir,
             use_cpu=True,
-            bf16=False,  # PPOConfig defaults to bf16; fp32 like ours
+            bf16=bool(config.bf16),  # the same precision as ours: the recipe's bf16, as resolved on this machine
             seed=0,
             per_device_train_batch_size=config.batch_size,  # prompts per update (one process, no accumulation)
             # 2 epochs over 2 minibatches of 4, like our recipe (TRL's defaults: 4 epochs over 1 minibatch).
@@ -412,6 +413,7 @@ def main() -> int:
         f"rollouts per forward (the recipe's gradient_accumulation_steps {config.gradient_accumulation_steps}), "
         f"TRL all {config.mini_batch_size}"
     )
+    print(f"precision (all three): {'bf16 autocast' if config.bf16 else 'fp32'} (the recipe's bf16, on this machine)")
     print(f"{'':44}{'s/update':>10}{'peak RSS GB':>13}{'GFLOP/s':>9}")
     rows = [
         ("ours: one base, 4 roles as adapters", ours),

@@ -173,7 +173,7 @@ class PreferenceRewardTrainer(RewardTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
+        chosen, rejected = outputs.logits.float().squeeze(-1).chunk(2)  # the loss in fp32 under bf16 autocast
         tie = inputs.get("tie")
         loss = preference_loss(
             chosen,

@@ -93,6 +93,23 @@ def test_learning_rate_zero_leaves_the_policy_and_kl_at_zero(registry, tiny_poli
         assert torch.equal(before[name], after[name]), name
 
 
+def test_bf16_autocast_runs_the_update_and_keeps_lr_zero_exact(registry, tiny_policy_dir):
+    autocast_seen = []
+
+    def reward(prompts, responses):
+        autocast_seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return lowercase_letters(prompts, responses)
+
+    config = build_config(PPOStageConfig, recipe(tiny_policy_dir, learning_rate=0.0, num_updates=2, bf16=True))
+    artifact = run_ppo(config, registry, reward_fn=reward)
+    assert autocast_seen and all(autocast_seen)  # rollouts, updates and the before/after means
+    history = load_history(registry.get_run(artifact.run_id))
+    # old, reference and new log-probs come from the same bf16 passes, so the KL is still exactly 0
+    assert all(h["objective/kl"] == 0.0 for h in history)
+    after = load_file(artifact.path / "adapter_model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in after.values())  # the weights stay fp32
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path, registry, tiny_policy_dir):
     straight = run_ppo(build_config(PPOStageConfig, recipe(tiny_policy_dir)), registry, reward_fn=lowercase_letters)
 

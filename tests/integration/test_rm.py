@@ -62,6 +62,7 @@ def recipe(tiny_model_dir, **values) -> dict:
         "center_rewards_coefficient": 0.01,
         "train_sampling_strategy": "group_by_length",
         "seed": 0,
+        "bf16": False,  # fp32 spelled out: the module-scoped fixture below is set up before conftest's fp32 default
     } | values
 
 

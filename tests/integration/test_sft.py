@@ -193,6 +193,16 @@ def test_adapter_folder_loads_directly_with_peft(registry, tiny_model_dir):
     torch.testing.assert_close(model(input_ids=ids).logits, via_registry(input_ids=ids).logits)
 
 
+def test_bf16_autocast_trains_on_a_cpu(registry, tiny_model_dir):
+    # transformers refuses bf16 without a GPU unless the run is marked as a CPU run: the config does that
+    config_ = config(tiny_model_dir, bf16=True, max_steps=2)
+    assert config_.use_cpu
+    artifact = run_sft(config_, registry)
+    assert registry.get_run(artifact.run_id).metrics["steps"] == 2
+    saved = load_file(artifact.path / "adapter_model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in saved.values())  # mixed precision: fp32 weights
+
+
 def test_packing_trains(registry, tiny_model_dir):
     artifact = run_sft(config(tiny_model_dir, packing=True, max_length=64, max_steps=2), registry)
     assert registry.get_run(artifact.run_id).metrics["steps"] == 2

@@ -118,10 +118,26 @@ def test_qlora_on_a_machine_without_cuda_fails_clearly(monkeypatch):
         build_config(SFTStageConfig, {"dataset": "d", "load_in_4bit": True})
 
 
+@pytest.mark.hardware_bf16
 def test_bf16_defaults_to_what_the_hardware_supports(monkeypatch):
     import torch
 
     from align.sft import SFTStageConfig
 
+    from align.ppo import PPOStageConfig
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # a CPU without native bf16: fp32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert build_config(SFTStageConfig, {"dataset": "d"}).bf16 is False
+    # a CPU with AVX-512 BF16: bf16 autocast, and transformers is told the run is on the CPU
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    config = build_config(SFTStageConfig, {"dataset": "d"})
+    assert config.bf16 is True and config.use_cpu is True
+    ppo = {"dataset": "p", "reward_model": "rm:rm"}
+    assert build_config(PPOStageConfig, ppo).bf16 is True
+    # what a recipe says wins
+    assert build_config(SFTStageConfig, {"dataset": "d", "bf16": False}).bf16 is False
+    assert build_config(PPOStageConfig, ppo | {"bf16": False}).bf16 is False
+    assert build_config(SFTStageConfig, {"dataset": "d", "fp16": True, "use_cpu": True}).bf16 is False
