@@ -166,6 +166,18 @@ def response_logprobs(model, sequences, attention_mask, prompt_length: int, temp
         return logprobs, entropy_from_logits(logits.detach())
 
 
+def set_lora_dropout(model, adapter: str, p: float) -> None:
+    """Give a loaded adapter the config's LoRA dropout. The SFT adapter brings its own (0.05 in our SFT recipe);
+    PPO wants none by default, as dropout in the policy's training passes makes its new log-probs disagree with
+    the old ones at the same weights, which the clipped ratio then reads as a policy change."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_dropout:
+            module.lora_dropout[adapter] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+    model.peft_config[adapter].lora_dropout = p
+
+
 class SharedBaseRoles:
     """Policy, reference and value as adapters on one loaded base model, plus the value head."""
 
@@ -197,6 +209,7 @@ class SharedBaseRoles:
         if resolved.adapter_path is not None:
             model = peft.PeftModel.from_pretrained(base, str(resolved.adapter_path), is_trainable=True)
             model.load_adapter(str(resolved.adapter_path), adapter_name="ref", is_trainable=False)
+            set_lora_dropout(model, "default", config.lora_dropout)
         else:
             model = peft.get_peft_model(base, lora)
         model.add_adapter("value", lora)
@@ -369,7 +382,9 @@ def rollout(model, tokenizer, prompts, config: PPOStageConfig, reward_fn: Reward
         if do_sample
         else {"do_sample": False}
     )
-    with torch.no_grad(), folded_lora(model):
+    # Decoding stays out of bf16 autocast: autocast casts every weight again for every token, which makes
+    # decoding ~1.4x slower on a CPU (the log-probs used for training come from separate forward passes).
+    with torch.no_grad(), torch.autocast(device.type, enabled=False), folded_lora(model):
         output = model.generate(
             input_ids=prompt_ids.to(device),
             attention_mask=prompt_mask.to(device),
@@ -606,7 +621,7 @@ def run_ppo(
 
 def mixed_precision(config: PPOStageConfig, device: torch.device):
     """bf16 autocast when the config asks for it: matmuls in bf16, weights, optimizer state, log-softmax, losses
-    and advantages in fp32 (the log-probs are cast up before the softmax)."""
+    and advantages in fp32 (the log-probs are cast up before the softmax). Sampling opts out (see `rollout`)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(config.bf16))
 
 

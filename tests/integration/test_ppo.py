@@ -249,6 +249,28 @@ def test_sampling_with_the_lora_folded_in_changes_nothing_after(registry, tiny_p
     assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
 
 
+def test_the_policy_trains_without_the_sft_adapters_dropout(tmp_path, registry, tiny_policy_dir):
+    """An SFT adapter trained with LoRA dropout: the policy made from it follows the PPO config's dropout (0), so
+    two training-mode passes at the same weights agree, and the ratio starts at exactly 1."""
+    from align.ppo import SharedBaseRoles
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    lora = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.5)
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "sft-dropout")
+    registry.register_artifact("adapter", "sft-dropout", tmp_path / "sft-dropout", base_model=str(tiny_policy_dir))
+    config = build_config(PPOStageConfig, recipe(tiny_policy_dir, model="adapter:sft-dropout"))
+    roles, _ = SharedBaseRoles.load("adapter:sft-dropout", registry, config)
+    ids = torch.tensor([[5, 9, 17, 3, 11, 12, 13]])
+    mask = torch.ones_like(ids)
+    roles.model.train()
+    with torch.no_grad():
+        first = roles.logprobs("default", ids, mask, 3, 1.0)
+        second = roles.logprobs("default", ids, mask, 3, 1.0)
+    assert torch.equal(first, second)
+    assert roles.model.peft_config["default"].lora_dropout == 0.0
+    assert roles.model.peft_config["ref"].lora_dropout == 0.5  # the frozen reference is never in a training pass
+
+
 def test_chunks_drop_the_padding_every_row_shares_and_keep_the_logprobs(registry, tiny_policy_dir):
     from align.ppo import Rollout, SharedBaseRoles, chunks
 
