@@ -463,7 +463,7 @@ def plan(registry: Registry, options: EvalOptions) -> dict:
         "few_shot": few_shot,
         "name": name,
         "bootstrap": options.bootstrap,
-        "sampling": asdict(options.sampling),
+        "sampling": asdict(options.sampling.resolved()),
     }
 
 
@@ -585,7 +585,7 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
                 out.append(saved)
                 continue
         asked = [few_shot_prompt(p, shots[i]) for i, p in enumerate(prompts)] if row.shots else prompts
-        model, tokenizer = load_model(row.model, registry)
+        model, tokenizer = load_model(row.model, registry, dtype=settings.dtype)
         model = merged_for_inference(model)
         with tqdm(total=len(prompts), unit="prompt", desc=f"generating with {row.name}") as progress:
             replies = [r[0] for r in sample(model, tokenizer, asked, 1, settings, progress)]
@@ -596,7 +596,7 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
         }
         if config["kl_reference"]:
             if reference is None:  # loaded once, for every row
-                ref_model, ref_tokenizer = load_model(config["kl_reference"], registry)
+                ref_model, ref_tokenizer = load_model(config["kl_reference"], registry, dtype=settings.dtype)
                 reference = merged_for_inference(ref_model), ref_tokenizer
             ref_model, ref_tokenizer = reference
             if same_vocabulary(tokenizer, ref_tokenizer):
@@ -726,7 +726,7 @@ def _report(run, config, metrics, rows, generations, rewards) -> None:
     setup = (
         f"`{metrics['dataset']}`: {metrics['prompts']} prompts. Each row samples one reply per prompt "
         f"(max_new_tokens {sampling['max_new_tokens']}, temperature {sampling['temperature']}, top_p "
-        f"{sampling['top_p']}, seed {sampling['seed']}). Reward model: "
+        f"{sampling['top_p']}, seed {sampling['seed']}, weights in {sampling.get('dtype') or 'fp32'}). Reward model: "
         f"{'`' + config['rm'] + '`' if config['rm'] else 'none'}. Generations: `{metrics['candidates']}`."
     )
     if config["few_shot"]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -26,6 +28,10 @@ class SamplingSettings:
     top_p: float = 0.95
     seed: int = 0
     batch_size: int = 8
+    # The weights' dtype while generating. None: bf16 where bf16 is native on a CPU (AMX or AVX-512 BF16), where
+    # decoding, bound by reading every weight for every token, runs ~1.6x faster; fp32 on other CPUs; the
+    # checkpoint's own dtype on a GPU. Runs record the dtype they used.
+    dtype: str | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -36,6 +42,19 @@ class SamplingSettings:
             raise AlignError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.batch_size < 1:
             raise AlignError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.dtype not in (None, *DTYPES):
+            raise AlignError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+
+    def resolved(self) -> SamplingSettings:
+        """These settings with the dtype this machine will use, as runs record it."""
+        from align.models import bf16_is_fast
+
+        if self.dtype is not None:
+            return self
+        import torch
+
+        dtype = "auto" if torch.cuda.is_available() else "bf16" if bf16_is_fast() else "fp32"
+        return replace(self, dtype=dtype)
 
 
 def sample(
@@ -100,7 +119,7 @@ def generate_candidates(
     """Generate, then register a `candidates` version. Returns it."""
     from tqdm.auto import tqdm
 
-    settings = settings or SamplingSettings()
+    settings = (settings or SamplingSettings()).resolved()
     if not models:
         raise AlignError("give at least one --model")
     if n < 1:
@@ -131,7 +150,7 @@ def generate_candidates(
         with tqdm(total=len(prompts) * len(models), unit="prompt", desc="generating") as progress:
             for ref in models:
                 progress.set_description(f"generating with {ref}")
-                model, tokenizer = load_model(ref, registry)
+                model, tokenizer = load_model(ref, registry, dtype=settings.dtype)
                 model = merged_for_inference(model)
                 per_model.append(sample(model, tokenizer, prompts, n, settings, progress))
                 del model

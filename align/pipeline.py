@@ -67,8 +67,8 @@ class PipelineConfig:
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"config key '{key}' must be a mapping of settings")
         allowed = {
-            "generate": {"n", "limit", "max_new_tokens", "temperature", "top_p", "batch_size"},
-            "eval": {"limit", "max_new_tokens", "bootstrap", "few_shot"},
+            "generate": {"n", "limit", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype"},
+            "eval": {"limit", "max_new_tokens", "bootstrap", "few_shot", "batch_size", "dtype"},
         }
         for key, keys in allowed.items():
             extra = set(getattr(self, key)) - keys
@@ -76,6 +76,12 @@ class PipelineConfig:
                 raise ValueError(
                     f"config key '{key}.{sorted(extra)[0]}' is not a setting; use {', '.join(sorted(keys))}"
                 )
+        from align.generate import DTYPES
+
+        for key in ("generate", "eval"):
+            dtype = getattr(self, key).get("dtype")
+            if dtype is not None and dtype not in DTYPES:
+                raise ValueError(f"config key '{key}.dtype' must be one of {', '.join(DTYPES)} (got {dtype!r})")
         # The stage blocks are checked now, with placeholder inputs, so a typo fails before any step runs.
         for stage in ("sft", "rm", "dpo", "ppo"):
             stage_recipe(self, stage, {"dataset": "placeholder", "reward_model": "rm:placeholder"})
@@ -305,7 +311,11 @@ class Pipeline:
         prompts = self.registry.convert(self.outputs["test_prefs"], name="pipeline-eval-prompts", kind="prompts")
         models = [self.config.base_model] + [self.outputs[key] for key in ("sft", "dpo", "ppo") if key in self.outputs]
         settings = SamplingSettings(
-            seed=self.config.seed, max_new_tokens=block.get("max_new_tokens", 64), temperature=0.0
+            seed=self.config.seed,
+            max_new_tokens=block.get("max_new_tokens", 64),
+            temperature=0.0,
+            batch_size=block.get("batch_size", 8),
+            dtype=block.get("dtype"),
         )
         options = EvalOptions(
             models=models,

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import align.generate
+
 from align.errors import AlignError
 from align.generate import SamplingSettings, generate_candidates
 from align.registry import Registry
@@ -42,7 +44,9 @@ def test_two_models_n_completions_each_with_sources_and_settings(registry, tiny_
         assert row["sources"] == ["adapter:tuned@1"] * 3 + [str(tiny_model_dir)] * 3
         assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in row["completions"])
         settings = json.loads(row["generation"])
-        assert settings == {"n": 3, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "seed": 7, "batch_size": 2}
+        assert settings == {
+            "n": 3, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "seed": 7, "batch_size": 2, "dtype": "fp32"
+        }  # fmt: skip
     # Lineage: the prompts, the adapter artifact, the base model and the run.
     roles = {
         (role, getattr(parent, "ref", getattr(parent, "stage", parent))) for role, parent in registry.parents(version)
@@ -63,6 +67,23 @@ def test_same_seed_same_candidates_other_seed_other_candidates(registry, tiny_mo
     third = generate_candidates(registry, [str(tiny_model_dir)], "qs", n=2, name="c", settings=other)
     assert third.ref == "c@2"
     assert registry.rows(first) != registry.rows(third)
+
+
+def test_the_weights_dtype_follows_the_hardware_unless_given(registry, tiny_model_dir, monkeypatch):
+    import align.models
+
+    assert SETTINGS.resolved().dtype == "fp32"  # conftest: a machine without native bf16
+    monkeypatch.setattr(align.models, "bf16_is_fast", lambda: True)
+    assert SETTINGS.resolved().dtype == "bf16"
+    assert SamplingSettings(dtype="fp32").resolved().dtype == "fp32"
+    loaded = []
+    real_load = align.generate.load_model
+    monkeypatch.setattr(align.generate, "load_model", lambda *a, **k: loaded.append(k["dtype"]) or real_load(*a, **k))
+    version = generate_candidates(registry, [str(tiny_model_dir)], "qs", n=2, name="bf", limit=2, settings=SETTINGS)
+    assert loaded == ["bf16"]
+    assert all(json.loads(row["generation"])["dtype"] == "bf16" for row in registry.rows(version))
+    with pytest.raises(AlignError, match="--dtype must be one of"):
+        SamplingSettings(dtype="int8")
 
 
 def test_limit_takes_the_first_prompts(registry, tiny_model_dir):
