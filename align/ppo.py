@@ -97,7 +97,7 @@ class PPOStageConfig(StageFields, AdapterFields):
     num_generations: int = field(default=4, metadata={"help": "rloo/grpo: completions per prompt"})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 autocast (weights stay in torch_dtype); null: on where the hardware runs bf16 natively"},
+        metadata={"help": "bf16 autocast (weights stay in torch_dtype); null: on where bf16 is native to the hardware"},
     )
 
     def __post_init__(self):

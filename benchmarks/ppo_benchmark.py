@@ -149,11 +149,10 @@ def run_variant(args) -> dict:
         reward_fn = registry_reward_fn(config.reward_model, registry)  # a fourth, separately loaded model
     optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.learning_rate)
     seconds = []
+    kl, moments = FixedKLController(config.kl_coef), RunningMoments()
     for update in range(args.updates):
         with mixed_precision(config, torch.device("cpu")):
-            stats = ppo_update(
-                roles, optimizer, FixedKLController(config.kl_coef), RunningMoments(), prompts, config, reward_fn, update
-            )
+            stats = ppo_update(roles, optimizer, kl, moments, prompts, config, reward_fn, update)
         seconds.append(stats["seconds"])
         print(f"  {args.variant}: update {update + 1} took {stats['seconds']:.1f} s", file=sys.stderr)
     result = {

@@ -4,8 +4,6 @@ import json
 
 import pytest
 
-import align.generate
-
 from align.errors import AlignError
 from align.generate import SamplingSettings, generate_candidates
 from align.registry import Registry
@@ -70,6 +68,7 @@ def test_same_seed_same_candidates_other_seed_other_candidates(registry, tiny_mo
 
 
 def test_the_weights_dtype_follows_the_hardware_unless_given(registry, tiny_model_dir, monkeypatch):
+    import align.generate
     import align.models
 
     assert SETTINGS.resolved().dtype == "fp32"  # conftest: a machine without native bf16

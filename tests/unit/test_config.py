@@ -122,9 +122,8 @@ def test_qlora_on_a_machine_without_cuda_fails_clearly(monkeypatch):
 def test_bf16_defaults_to_what_the_hardware_supports(monkeypatch):
     import torch
 
-    from align.sft import SFTStageConfig
-
     from align.ppo import PPOStageConfig
+    from align.sft import SFTStageConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # a CPU without native bf16: fp32
