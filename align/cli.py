@@ -12,10 +12,10 @@ import sys
 import textwrap
 
 from align.errors import AlignError
+from align.models import DTYPE_NAMES
 
 KIND_CHOICES = ("sft", "prompts", "candidates", "preference")
 FORMAT_CHOICES = ("auto", "trl", "alpaca", "self-instruct", "sharegpt", "hh")
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # align.generate.DTYPES, without importing it here
 DTYPE_HELP = "the weights' dtype while generating (default: bf16 on a CPU with native bf16, else fp32; on a GPU, auto)"
 
 
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.set_defaults(handler=cmd_generate)
 
     # align rm: `align rm --config X` trains; `align rm eval ...` and `align rm score ...` use a reward model
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="artifact name (default: NAME-merged)")
     p.add_argument(
         "--dtype",
-        choices=("auto", "fp32", "bf16", "fp16"),
+        choices=DTYPE_NAMES,
         default="auto",
         help="weights' dtype (default: the base checkpoint's)",
     )
@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default: 1000)")
     p.add_argument("--rm-max-length", type=int, help="tokens per scored reply (default: the reward model's own)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from align.errors import AlignError
+from align.models import DTYPE_NAMES
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -228,7 +229,7 @@ class AdapterFields:
                 raise ValueError(f"config key '{key}' must be at least 1 (got {getattr(self, key)!r})")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"config key 'lora_dropout' must be in [0, 1) (got {self.lora_dropout!r})")
-        if self.torch_dtype not in ("auto", "fp32", "bf16", "fp16"):
+        if self.torch_dtype not in DTYPE_NAMES:
             raise ValueError(f"config key 'torch_dtype' must be auto, fp32, bf16 or fp16 (got {self.torch_dtype!r})")
         if self.load_in_4bit:
             if self.peft != "lora":

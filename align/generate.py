@@ -14,11 +14,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from align.errors import AlignError
-from align.models import load_model, resolve_model
+from align.models import DTYPE_NAMES, load_model, resolve_model
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS
-
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -42,8 +40,8 @@ class SamplingSettings:
             raise AlignError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.batch_size < 1:
             raise AlignError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.dtype not in (None, *DTYPES):
-            raise AlignError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.dtype not in (None, *DTYPE_NAMES):
+            raise AlignError(f"--dtype must be one of {', '.join(DTYPE_NAMES)} (got {self.dtype!r})")
 
     def resolved(self) -> SamplingSettings:
         """These settings with the dtype this machine will use, as runs record it."""

@@ -39,6 +39,8 @@ _ARTIFACT_NAME = re.compile(r"^[^@\s]+(@[^@\s]+)?$")
 _PAD_LIKE = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 _DTYPES |= {"fp16": "float16", "float16": "float16", "half": "float16"}
+# The dtype names configs and flags accept; "auto" is the checkpoint's own dtype.
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
 
 
 def cache_dir() -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from align.config import build_config, stage_config_class
 from align.errors import AlignError
+from align.models import DTYPE_NAMES
 from align.registry import Registry
 
 STEPS = ("import", "sft", "generate", "preferences", "rm", "dpo", "ppo", "eval")
@@ -76,12 +77,10 @@ class PipelineConfig:
                 raise ValueError(
                     f"config key '{key}.{sorted(extra)[0]}' is not a setting; use {', '.join(sorted(keys))}"
                 )
-        from align.generate import DTYPES
-
         for key in ("generate", "eval"):
             dtype = getattr(self, key).get("dtype")
-            if dtype is not None and dtype not in DTYPES:
-                raise ValueError(f"config key '{key}.dtype' must be one of {', '.join(DTYPES)} (got {dtype!r})")
+            if dtype is not None and dtype not in DTYPE_NAMES:
+                raise ValueError(f"config key '{key}.dtype' must be one of {', '.join(DTYPE_NAMES)} (got {dtype!r})")
         # The stage blocks are checked now, with placeholder inputs, so a typo fails before any step runs.
         for stage in ("sft", "rm", "dpo", "ppo"):
             stage_recipe(self, stage, {"dataset": "placeholder", "reward_model": "rm:placeholder"})
