@@ -7,14 +7,17 @@ registry reward model is the reward function: completions are decoded text, re-t
 
 from __future__ import annotations
 
-from align.config import config_to_dict
-from align.errors import AlignError
+from align.config import peft_config_for
+from align.models import load_model, resolve_model
+from align.ppo_core import mean_reward
+from align.rl_rewards import registry_reward_fn, reward_model_artifact
 from align.runs import (
     history_series,
     last_checkpoint,
     live_metrics_callback,
-    open_run,
+    open_stage_run,
     plot_series,
+    train_and_eval_versions,
     write_metrics,
     write_report,
 )
@@ -43,7 +46,7 @@ def trl_args(config, output_dir: str):
         logging_steps=1,
         save_steps=config.save_steps,
         seed=config.seed,
-        report_to="none",
+        report_to=config.report_to,
         bf16=bool(config.bf16),
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
@@ -56,32 +59,12 @@ def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, r
     import peft
     from trl import GRPOTrainer, RLOOTrainer
 
-    from align.config import peft_config_for
-    from align.models import load_model, resolve_model
-    from align.ppo import mean_reward, registry_reward_fn
-
-    prompts_version = registry.resolve(config.dataset, kind="prompts")
-    if config.eval_dataset:
-        train_version, eval_version = prompts_version, registry.resolve(config.eval_dataset, kind="prompts")
-    else:
-        train_version, eval_version = registry.split(prompts_version, test_size=config.eval_split, seed=config.seed)
-    reward_artifact = None
-    if reward_fn is None:
-        reward_artifact = registry.resolve_artifact(config.reward_model)
-        if reward_artifact.kind != "rm":
-            raise AlignError(f"reward_model must be a reward model (rm:NAME), not {config.reward_model}")
+    _, train_version, eval_version = train_and_eval_versions(registry, config, kind="prompts")
+    reward_artifact = reward_model_artifact(config.reward_model, registry) if reward_fn is None else None
     resolved = resolve_model(config.model, registry)
 
     inputs = [train_version.ref, eval_version.ref, config.model, config.reward_model]
-    run = open_run(
-        registry,
-        "ppo",
-        recipe=recipe or {},
-        config_dict=config_to_dict(config),
-        inputs=inputs,
-        seed=config.seed,
-        resume=resume,
-    )
+    run = open_stage_run(registry, "ppo", config, inputs=inputs, recipe=recipe, resume=resume)
     print(f"run {run.id}: {config.algo.upper()} (TRL) of {config.model} against {config.reward_model}")
     try:
         base, tokenizer = load_model(resolved.base, registry, dtype=config.torch_dtype)

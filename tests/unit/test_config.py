@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import build_config, load_config, parse_overrides, read_yaml, stage_config_class
+from align.config import build_config, load_config, parse_overrides, read_yaml
 from align.errors import AlignError
+from align.pipeline import stage_config_class
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
