@@ -53,6 +53,7 @@ from align.models import load_model, resolve_model
 from align.registry import Registry
 from align.runs import (
     checked_report_to,
+    failures_recorded,
     history_series,
     last_checkpoint,
     live_metrics_callback,
@@ -220,7 +221,7 @@ def run_dpo(
     if threads:
         print(f"torch threads: {threads} (torch_threads {config.torch_threads})")
         torch.set_num_threads(threads)
-    try:
+    with failures_recorded(registry, run):
         model, tokenizer = load_model(
             config.model,
             registry,
@@ -302,9 +303,6 @@ def run_dpo(
         )
         print(f"registered {artifact.ref}; report {run.dir / 'report.md'}")
         return artifact
-    except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def _check_lora_adapter(path, ref: str) -> None:

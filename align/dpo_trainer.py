@@ -324,7 +324,12 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 class PairDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer, with our data path (pre-tokenized pairs, `PairCollator`), our loss (`dpo_loss`: weights,
-    margins, ties) and log-probs from `pair_logps`. The reference, precomputing and logging are TRL's."""
+    margins, ties) and log-probs from `pair_logps`. The reference, precomputing and logging are TRL's.
+
+    Two private TRL methods are overridden, as no public setting does their job: `_prepare_dataset` (TRL would
+    tokenize the pairs again) and `_set_signature_columns_if_needed` (TRL's keeps none of our label columns).
+    tests/unit/test_trl_overrides.py fails, naming the method, when a TRL release changes their signatures.
+    """
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" not in dataset.column_names:

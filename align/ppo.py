@@ -7,8 +7,8 @@
     align ppo --config recipes/ppo/smollm2-135m-rloo.yaml      (algo: rloo)
     align ppo --config recipes/ppo/smollm2-135m-grpo.yaml      (algo: grpo)
 
-TRL 1.16 has no PPOTrainer, so the PPO loop is here. One base model in memory serves three roles, each a
-PEFT adapter on it:
+TRL 1.16 has no PPOTrainer, so the PPO loop is ours (align/ppo_core.py). One base model in memory serves three
+roles, each a PEFT adapter on it:
 
     default    the policy: trainable LoRA, initialised from the SFT adapter (or fresh on a plain base)
     ref        the reference: the SFT adapter, frozen (on a plain base: the base with adapters disabled)
@@ -17,7 +17,8 @@ PEFT adapter on it:
 The reward comes from a registry reward model (`rm:NAME`); text is decoded and re-tokenised for it, so a
 reward model with another tokenizer works. Each update: sample a batch of prompts, roll out responses
 (batched, KV cache), score them, add a per-token KL penalty to the reference, compute GAE advantages, then
-run several epochs of clipped-surrogate and clipped-value updates over minibatches.
+run several epochs of clipped-surrogate and clipped-value updates over minibatches. Each update's numbers go to
+`report_to` (TensorBoard in runs/ID/logs by default), as the Trainer-based stages' do.
 
 Where the time goes, and what keeps it down: sampling runs with the policy's LoRA folded into the weights (an
 unfolded LoRA slows every decoded token); every forward pass sees chunks of rows without the padding they all
@@ -43,14 +44,16 @@ from align.ppo_core import (
     mixed_precision,
     ppo_update,
     save_checkpoint,
+    trainer_arguments,
 )
+from align.ppo_shared import register_policy, registry_reward_fn, reward_model_artifact
 from align.registry import Registry
-from align.rl_rewards import registry_reward_fn, reward_model_artifact
 from align.rl_utils import AdaptiveKLController, FixedKLController, RunningMoments
 from align.runs import (
     LoopLoggers,
     append_live,
     checked_report_to,
+    failures_recorded,
     open_stage_run,
     plot_series,
     recipe_for,
@@ -173,7 +176,7 @@ def run_ppo(
     inputs = [train_version.ref, eval_version.ref, config.model, config.reward_model]
     run = open_stage_run(registry, "ppo", config, inputs=inputs, recipe=recipe, resume=resume)
     print(f"run {run.id}: PPO of {config.model} against {config.reward_model} on {train_version.ref}")
-    try:
+    with failures_recorded(registry, run):
         torch.manual_seed(config.seed)
         roles, base_ref = load_roles(config.model, registry, config)
         if reward_fn is None:
@@ -232,19 +235,16 @@ def run_ppo(
             "final_kl_coef": kl.value,
             **{f"last/{k}": v for k, v in history[-1].items() if k != "eval_before"},
         }
-        parents = [(train_version, "prompts"), (eval_version, "eval")]
-        if ":" in config.model:
-            parents.append((config.model, "init-and-reference"))
-        if reward_artifact is not None:
-            parents.append((reward_artifact, "reward-model"))
-        artifact = registry.register_artifact(
-            "adapter",
-            config.output_name,
+        artifact = register_policy(
+            registry,
+            run,
+            config,
             output_dir,
             base_model=base_ref,
-            run=run,
-            parents=parents,
-            meta={"algo": "ppo", "metrics": metrics},
+            versions=(train_version, eval_version),
+            reward_artifact=reward_artifact,
+            from_adapter=":" in config.model,
+            metrics=metrics,
         )
         _report(run, config, history, metrics, artifact)
         registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
@@ -253,9 +253,6 @@ def run_ppo(
             f"{before:.3f} -> {after:.3f}; report {run.dir / 'report.md'}"
         )
         return artifact
-    except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def load_roles(start_ref: str, registry: Registry, config: PPOStageConfig) -> tuple[SharedBaseRoles, str]:
@@ -270,20 +267,8 @@ def load_roles(start_ref: str, registry: Registry, config: PPOStageConfig) -> tu
 
 
 def loggers_for(config: PPOStageConfig, run, model) -> LoopLoggers:
-    """`report_to` for our loop: one log entry per update, with the run's settings that a Trainer's have too."""
-    return LoopLoggers(
-        config.report_to,
-        str(run.dir / "checkpoints"),
-        model=model,
-        learning_rate=config.learning_rate,
-        max_steps=config.num_updates,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        logging_steps=1,
-        save_steps=config.save_steps,
-        seed=config.seed,
-    )
+    """`report_to` for our loop: one log entry per update, with the settings a Trainer's arguments have too."""
+    return LoopLoggers(str(run.dir / "checkpoints"), model=model, **trainer_arguments(config))
 
 
 def _report(run, config, history, metrics, artifact) -> None:

@@ -334,6 +334,22 @@ def mixed_precision(config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(config.bf16))
 
 
+def trainer_arguments(config) -> dict:
+    """The PPO settings that transformers' TrainingArguments (and TRL's configs built on it) have too, by its
+    names: what a Trainer-style logger records of our loop, and what TRL's RLOO and GRPO train with."""
+    return {
+        "learning_rate": config.learning_rate,
+        "per_device_train_batch_size": config.batch_size,
+        "max_steps": config.num_updates,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "max_grad_norm": config.max_grad_norm,
+        "logging_steps": 1,
+        "save_steps": config.save_steps,
+        "seed": config.seed,
+        "report_to": config.report_to,
+    }
+
+
 def ppo_update(
     roles: SharedBaseRoles,
     optimizer,

@@ -9,6 +9,7 @@ metrics and a short report with plots into runs/ID/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -85,6 +86,16 @@ def open_stage_run(registry, stage: str, config, *, inputs: Sequence[str], recip
     return run
 
 
+@contextlib.contextmanager
+def failures_recorded(registry, run):
+    """Around a stage's work: when it raises (an interrupt too), the run is marked failed with the error."""
+    try:
+        yield
+    except BaseException as exc:
+        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
 def find_resumable(registry, stage: str, run_id: str | None):
     if run_id:
         run = registry.get_run(run_id)
@@ -126,12 +137,7 @@ def plot_series(
     series = {name: points for name, points in series.items() if points}
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = _new_figure()
     for name, points in series.items():
         xs, ys = zip(*points)
         axis.plot(xs, ys, marker="o" if len(points) < 30 else None, label=name)
@@ -139,27 +145,34 @@ def plot_series(
     axis.set_xlabel(xlabel)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path)
 
 
 def plot_histogram(path: Path, title: str, values: list[float], xlabel: str) -> Path | None:
     """One PNG histogram with a line at 0; nothing is written when there are no values."""
     if not values:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = _new_figure()
     axis.hist(values, bins=min(30, max(5, len(values) // 4)))
     axis.axvline(0, color="black", linewidth=1)
     axis.set_title(title)
     axis.set_xlabel(xlabel)
     axis.grid(alpha=0.3)
+    return _save_figure(figure, path)
+
+
+def _new_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 3.5))
+
+
+def _save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -272,14 +285,15 @@ def checked_report_to(report_to: None | str | list[str]) -> None | str | list[st
 
 class LoopLoggers:
     """The `report_to` integrations for a training loop of our own, called as a Trainer calls them: `log` passes
-    one step's numbers, as a Trainer passes its logs. `training_args` describe the run (TensorBoard records them
-    as the run's "args" text). TensorBoard writes where TENSORBOARD_LOGGING_DIR points (see `open_stage_run`)."""
+    one step's numbers, as a Trainer passes its logs. `training_args` (TrainingArguments' fields, `report_to`
+    among them) describe the run; TensorBoard records them as its "args" text and writes where
+    TENSORBOARD_LOGGING_DIR points (see `open_stage_run`)."""
 
-    def __init__(self, report_to, output_dir: str, *, model=None, **training_args):
+    def __init__(self, output_dir: str, *, model=None, **training_args):
         from transformers import TrainerControl, TrainerState, TrainingArguments
         from transformers.integrations import get_reporting_integration_callbacks
 
-        self.args = TrainingArguments(output_dir=output_dir, report_to=report_to, **training_args)
+        self.args = TrainingArguments(output_dir=output_dir, **training_args)
         self.state, self.control = TrainerState(), TrainerControl()
         self.callbacks = [callback() for callback in get_reporting_integration_callbacks(self.args.report_to)]
         for callback in self.callbacks:

@@ -28,6 +28,7 @@ from align.models import load_model, resolve_model
 from align.registry import Registry
 from align.runs import (
     checked_report_to,
+    failures_recorded,
     history_series,
     last_checkpoint,
     live_metrics_callback,
@@ -84,7 +85,7 @@ def run_sft(
     run = open_stage_run(registry, "sft", config, inputs=inputs, recipe=recipe, resume=resume)
     config.output_dir = str(run.dir / "checkpoints")
     print(f"run {run.id}: SFT of {config.model} on {train_version.ref} (eval on {eval_version.ref})")
-    try:
+    with failures_recorded(registry, run):
         train_rows = to_prompt_completion(registry.rows(train_version))
         eval_rows = to_prompt_completion(registry.rows(eval_version))
         model, tokenizer = load_model(
@@ -132,9 +133,6 @@ def run_sft(
             f"(perplexity {metrics['eval_perplexity']:.2f}); report {run.dir / 'report.md'}"
         )
         return artifact
-    except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def _perplexity(loss: float) -> float:

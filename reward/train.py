@@ -31,6 +31,7 @@ from align.models import resolve_model
 from align.registry import Registry
 from align.runs import (
     checked_report_to,
+    failures_recorded,
     history_series,
     last_checkpoint,
     live_metrics_callback,
@@ -114,7 +115,7 @@ def run_rm(
     run = open_stage_run(registry, "rm", config, inputs=inputs, recipe=recipe, resume=resume)
     config.output_dir = str(run.dir / "checkpoints")
     print(f"run {run.id}: reward model on {config.model} from {train_version.ref} (eval on {eval_version.ref})")
-    try:
+    with failures_recorded(registry, run):
         model, tokenizer, _ = load_scorer(config.model, registry, seed=config.seed, dtype=config.torch_dtype)
         train_rows = registry.rows(train_version)
         encoded, train_stats = encode_rows(tokenizer, train_rows, config.max_length, progress=True)
@@ -190,9 +191,6 @@ def run_rm(
             f"ECE {metrics['eval_ece']:.3f}; report {run.dir / 'report.md'}"
         )
         return artifact
-    except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def _train_runtime(log_history: list[dict]) -> float | None:

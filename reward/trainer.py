@@ -88,7 +88,8 @@ class PairCollator(DataCollatorForPreference):
 
 
 class PreferenceRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer with our loss: margins as TRL has them, plus weights and ties."""
+    """TRL's RewardTrainer with our loss: margins as TRL has them, plus weights and ties. The private
+    `_set_signature_columns_if_needed` keeps our label columns (tests/unit/test_trl_overrides.py watches it)."""
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:  # keep our label columns, and `length` for grouped batches

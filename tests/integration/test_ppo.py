@@ -81,6 +81,35 @@ def load_history(run):
     return json.loads((run.dir / "metrics.json").read_text())["history"]
 
 
+def logged_scalars(log_dir) -> dict[str, list[int]]:
+    """The steps of each scalar TensorBoard holds under `log_dir` (every event file in it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[str, list[int]] = {}
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(event.step for event in accumulator.Scalars(tag))
+    return steps
+
+
+def test_each_update_is_logged_to_report_to(registry, tiny_policy_dir):
+    """report_to as in the Trainer-based stages: TensorBoard in runs/ID/logs by default, nothing with none."""
+    config = build_config(PPOStageConfig, recipe(tiny_policy_dir, num_updates=2, learning_rate=0.0))
+    assert config.report_to == "tensorboard"
+    run = registry.get_run(run_ppo(config, registry, reward_fn=lowercase_letters).run_id)
+    scalars = logged_scalars(run.dir / "logs")
+    assert scalars["train/objective/scores"] == [1, 2] and scalars["train/loss/policy"] == [1, 2], scalars
+    assert scalars["eval/before"] == [1]  # the held-out mean reward before training, logged with update 1
+
+    quiet = build_config(PPOStageConfig, recipe(tiny_policy_dir, num_updates=1, report_to="none", output_name="q"))
+    run = registry.get_run(run_ppo(quiet, registry, reward_fn=lowercase_letters).run_id)
+    assert not (run.dir / "logs").exists()
+    with pytest.raises(AlignError, match="'report_to': nowhere is not supported"):
+        build_config(PPOStageConfig, recipe(tiny_policy_dir, report_to="nowhere"))
+
+
 def test_learning_rate_zero_leaves_the_policy_and_kl_at_zero(registry, tiny_policy_dir):
     config = build_config(PPOStageConfig, recipe(tiny_policy_dir, learning_rate=0.0, num_updates=2))
     artifact = run_ppo(config, registry, reward_fn=lowercase_letters)
@@ -168,6 +197,8 @@ def test_trl_algorithms_take_the_same_inputs_and_register_an_adapter(registry, t
     assert run.status == "completed" and run.metrics["updates"] == 2
     roles = {role for role, _ in registry.parents(artifact)}
     assert {"prompts", "init-and-reference", "base-model", "produced-by"} <= roles
+    rewards_logged = [entry["step"] for entry in load_history(run) if "reward" in entry]
+    assert rewards_logged and logged_scalars(run.dir / "logs")["train/reward"] == rewards_logged  # report_to
 
 
 @pytest.fixture
@@ -188,7 +219,7 @@ def test_a_reward_model_on_the_same_base_is_an_adapter_with_identical_scores(
     registry, tiny_policy_dir, reward_artifact
 ):
     from align.ppo import load_roles
-    from align.rl_rewards import registry_reward_fn
+    from align.ppo_shared import registry_reward_fn
     from reward.model import RewardModel
 
     config = build_config(PPOStageConfig, recipe(tiny_policy_dir, reward_model="rm:tiny-rm"))

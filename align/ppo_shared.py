@@ -1,8 +1,8 @@
-"""The reward of the RL stages (`align ppo`, with our loop or TRL's RLOO/GRPO): a registry reward model, as a
-function of prompts and decoded responses.
+"""What the two ways `align ppo` trains share (our PPO loop; TRL's RLOO and GRPO): the reward, a registry reward
+model as a function of prompts and decoded responses, and the policy adapter it registers, with its lineage.
 
-Both paths of the PPO stage read it from here: the reward model is resolved, checked and loaded once, and when it
-is a LoRA adapter on the policy's own base it joins the policy's roles instead of loading that base again.
+The reward model is resolved and checked before a run opens; when it is a LoRA adapter on the policy's own base,
+it joins the policy's roles instead of loading that base again.
 """
 
 from __future__ import annotations
@@ -66,3 +66,23 @@ def shared_base_reward_model(reward_ref: str, registry: Registry, roles: SharedB
     max_length = artifact.meta.get("max_length") or DEFAULT_MAX_LENGTH
     print(f"reward model {artifact.ref} shares the policy's base: loaded as an adapter, not a second model")
     return RewardModel(scorer, tokenizer, max_length=max_length, ref=artifact.ref)
+
+
+def register_policy(registry, run, config, output_dir, *, base_model, versions, reward_artifact, from_adapter, metrics):
+    """Register the trained policy adapter (saved in `output_dir`) with its lineage: the prompts it trained on and
+    was evaluated on (`versions`), the starting adapter (its init and reference) and the reward model."""
+    train_version, eval_version = versions
+    parents = [(train_version, "prompts"), (eval_version, "eval")]
+    if from_adapter:
+        parents.append((config.model, "init-and-reference"))
+    if reward_artifact is not None:
+        parents.append((reward_artifact, "reward-model"))
+    return registry.register_artifact(
+        "adapter",
+        config.output_name,
+        output_dir,
+        base_model=base_model,
+        run=run,
+        parents=parents,
+        meta={"algo": config.algo, "metrics": metrics},
+    )
