@@ -270,25 +270,6 @@ def peft_config_for(config: AdapterFields, task_type: str = "CAUSAL_LM"):
     return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=config.num_virtual_tokens)
 
 
-# Each recipe folder's config class, imported on demand: recipes/sft/*.yaml -> SFTStageConfig, ...
-STAGE_CONFIGS = {
-    "sft": "align.sft:SFTStageConfig",
-    "rm": "reward.train:RewardStageConfig",
-    "dpo": "align.dpo:DPOStageConfig",
-    "ppo": "align.ppo:PPOStageConfig",
-    "pipeline": "align.pipeline:PipelineConfig",
-}
-
-
-def stage_config_class(stage: str):
-    import importlib
-
-    if stage not in STAGE_CONFIGS:
-        raise AlignError(f"no stage '{stage}': known stages are {', '.join(STAGE_CONFIGS)}")
-    module, _, name = STAGE_CONFIGS[stage].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def quantization_config_for(config):
     """QLoRA's 4-bit NF4 base (bf16 compute, double quantization) when `load_in_4bit` is set, else None."""
     if not config.load_in_4bit:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
-from align.config import build_config, stage_config_class
+from align.config import build_config
 from align.errors import AlignError
 from align.models import DTYPE_NAMES
 from align.registry import Registry
@@ -101,6 +101,23 @@ def stage_recipe(config: PipelineConfig, stage: str, inputs: dict) -> dict:
     except AlignError as exc:
         raise ValueError(str(exc)) from None
     return values
+
+
+def stage_config_class(stage: str):
+    """The config class of a stage: what its recipes (recipes/STAGE/*.yaml) and its pipeline block map onto."""
+    if stage == "sft":
+        from align.sft import SFTStageConfig as config_class
+    elif stage == "rm":
+        from reward.train import RewardStageConfig as config_class
+    elif stage == "dpo":
+        from align.dpo import DPOStageConfig as config_class
+    elif stage == "ppo":
+        from align.ppo import PPOStageConfig as config_class
+    elif stage == "pipeline":
+        config_class = PipelineConfig
+    else:
+        raise AlignError(f"no stage '{stage}': known stages are sft, rm, dpo, ppo and pipeline")
+    return config_class
 
 
 def _fields(stage: str) -> set[str]:

@@ -7,14 +7,18 @@ registry reward model is the reward function: completions are decoded text, re-t
 
 from __future__ import annotations
 
-from align.config import config_to_dict
-from align.errors import AlignError
+from align.config import peft_config_for
+from align.models import load_model, resolve_model
+from align.ppo_core import mean_reward, trainer_arguments
+from align.ppo_shared import register_policy, registry_reward_fn, reward_model_artifact
 from align.runs import (
+    failures_recorded,
     history_series,
     last_checkpoint,
     live_metrics_callback,
-    open_run,
+    open_stage_run,
     plot_series,
+    train_and_eval_versions,
     write_metrics,
     write_report,
 )
@@ -28,8 +32,8 @@ def trl_args(config, output_dir: str):
     config_class = RLOOConfig if config.algo == "rloo" else GRPOConfig
     return config_class(
         output_dir=output_dir,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,  # completions per step: batch_size / num_generations prompts
+        # per_device_train_batch_size is completions per step: batch_size / num_generations prompts
+        **trainer_arguments(config),
         num_generations=config.num_generations,
         max_completion_length=config.response_length,
         temperature=config.temperature,
@@ -37,13 +41,6 @@ def trl_args(config, output_dir: str):
         beta=config.kl_coef,
         num_iterations=config.ppo_epochs,
         epsilon=config.cliprange,
-        max_steps=config.num_updates,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_grad_norm=config.max_grad_norm,
-        logging_steps=1,
-        save_steps=config.save_steps,
-        seed=config.seed,
-        report_to="none",
         bf16=bool(config.bf16),
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
@@ -56,34 +53,14 @@ def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, r
     import peft
     from trl import GRPOTrainer, RLOOTrainer
 
-    from align.config import peft_config_for
-    from align.models import load_model, resolve_model
-    from align.ppo import mean_reward, registry_reward_fn
-
-    prompts_version = registry.resolve(config.dataset, kind="prompts")
-    if config.eval_dataset:
-        train_version, eval_version = prompts_version, registry.resolve(config.eval_dataset, kind="prompts")
-    else:
-        train_version, eval_version = registry.split(prompts_version, test_size=config.eval_split, seed=config.seed)
-    reward_artifact = None
-    if reward_fn is None:
-        reward_artifact = registry.resolve_artifact(config.reward_model)
-        if reward_artifact.kind != "rm":
-            raise AlignError(f"reward_model must be a reward model (rm:NAME), not {config.reward_model}")
+    _, train_version, eval_version = train_and_eval_versions(registry, config, kind="prompts")
+    reward_artifact = reward_model_artifact(config.reward_model, registry) if reward_fn is None else None
     resolved = resolve_model(config.model, registry)
 
     inputs = [train_version.ref, eval_version.ref, config.model, config.reward_model]
-    run = open_run(
-        registry,
-        "ppo",
-        recipe=recipe or {},
-        config_dict=config_to_dict(config),
-        inputs=inputs,
-        seed=config.seed,
-        resume=resume,
-    )
+    run = open_stage_run(registry, "ppo", config, inputs=inputs, recipe=recipe, resume=resume)
     print(f"run {run.id}: {config.algo.upper()} (TRL) of {config.model} against {config.reward_model}")
-    try:
+    with failures_recorded(registry, run):
         base, tokenizer = load_model(resolved.base, registry, dtype=config.torch_dtype)
         peft_config = None
         if resolved.adapter_path is not None:
@@ -118,19 +95,16 @@ def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, r
         trained.save_pretrained(str(output_dir), selected_adapters=["default"])
         tokenizer.save_pretrained(str(output_dir))
         metrics = {"eval_mean_reward_before": before, "eval_mean_reward": after, "updates": trainer.state.global_step}
-        parents = [(train_version, "prompts"), (eval_version, "eval")]
-        if resolved.adapter_path is not None:
-            parents.append((config.model, "init-and-reference"))
-        if reward_artifact is not None:
-            parents.append((reward_artifact, "reward-model"))
-        artifact = registry.register_artifact(
-            "adapter",
-            config.output_name,
+        artifact = register_policy(
+            registry,
+            run,
+            config,
             output_dir,
             base_model=base_ref,
-            run=run,
-            parents=parents,
-            meta={"algo": config.algo, "metrics": metrics},
+            versions=(train_version, eval_version),
+            reward_artifact=reward_artifact,
+            from_adapter=resolved.adapter_path is not None,
+            metrics=metrics,
         )
         log = trainer.state.log_history
         plots = [
@@ -150,6 +124,3 @@ def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, r
             f"{before:.3f} -> {after:.3f}; report {run.dir / 'report.md'}"
         )
         return artifact
-    except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise

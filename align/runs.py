@@ -9,11 +9,14 @@ metrics and a short report with plots into runs/ID/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from align.config import config_to_dict, parse_overrides, read_yaml
 from align.errors import AlignError
 
 
@@ -24,8 +27,6 @@ def recipe_for(registry, stage: str, config_path: str | None, overrides: list[st
     stage, or `--resume ID`) takes the recipe that run started with, so it continues the same configuration.
     """
     import yaml
-
-    from align.config import parse_overrides, read_yaml
 
     if resume:
         run = find_resumable(registry, stage, None if resume is True else resume)
@@ -55,6 +56,44 @@ def open_run(
     run = registry.start_run(stage, config=config_dict, inputs=inputs, seed=seed)
     (run.dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return run
+
+
+def train_and_eval_versions(registry, config, kind: str):
+    """(dataset, train version, eval version) of a stage config: `eval_dataset` when it names one, else a seeded
+    split of `dataset`. A reference that does not resolve, or holds other rows than `kind`, fails here."""
+    dataset = registry.resolve(config.dataset, kind=kind)
+    if config.eval_dataset:
+        return dataset, dataset, registry.resolve(config.eval_dataset, kind=kind)
+    if dataset.num_rows < 2:
+        raise AlignError(f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation")
+    train_version, eval_version = registry.split(dataset, test_size=config.eval_split, seed=config.seed)
+    return dataset, train_version, eval_version
+
+
+def open_stage_run(registry, stage: str, config, *, inputs: Sequence[str], recipe: dict | None, resume):
+    """Open (or resume) the run of a stage, recording its config, inputs and seed. TensorBoard writes to
+    runs/ID/logs (its writer would otherwise default to ./runs/ when the first evaluation logs before training)."""
+    run = open_run(
+        registry,
+        stage,
+        recipe=recipe or {},
+        config_dict=config_to_dict(config),
+        inputs=inputs,
+        seed=config.seed,
+        resume=resume,
+    )
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "logs")
+    return run
+
+
+@contextlib.contextmanager
+def failures_recorded(registry, run):
+    """Around a stage's work: when it raises (an interrupt too), the run is marked failed with the error."""
+    try:
+        yield
+    except BaseException as exc:
+        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
 
 
 def find_resumable(registry, stage: str, run_id: str | None):
@@ -98,12 +137,7 @@ def plot_series(
     series = {name: points for name, points in series.items() if points}
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = _new_figure()
     for name, points in series.items():
         xs, ys = zip(*points)
         axis.plot(xs, ys, marker="o" if len(points) < 30 else None, label=name)
@@ -111,6 +145,34 @@ def plot_series(
     axis.set_xlabel(xlabel)
     axis.grid(alpha=0.3)
     axis.legend()
+    return _save_figure(figure, path)
+
+
+def plot_histogram(path: Path, title: str, values: list[float], xlabel: str) -> Path | None:
+    """One PNG histogram with a line at 0; nothing is written when there are no values."""
+    if not values:
+        return None
+    figure, axis = _new_figure()
+    axis.hist(values, bins=min(30, max(5, len(values) // 4)))
+    axis.axvline(0, color="black", linewidth=1)
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.grid(alpha=0.3)
+    return _save_figure(figure, path)
+
+
+def _new_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 3.5))
+
+
+def _save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -195,3 +257,60 @@ def live_metrics_callback(run):
                 append_live(run.dir, state.global_step, logs)
 
     return LiveMetrics()
+
+
+# Loggers: `report_to` names transformers' logging integrations (tensorboard by default, wandb, mlflow, ...). The
+# Trainer-based stages hand it to their Trainer; a loop of our own (PPO's) feeds the same integrations itself.
+
+
+def tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def checked_report_to(report_to: None | str | list[str]) -> None | str | list[str]:
+    """`report_to` as a stage uses it: the default, tensorboard, becomes none where TensorBoard is not installed,
+    and a name with no logging integration is refused at parse time."""
+    if report_to == "tensorboard" and not tensorboard_installed():
+        return "none"
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        get_reporting_integration_callbacks(report_to)
+    except ValueError as exc:
+        raise ValueError(f"config key 'report_to': {exc}") from None
+    return report_to
+
+
+class LoopLoggers:
+    """The `report_to` integrations for a training loop of our own, called as a Trainer calls them: `log` passes
+    one step's numbers, as a Trainer passes its logs. `training_args` (TrainingArguments' fields, `report_to`
+    among them) describe the run; TensorBoard records them as its "args" text and writes where
+    TENSORBOARD_LOGGING_DIR points (see `open_stage_run`)."""
+
+    def __init__(self, output_dir: str, *, model=None, **training_args):
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        self.args = TrainingArguments(output_dir=output_dir, **training_args)
+        self.state, self.control = TrainerState(), TrainerControl()
+        self.callbacks = [callback() for callback in get_reporting_integration_callbacks(self.args.report_to)]
+        for callback in self.callbacks:
+            callback.on_init_end(self.args, self.state, self.control)
+            callback.on_train_begin(self.args, self.state, self.control, model=model)
+
+    def log(self, step: int, values: dict) -> None:
+        self.state.global_step = step
+        for callback in self.callbacks:
+            callback.on_log(self.args, self.state, self.control, logs=dict(values))
+
+    def close(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_end(self.args, self.state, self.control)
+
+    def __enter__(self) -> LoopLoggers:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

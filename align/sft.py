@@ -18,29 +18,24 @@ dataset, the base model and the run.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
 
-from align.config import (
-    AdapterFields,
-    StageFields,
-    build_config,
-    config_to_dict,
-    peft_config_for,
-    quantization_config_for,
-)
+from align.config import AdapterFields, StageFields, build_config, peft_config_for, quantization_config_for
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
 from align.runs import (
+    checked_report_to,
+    failures_recorded,
     history_series,
     last_checkpoint,
     live_metrics_callback,
-    open_run,
+    open_stage_run,
     plot_series,
     recipe_for,
+    train_and_eval_versions,
     write_metrics,
     write_report,
 )
@@ -54,15 +49,8 @@ class SFTStageConfig(StageFields, AdapterFields, SFTConfig):
     def __post_init__(self):
         self.check_stage_fields()
         self.check_adapter_fields()
-        if self.report_to == "tensorboard" and not _tensorboard_installed():
-            self.report_to = "none"
+        self.report_to = checked_report_to(self.report_to)
         super().__post_init__()
-
-
-def _tensorboard_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
 
 
 def to_prompt_completion(rows: list[dict]) -> list[dict]:
@@ -88,32 +76,16 @@ def run_sft(
     import datasets
 
     # Everything that can be wrong with the inputs fails here, before any model is loaded.
-    dataset = registry.resolve(config.dataset, kind="sft")
-    if config.eval_dataset:
-        train_version, eval_version = dataset, registry.resolve(config.eval_dataset, kind="sft")
-    else:
-        if dataset.num_rows < 2:
-            raise AlignError(f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation")
-        train_version, eval_version = registry.split(dataset, test_size=config.eval_split, seed=config.seed)
+    dataset, train_version, eval_version = train_and_eval_versions(registry, config, kind="sft")
     resolve_model(config.model, registry)  # a reference that does not resolve fails now
     if config.model.startswith(("adapter:", "rm:")):
         raise AlignError(f"SFT starts from a base model, not {config.model}: name its base instead")
 
     inputs = [dataset.ref, train_version.ref, eval_version.ref, config.model]
-    run = open_run(
-        registry,
-        "sft",
-        recipe=recipe or {},
-        config_dict=config_to_dict(config),
-        inputs=inputs,
-        seed=config.seed,
-        resume=resume,
-    )
+    run = open_stage_run(registry, "sft", config, inputs=inputs, recipe=recipe, resume=resume)
     config.output_dir = str(run.dir / "checkpoints")
-    # TensorBoard's writer would otherwise default to ./runs/ when the first evaluation logs before training.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "logs")
     print(f"run {run.id}: SFT of {config.model} on {train_version.ref} (eval on {eval_version.ref})")
-    try:
+    with failures_recorded(registry, run):
         train_rows = to_prompt_completion(registry.rows(train_version))
         eval_rows = to_prompt_completion(registry.rows(eval_version))
         model, tokenizer = load_model(
@@ -161,9 +133,6 @@ def run_sft(
             f"(perplexity {metrics['eval_perplexity']:.2f}); report {run.dir / 'report.md'}"
         )
         return artifact
-    except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def _perplexity(loss: float) -> float:

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from align.config import load_config, peft_config_for  # noqa: E402
-from align.dpo import (  # noqa: E402
-    DPOStageConfig,
+from align.dpo import DPOStageConfig  # noqa: E402
+from align.dpo_trainer import (  # noqa: E402
     PairCollator,
     PairDPOTrainer,
     add_pair_scoring,

@@ -113,17 +113,17 @@ class FourModelRoles:
     # The same computations as SharedBaseRoles, on three models instead of three adapters.
 
     def logprobs(self, adapter, sequences, attention_mask, prompt_length, temperature, with_entropy=False):
-        from align.ppo import response_logprobs
+        from align.ppo_core import response_logprobs
 
         return response_logprobs(self.model, sequences, attention_mask, prompt_length, temperature, with_entropy)
 
     def reference_logprobs(self, sequences, attention_mask, prompt_length, temperature):
-        from align.ppo import response_logprobs
+        from align.ppo_core import response_logprobs
 
         return response_logprobs(self.reference, sequences, attention_mask, prompt_length, temperature)
 
     def values(self, sequences, attention_mask, prompt_length):
-        from align.ppo import backbone
+        from align.ppo_core import backbone
 
         hidden = backbone(self.value_model, sequences, attention_mask)[:, prompt_length - 1 : -1]
         return self.value_head(hidden).squeeze(-1)
@@ -133,7 +133,9 @@ def run_variant(args) -> dict:
     """One variant in this process: time `--updates` PPO updates (the first is warm-up) and report peak RSS."""
     import torch
 
-    from align.ppo import SharedBaseRoles, mixed_precision, ppo_update, registry_reward_fn
+    from align.ppo import load_roles
+    from align.ppo_core import mixed_precision, ppo_update
+    from align.ppo_shared import registry_reward_fn
     from align.registry import Registry
     from align.rl_utils import FixedKLController, RunningMoments
 
@@ -142,7 +144,7 @@ def run_variant(args) -> dict:
     config = config_for(args)
     prompts = [row["prompt"] for row in registry.rows("hh-prompts")]
     if args.variant == "shared":
-        roles, _ = SharedBaseRoles.load(config.model, registry, config)
+        roles, _ = load_roles(config.model, registry, config)
         reward_fn = registry_reward_fn(config.reward_model, registry, roles)
     else:
         roles = FourModelRoles(registry, config)
@@ -182,7 +184,7 @@ def rollout_throughput(roles, prompts, config, reward_fn) -> dict:
     """Response tokens/s of our rollout (PEFT policy, sampling) and of plain batched generate on the bare base."""
     import torch
 
-    from align.ppo import encode_prompts, rollout
+    from align.ppo_core import encode_prompts, rollout
 
     batch = prompts[: config.batch_size]
     roles.use("default")
@@ -273,7 +275,7 @@ def run_trl_peer(args) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from align.models import embedded_checkpoint, load_tokenizer, resolve_model
-    from align.ppo import encode_prompts
+    from align.ppo_core import encode_prompts
     from align.registry import Registry
 
     torch.manual_seed(0)

@@ -21,31 +21,31 @@ The output is registered as `rm:NAME@V` with lineage to the data, the base model
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-import torch
-from trl import RewardConfig, RewardTrainer
-from trl.trainer.reward_trainer import DataCollatorForPreference
+from trl import RewardConfig
 
-from align.config import AdapterFields, StageFields, build_config, config_to_dict, peft_config_for
+from align.config import AdapterFields, StageFields, build_config, peft_config_for
 from align.errors import AlignError
 from align.models import resolve_model
 from align.registry import Registry
 from align.runs import (
+    checked_report_to,
+    failures_recorded,
     history_series,
     last_checkpoint,
     live_metrics_callback,
-    open_run,
+    open_stage_run,
     plot_series,
     recipe_for,
+    train_and_eval_versions,
     write_metrics,
     write_report,
 )
 from align.truncation import encode_rows
-from reward.loss import preference_loss
 from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
 from reward.model import DEFAULT_MAX_LENGTH, RewardModel, load_scorer
+from reward.trainer import PairCollator, PreferenceRewardTrainer, layer_linear_names, top_layers, training_examples
 
 TIE_MODES = ("together", "drop")
 RM_PEFT = ("lora", "ia3")
@@ -90,107 +90,8 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
             value = getattr(self, key)
             if (value is not None and value < 16) or (key == "max_length" and value is None):
                 raise ValueError(f"config key '{key}' must be a token count of at least 16 (got {value!r})")
-        if self.report_to == "tensorboard" and not _tensorboard_installed():
-            self.report_to = "none"
+        self.report_to = checked_report_to(self.report_to)
         super().__post_init__()
-
-
-def _tensorboard_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def layer_linear_names(model, target_modules) -> list[str]:
-    """The module names LoRA targets inside the transformer layers: every linear layer's for 'all-linear'."""
-    if isinstance(target_modules, list):
-        return target_modules
-    if target_modules != "all-linear":
-        raise AlignError(
-            f"config key 'lora_top_layers' needs lora_target_modules to be all-linear or a list of names "
-            f"(got the pattern {target_modules!r})"
-        )
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
-    }
-    return sorted(names)
-
-
-def top_layers(model, count: int) -> list[int]:
-    """The indices of the model's top `count` transformer layers (refused when it has fewer)."""
-    total = model.config.num_hidden_layers
-    if count > total:
-        raise AlignError(f"config key 'lora_top_layers' is {count}, but {model.config.name_or_path} has {total} layers")
-    return list(range(total - count, total))
-
-
-def training_examples(rows: list[dict], encoded: list, config: RewardStageConfig) -> tuple[list[dict], int]:
-    """Token ids per pair plus the label columns in use; returns (examples, ties dropped)."""
-    has_margin = config.use_margins and any("margin" in row for row in rows)
-    has_weight = config.use_weights and any("weight" in row for row in rows)
-    has_tie = config.ties == "together" and any(row.get("tie") for row in rows)
-    examples, ties_dropped = [], 0
-    for row, item in zip(rows, encoded):
-        if item is None:
-            continue  # a reply alone is longer than max_length: counted by the truncation stats
-        if row.get("tie") and config.ties == "drop":
-            ties_dropped += 1
-            continue
-        chosen, rejected = item.sequence(0), item.sequence(1)
-        example = {"chosen_ids": chosen, "rejected_ids": rejected, "length": max(len(chosen), len(rejected))}
-        if has_margin:
-            example["margin"] = float(row.get("margin", 0.0))
-        if has_weight:
-            example["weight"] = float(row.get("weight", 1.0))
-        if has_tie:
-            example["tie"] = bool(row.get("tie", False))
-        examples.append(example)
-    return examples, ties_dropped
-
-
-@dataclass
-class PairCollator(DataCollatorForPreference):
-    """TRL's collator (chosen then rejected, right-padded, margins) plus per-pair weights and tie flags."""
-
-    def torch_call(self, examples: list[dict]) -> dict:
-        batch = super().torch_call(examples)
-        if "weight" in examples[0]:
-            batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
-        if "tie" in examples[0]:
-            batch["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
-        return batch
-
-
-class PreferenceRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer with our loss: margins as TRL has them, plus weights and ties."""
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:  # keep our label columns, and `length` for grouped batches
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight", "tie", "length"]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        chosen, rejected = outputs.logits.float().squeeze(-1).chunk(2)  # the loss in fp32 under bf16 autocast
-        tie = inputs.get("tie")
-        loss = preference_loss(
-            chosen,
-            rejected,
-            margin=inputs.get("margin"),
-            weight=inputs.get("weight"),
-            tie=tie,
-            center_coefficient=self.args.center_rewards_coefficient,
-        )
-        with torch.no_grad():
-            decided = ~tie if tie is not None else torch.ones_like(chosen, dtype=torch.bool)
-            if decided.any():
-                accuracy = (chosen[decided] > rejected[decided]).float().mean()
-                margin = (chosen[decided] - rejected[decided]).mean()
-                self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
-                self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
-        return (loss, outputs) if return_outputs else loss
 
 
 def run_rm(
@@ -205,35 +106,22 @@ def run_rm(
     import datasets
 
     # Everything that can be wrong with the inputs fails here, before any model is loaded.
-    dataset = registry.resolve(config.dataset, kind="preference")
-    if config.eval_dataset:
-        train_version, eval_version = dataset, registry.resolve(config.eval_dataset, kind="preference")
-    else:
-        if dataset.num_rows < 2:
-            raise AlignError(f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation")
-        train_version, eval_version = registry.split(dataset, test_size=config.eval_split, seed=config.seed)
+    dataset, train_version, eval_version = train_and_eval_versions(registry, config, kind="preference")
     if config.model.startswith(("adapter:", "rm:")):
         raise AlignError(f"reward training starts from a base model, not {config.model}: name its base instead")
     resolve_model(config.model, registry)  # a reference that does not resolve fails now
 
     inputs = [dataset.ref, train_version.ref, eval_version.ref, config.model]
-    run = open_run(
-        registry,
-        "rm",
-        recipe=recipe or {},
-        config_dict=config_to_dict(config),
-        inputs=inputs,
-        seed=config.seed,
-        resume=resume,
-    )
+    run = open_stage_run(registry, "rm", config, inputs=inputs, recipe=recipe, resume=resume)
     config.output_dir = str(run.dir / "checkpoints")
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "logs")
     print(f"run {run.id}: reward model on {config.model} from {train_version.ref} (eval on {eval_version.ref})")
-    try:
+    with failures_recorded(registry, run):
         model, tokenizer, _ = load_scorer(config.model, registry, seed=config.seed, dtype=config.torch_dtype)
         train_rows = registry.rows(train_version)
         encoded, train_stats = encode_rows(tokenizer, train_rows, config.max_length, progress=True)
-        examples, ties_dropped = training_examples(train_rows, encoded, config)
+        examples, ties_dropped = training_examples(
+            train_rows, encoded, use_margins=config.use_margins, use_weights=config.use_weights, ties=config.ties
+        )
         if not examples:
             raise AlignError(f"no pair of {train_version.ref} fits max_length {config.max_length}: raise it")
         print(
@@ -303,9 +191,6 @@ def run_rm(
             f"ECE {metrics['eval_ece']:.3f}; report {run.dir / 'report.md'}"
         )
         return artifact
-    except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
 
 
 def _train_runtime(log_history: list[dict]) -> float | None:

@@ -13,18 +13,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl.trainer.utils import use_adapter
 
 from align.config import build_config
-from align.dpo import (
-    DPOStageConfig,
-    PairCollator,
-    add_pair_scoring,
-    main,
-    pair_logps,
-    recorded_agreement,
-    resolve_label_smoothing,
-    run_dpo,
-    smoothing_from_agreement,
-    tokenize_pairs,
-)
+from align.dpo import DPOStageConfig, main, recorded_agreement, resolve_label_smoothing, run_dpo
+from align.dpo_trainer import PairCollator, add_pair_scoring, pair_logps, smoothing_from_agreement, tokenize_pairs
 from align.errors import AlignError
 from align.registry import Registry
 

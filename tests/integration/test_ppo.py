@@ -81,6 +81,35 @@ def load_history(run):
     return json.loads((run.dir / "metrics.json").read_text())["history"]
 
 
+def logged_scalars(log_dir) -> dict[str, list[int]]:
+    """The steps of each scalar TensorBoard holds under `log_dir` (every event file in it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[str, list[int]] = {}
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(event.step for event in accumulator.Scalars(tag))
+    return steps
+
+
+def test_each_update_is_logged_to_report_to(registry, tiny_policy_dir):
+    """report_to as in the Trainer-based stages: TensorBoard in runs/ID/logs by default, nothing with none."""
+    config = build_config(PPOStageConfig, recipe(tiny_policy_dir, num_updates=2, learning_rate=0.0))
+    assert config.report_to == "tensorboard"
+    run = registry.get_run(run_ppo(config, registry, reward_fn=lowercase_letters).run_id)
+    scalars = logged_scalars(run.dir / "logs")
+    assert scalars["train/objective/scores"] == [1, 2] and scalars["train/loss/policy"] == [1, 2], scalars
+    assert scalars["eval/before"] == [1]  # the held-out mean reward before training, logged with update 1
+
+    quiet = build_config(PPOStageConfig, recipe(tiny_policy_dir, num_updates=1, report_to="none", output_name="q"))
+    run = registry.get_run(run_ppo(quiet, registry, reward_fn=lowercase_letters).run_id)
+    assert not (run.dir / "logs").exists()
+    with pytest.raises(AlignError, match="'report_to': nowhere is not supported"):
+        build_config(PPOStageConfig, recipe(tiny_policy_dir, report_to="nowhere"))
+
+
 def test_learning_rate_zero_leaves_the_policy_and_kl_at_zero(registry, tiny_policy_dir):
     config = build_config(PPOStageConfig, recipe(tiny_policy_dir, learning_rate=0.0, num_updates=2))
     artifact = run_ppo(config, registry, reward_fn=lowercase_letters)
@@ -168,6 +197,8 @@ def test_trl_algorithms_take_the_same_inputs_and_register_an_adapter(registry, t
     assert run.status == "completed" and run.metrics["updates"] == 2
     roles = {role for role, _ in registry.parents(artifact)}
     assert {"prompts", "init-and-reference", "base-model", "produced-by"} <= roles
+    rewards_logged = [entry["step"] for entry in load_history(run) if "reward" in entry]
+    assert rewards_logged and logged_scalars(run.dir / "logs")["train/reward"] == rewards_logged  # report_to
 
 
 @pytest.fixture
@@ -187,11 +218,12 @@ def reward_artifact(registry, tiny_policy_dir, tmp_path):
 def test_a_reward_model_on_the_same_base_is_an_adapter_with_identical_scores(
     registry, tiny_policy_dir, reward_artifact
 ):
-    from align.ppo import SharedBaseRoles, registry_reward_fn
+    from align.ppo import load_roles
+    from align.ppo_shared import registry_reward_fn
     from reward.model import RewardModel
 
     config = build_config(PPOStageConfig, recipe(tiny_policy_dir, reward_model="rm:tiny-rm"))
-    roles, _ = SharedBaseRoles.load("adapter:sft", registry, config)
+    roles, _ = load_roles("adapter:sft", registry, config)
     shared = registry_reward_fn("rm:tiny-rm", registry, roles)
     assert "reward" in roles.model.peft_config
     prompts = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a longer question?"}]]
@@ -226,9 +258,10 @@ def test_ppo_with_a_registry_reward_model_loads_the_base_once(registry, tiny_pol
 def test_sampling_with_the_lora_folded_in_changes_nothing_after(registry, tiny_policy_dir):
     """Folding the policy's LoRA into the weights for sampling gives the unfolded policy's logits, and the base
     weights come back bit for bit (not W + BA - BA)."""
-    from align.ppo import SharedBaseRoles, folded_lora
+    from align.ppo import load_roles
+    from align.ppo_core import folded_lora
 
-    roles, _ = SharedBaseRoles.load("adapter:sft", registry, build_config(PPOStageConfig, recipe(tiny_policy_dir)))
+    roles, _ = load_roles("adapter:sft", registry, build_config(PPOStageConfig, recipe(tiny_policy_dir)))
     model = roles.model
     ids = torch.tensor([[5, 9, 17, 3, 11]])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
@@ -252,14 +285,14 @@ def test_sampling_with_the_lora_folded_in_changes_nothing_after(registry, tiny_p
 def test_the_policy_trains_without_the_sft_adapters_dropout(tmp_path, registry, tiny_policy_dir):
     """An SFT adapter trained with LoRA dropout: the policy made from it follows the PPO config's dropout (0), so
     two training-mode passes at the same weights agree, and the ratio starts at exactly 1."""
-    from align.ppo import SharedBaseRoles
+    from align.ppo import load_roles
 
     base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
     lora = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.5)
     peft.get_peft_model(base, lora).save_pretrained(tmp_path / "sft-dropout")
     registry.register_artifact("adapter", "sft-dropout", tmp_path / "sft-dropout", base_model=str(tiny_policy_dir))
     config = build_config(PPOStageConfig, recipe(tiny_policy_dir, model="adapter:sft-dropout"))
-    roles, _ = SharedBaseRoles.load("adapter:sft-dropout", registry, config)
+    roles, _ = load_roles("adapter:sft-dropout", registry, config)
     ids = torch.tensor([[5, 9, 17, 3, 11, 12, 13]])
     mask = torch.ones_like(ids)
     roles.model.train()
@@ -272,9 +305,10 @@ def test_the_policy_trains_without_the_sft_adapters_dropout(tmp_path, registry, 
 
 
 def test_chunks_drop_the_padding_every_row_shares_and_keep_the_logprobs(registry, tiny_policy_dir):
-    from align.ppo import Rollout, SharedBaseRoles, chunks
+    from align.ppo import load_roles
+    from align.ppo_core import Rollout, chunks
 
-    roles, _ = SharedBaseRoles.load("adapter:sft", registry, build_config(PPOStageConfig, recipe(tiny_policy_dir)))
+    roles, _ = load_roles("adapter:sft", registry, build_config(PPOStageConfig, recipe(tiny_policy_dir)))
     # Prompts of 2, 3 and 6 tokens left-padded to 6; responses of 1, 2 and 4 tokens right-padded to 4 (pad 0).
     prompts = [[0, 0, 0, 0, 7, 8], [0, 0, 0, 4, 5, 6], [9, 10, 11, 12, 13, 14]]
     responses = [[21, 0, 0, 0], [22, 23, 0, 0], [24, 25, 26, 27]]

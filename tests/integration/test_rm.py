@@ -15,7 +15,8 @@ from align.registry import Registry
 from reward.loss import preference_loss
 from reward.model import RewardModel
 from reward.score import score_dataset
-from reward.train import PreferenceRewardTrainer, RewardStageConfig, main, run_rm
+from reward.train import RewardStageConfig, main, run_rm
+from reward.trainer import PreferenceRewardTrainer
 
 WORDS = "apple pear plum fig kiwi lime date lemon grape melon berry cherry olive peach mango".split()
 MARKER = "banana"

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import build_config, load_config, parse_overrides, read_yaml, stage_config_class
+from align.config import build_config, load_config, parse_overrides, read_yaml
 from align.errors import AlignError
+from align.pipeline import stage_config_class
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -140,3 +141,15 @@ def test_bf16_defaults_to_what_the_hardware_supports(monkeypatch):
     assert build_config(SFTStageConfig, {"dataset": "d", "bf16": False}).bf16 is False
     assert build_config(PPOStageConfig, ppo | {"bf16": False}).bf16 is False
     assert build_config(SFTStageConfig, {"dataset": "d", "fp16": True, "use_cpu": True}).bf16 is False
+
+
+def test_report_to_is_checked_at_parse_time_and_tensorboard_falls_back_to_none(monkeypatch):
+    import align.runs
+    from align.ppo import PPOStageConfig
+    from align.sft import SFTStageConfig
+
+    with pytest.raises(AlignError, match="r.yaml: config key 'report_to': nowhere is not supported"):
+        build_config(SFTStageConfig, {"dataset": "d", "report_to": "nowhere"}, source="r.yaml")
+    monkeypatch.setattr(align.runs, "tensorboard_installed", lambda: False)
+    assert build_config(SFTStageConfig, {"dataset": "d"}).report_to == []  # none, as TrainingArguments spells it
+    assert build_config(PPOStageConfig, {"dataset": "d", "reward_model": "rm:r"}).report_to == "none"

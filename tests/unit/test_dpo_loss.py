@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 
-import align.dpo as align_dpo
+import align.dpo_trainer as dpo_trainer
 from align.config import build_config
-from align.dpo import AUTO_SMOOTHING_CAP, DPOStageConfig, cpu_threads, dpo_loss, smoothing_from_agreement
+from align.dpo import DPOStageConfig
+from align.dpo_trainer import AUTO_SMOOTHING_CAP, cpu_threads, dpo_loss, smoothing_from_agreement
 from align.errors import AlignError
 
 SOFTPLUS_MINUS_1 = 0.3132617  # -log sigmoid(1)
@@ -143,14 +144,14 @@ def test_torch_threads_auto_uses_the_idle_cores(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for idle, threads in ((1.0, 2), (0.8, 2), (0.7, 1), (0.5, 1), (0.0, 1)):
-        monkeypatch.setattr(align_dpo, "idle_fraction", lambda idle=idle: idle)
+        monkeypatch.setattr(dpo_trainer, "idle_fraction", lambda idle=idle: idle)
         assert cpu_threads("auto") == threads, idle
-    monkeypatch.setattr(align_dpo, "idle_fraction", lambda: None)  # cannot tell: torch's default
+    monkeypatch.setattr(dpo_trainer, "idle_fraction", lambda: None)  # cannot tell: torch's default
     assert cpu_threads("auto") is None
     assert cpu_threads(3) == 3 and cpu_threads(None) is None
     assert config(torch_threads="AUTO").torch_threads == "auto" and config(torch_threads="2").torch_threads == 2
 
 
 def test_idle_fraction_reads_the_cores():
-    idle = align_dpo.idle_fraction(0.1)
+    idle = dpo_trainer.idle_fraction(0.1)
     assert idle is None or 0.0 <= idle <= 1.0

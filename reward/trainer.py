@@ -1,0 +1,118 @@
+"""Reward-model machinery: which layers LoRA trains, the tokenized pairs with their labels, the collator and the
+trainer with our loss. Kept free of the registry, so that tests and benchmarks use it directly.
+
+    training_examples         token ids per pair plus the label columns in use (margin, weight, tie)
+    PairCollator              TRL's preference collator plus per-pair weights and tie flags
+    PreferenceRewardTrainer   TRL's RewardTrainer with the loss of reward/loss.py (margins, weights, ties)
+    layer_linear_names, top_layers   LoRA on the top transformer layers only
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from trl import RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from align.errors import AlignError
+from reward.loss import preference_loss
+
+
+def layer_linear_names(model, target_modules) -> list[str]:
+    """The module names LoRA targets inside the transformer layers: every linear layer's for 'all-linear'."""
+    if isinstance(target_modules, list):
+        return target_modules
+    if target_modules != "all-linear":
+        raise AlignError(
+            f"config key 'lora_top_layers' needs lora_target_modules to be all-linear or a list of names "
+            f"(got the pattern {target_modules!r})"
+        )
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in name
+    }
+    return sorted(names)
+
+
+def top_layers(model, count: int) -> list[int]:
+    """The indices of the model's top `count` transformer layers (refused when it has fewer)."""
+    total = model.config.num_hidden_layers
+    if count > total:
+        raise AlignError(f"config key 'lora_top_layers' is {count}, but {model.config.name_or_path} has {total} layers")
+    return list(range(total - count, total))
+
+
+def training_examples(
+    rows: list[dict], encoded: list, *, use_margins: bool, use_weights: bool, ties: str
+) -> tuple[list[dict], int]:
+    """Token ids per pair plus the label columns in use; returns (examples, ties dropped).
+
+    `encoded` is align.truncation.encode_rows's output for `rows` (None for a pair that does not fit). `ties`:
+    together (tie flags for the tie-aware loss) or drop (tied pairs are left out).
+    """
+    has_margin = use_margins and any("margin" in row for row in rows)
+    has_weight = use_weights and any("weight" in row for row in rows)
+    has_tie = ties == "together" and any(row.get("tie") for row in rows)
+    examples, ties_dropped = [], 0
+    for row, item in zip(rows, encoded):
+        if item is None:
+            continue  # a reply alone is longer than max_length: counted by the truncation stats
+        if row.get("tie") and ties == "drop":
+            ties_dropped += 1
+            continue
+        chosen, rejected = item.sequence(0), item.sequence(1)
+        example = {"chosen_ids": chosen, "rejected_ids": rejected, "length": max(len(chosen), len(rejected))}
+        if has_margin:
+            example["margin"] = float(row.get("margin", 0.0))
+        if has_weight:
+            example["weight"] = float(row.get("weight", 1.0))
+        if has_tie:
+            example["tie"] = bool(row.get("tie", False))
+        examples.append(example)
+    return examples, ties_dropped
+
+
+@dataclass
+class PairCollator(DataCollatorForPreference):
+    """TRL's collator (chosen then rejected, right-padded, margins) plus per-pair weights and tie flags."""
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        batch = super().torch_call(examples)
+        if "weight" in examples[0]:
+            batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
+        if "tie" in examples[0]:
+            batch["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
+        return batch
+
+
+class PreferenceRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with our loss: margins as TRL has them, plus weights and ties. The private
+    `_set_signature_columns_if_needed` keeps our label columns (tests/unit/test_trl_overrides.py watches it)."""
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:  # keep our label columns, and `length` for grouped batches
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight", "tie", "length"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        chosen, rejected = outputs.logits.float().squeeze(-1).chunk(2)  # the loss in fp32 under bf16 autocast
+        tie = inputs.get("tie")
+        loss = preference_loss(
+            chosen,
+            rejected,
+            margin=inputs.get("margin"),
+            weight=inputs.get("weight"),
+            tie=tie,
+            center_coefficient=self.args.center_rewards_coefficient,
+        )
+        with torch.no_grad():
+            decided = ~tie if tie is not None else torch.ones_like(chosen, dtype=torch.bool)
+            if decided.any():
+                accuracy = (chosen[decided] > rejected[decided]).float().mean()
+                margin = (chosen[decided] - rejected[decided]).mean()
+                self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
+                self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
+        return (loss, outputs) if return_outputs else loss
