@@ -34,7 +34,6 @@ import contextlib
 import math
 import os
 import types
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -262,16 +261,10 @@ def smoothing_from_agreement(pairwise_agreement: float) -> float:
 
 def recorded_agreement(registry: Registry, version) -> tuple[dict, object] | None:
     """meta["agreement"] of the version, or of its nearest ancestor in the lineage that has one."""
-    seen, queue = set(), deque([version])
-    while queue:
-        node = queue.popleft()
-        if not hasattr(node, "meta") or node.node in seen:
-            continue
-        seen.add(node.node)
-        agreement = (node.meta or {}).get("agreement")
+    for node in registry.lineage(version, direction="up").nodes.values():  # nearest first
+        agreement = (getattr(node, "meta", None) or {}).get("agreement")
         if isinstance(agreement, dict):
             return agreement, node
-        queue.extend(parent for _, parent in registry.parents(node))
     return None
 
 
