@@ -134,18 +134,18 @@ def record_battle(
     users = [[m for m in thread if m["role"] == "user"] for thread in (left_messages, right_messages)]
     if users[0] != users[1]:
         raise AlignError("cannot record the battle: the two threads hold different user turns")
-    return registry.arena.add_battle(
-        arena=arena,
-        key=key,
-        left=left,
-        right=right,
-        left_messages=left_messages,
-        right_messages=right_messages,
-        choice=choice,
-        annotator=annotator,
-        settings=settings or {},
-        seconds=None if seconds is None else round(max(seconds, 0.0), 3),
-    )
+    battle = {
+        "arena": arena,
+        "left": left,
+        "right": right,
+        "left_messages": left_messages,
+        "right_messages": right_messages,
+        "choice": choice,
+        "annotator": annotator,
+        "settings": settings or {},
+        "seconds": None if seconds is None else round(max(seconds, 0.0), 3),
+    }
+    return registry.arena.add_battle(key, battle)
 
 
 def battles(registry, arena: str, *, upto: int | None = None) -> list[Battle]:

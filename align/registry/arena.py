@@ -12,21 +12,9 @@ from align.registry.catalog import Tables, utc_now
 
 
 class ArenaTables(Tables):
-    def add_battle(
-        self,
-        *,
-        arena: str,
-        key: str,
-        left: str,
-        right: str,
-        left_messages: list[dict],
-        right_messages: list[dict],
-        choice: str,
-        annotator: str,
-        settings: dict,
-        seconds: float | None,
-    ) -> tuple[int, bool]:
-        """Store one vote in one transaction. Returns (battle id, duplicate): the same key twice is stored once."""
+    def add_battle(self, key: str, battle: dict) -> tuple[int, bool]:
+        """Store one vote in one transaction: `battle` holds align.arena.Battle's fields but the id and the time.
+        `key` is drawn when the battle starts. Returns (battle id, duplicate): the same key twice is stored once."""
         with self.transaction():
             found = self.db.execute("SELECT id FROM arena_battles WHERE battle_key = ?", (key,)).fetchone()
             if found is not None:
@@ -36,16 +24,16 @@ class ArenaTables(Tables):
                 "messages_right, settings, annotator, choice, seconds, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    arena,
+                    battle["arena"],
                     key,
-                    left,
-                    right,
-                    json.dumps(left_messages, ensure_ascii=False),
-                    json.dumps(right_messages, ensure_ascii=False),
-                    json.dumps(settings, sort_keys=True),
-                    annotator,
-                    choice,
-                    seconds,
+                    battle["left"],
+                    battle["right"],
+                    json.dumps(battle["left_messages"], ensure_ascii=False),
+                    json.dumps(battle["right_messages"], ensure_ascii=False),
+                    json.dumps(battle["settings"], sort_keys=True),
+                    battle["annotator"],
+                    battle["choice"],
+                    battle["seconds"],
                     utc_now(),
                 ),
             )

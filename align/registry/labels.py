@@ -129,12 +129,8 @@ class LabelTables(Tables):
         """item -> how many annotators (other than `excluding`) hold a live lease on it; only `item` if given."""
         where = ["dataset_id = ?", "mode = ?", "released_at IS NULL", "expires_at > ?"]
         args: list = [dataset_id, mode, now]
-        if item is not None:
-            where.append("item = ?")
-            args.append(item)
-        if excluding is not None:
-            where.append("annotator != ?")
-            args.append(excluding)
+        _narrow(where, args, "item = ?", item)
+        _narrow(where, args, "annotator != ?", excluding)
         found = self.db.execute(
             f"SELECT item, COUNT(DISTINCT annotator) AS holders FROM label_leases WHERE {' AND '.join(where)} "
             "GROUP BY item",
@@ -151,12 +147,8 @@ class LabelTables(Tables):
         `upto`: only rows up to that id (a snapshot)."""
         where = ["c.dataset_id = ?", "c.choice != 'undo'"]
         args: list = [dataset_id]
-        if mode is not None:
-            where.append("c.mode = ?")
-            args.append(mode)
-        if item is not None:
-            where.append("c.item = ?")
-            args.append(item)
+        _narrow(where, args, "c.mode = ?", mode)
+        _narrow(where, args, "c.item = ?", item)
         retracted = "SELECT u.undoes FROM comparisons u WHERE u.dataset_id = ? AND u.undoes IS NOT NULL"
         retract_args: list = [dataset_id]
         if upto is not None:
@@ -272,14 +264,11 @@ class LabelTables(Tables):
 
 
 def _lease(row) -> Lease:
-    return Lease(
-        id=row["id"],
-        dataset_id=row["dataset_id"],
-        mode=row["mode"],
-        item=row["item"],
-        annotator=row["annotator"],
-        shown=tuple(json.loads(row["shown"])),
-        leased_at=row["leased_at"],
-        expires_at=row["expires_at"],
-        released_at=row["released_at"],
-    )
+    return Lease(**{**dict(row), "shown": tuple(json.loads(row["shown"]))})  # the fields are the columns
+
+
+def _narrow(where: list[str], args: list, condition: str, value) -> None:
+    """Add a condition with one '?' to a WHERE clause, unless its value is None (no filter)."""
+    if value is not None:
+        where.append(condition)
+        args.append(value)
