@@ -3,6 +3,7 @@ hand and against well-kept libraries on the same data (the `krippendorff` packag
 
 import math
 
+import krippendorff  # a dev dependency (pyproject.toml), for this comparison only
 import numpy as np
 import pytest
 
@@ -128,14 +129,12 @@ def as_units(table: np.ndarray) -> list[dict]:
     [(0, 2, 30, 2, 0.0), (1, 3, 50, 4, 0.3), (2, 5, 80, 3, 0.5), (3, 4, 20, 5, 0.1)],
 )
 def test_krippendorff_alpha_matches_the_krippendorff_package(seed, coders, units, labels, missing):
-    krippendorff = pytest.importorskip("krippendorff")  # a dev dependency (pyproject.toml)
     table = labels_table(seed, coders, units, labels, missing)
     expected = krippendorff.alpha(reliability_data=table, level_of_measurement="nominal")
     assert krippendorff_alpha(as_units(table)) == pytest.approx(expected, abs=1e-12)
 
 
 def test_the_published_example_matches_the_krippendorff_package():
-    krippendorff = pytest.importorskip("krippendorff")
     table = np.array([[np.nan if v == "." else float(v) for v in row.split()] for row in PUBLISHED.values()])
     expected = krippendorff.alpha(reliability_data=table, level_of_measurement="nominal")
     assert krippendorff_alpha(as_units(table)) == pytest.approx(expected, abs=1e-12)
