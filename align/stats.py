@@ -1,8 +1,8 @@
 """The statistics every part of the service shares, as pure functions over numbers (numpy and the standard
 library only), each checked by hand or against a well-kept library in tests/unit/test_stats.py.
 
-  - logistic_regression: weighted, L2-penalised, fractional targets (Bradley-Terry ratings in align/arena.py, the
-    length-controlled win rate in align/evaluate.py).
+  - logistic_regression: weighted, L2-penalised, fractional targets (Bradley-Terry ratings, the length-controlled
+    win rate).
   - Percentile-bootstrap intervals: over resampled indices (bootstrap_ci, mean_with_ci) or resample counts used
     as weights (resample_counts), both seeded: the same data and seed give the same interval.
   - Agreement between annotators on nominal labels: Cohen's kappa for two, Krippendorff's alpha for any number

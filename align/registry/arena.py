@@ -1,7 +1,7 @@
 """The arena_battles table: one row per battle vote, never updated or deleted.
 
-Only storage lives here; what a battle is and what the votes add up to live in align/arena.py. Each thread uses
-its own connection (align.registry.catalog.Connections).
+Only storage lives here: what a battle may hold, and what the votes add up to, are decided by the callers. Each
+thread uses its own connection (align.registry.catalog.Connections).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from align.registry.catalog import Tables, utc_now
 
 class ArenaTables(Tables):
     def add_battle(self, key: str, battle: dict) -> tuple[int, bool]:
-        """Store one vote in one transaction: `battle` holds align.arena.Battle's fields but the id and the time.
+        """Store one vote in one transaction: `battle` holds the fields battles() gives but the id and the time.
         `key` is drawn when the battle starts. Returns (battle id, duplicate): the same key twice is stored once."""
         with self.transaction():
             found = self.db.execute("SELECT id FROM arena_battles WHERE battle_key = ?", (key,)).fetchone()
@@ -40,9 +40,8 @@ class ArenaTables(Tables):
             return cursor.lastrowid, False
 
     def battles(self, arena: str, *, upto: int | None = None) -> list[dict]:
-        """The arena's battles, oldest first (`upto`: only those up to that id), each a dict of align.arena.Battle's
-        fields: id, arena, left, right, left_messages, right_messages, choice, annotator, settings, seconds,
-        created_at."""
+        """The arena's battles, oldest first (`upto`: only those up to that id), each a dict: id, arena, left, right
+        (model references), left_messages, right_messages, choice, annotator, settings, seconds, created_at."""
         query, args = "SELECT * FROM arena_battles WHERE arena = ?", [arena]
         if upto is not None:
             query += " AND id <= ?"

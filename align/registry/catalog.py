@@ -67,7 +67,7 @@ MIGRATIONS = [
     );
     CREATE INDEX lineage_parent ON lineage (parent);
     """,
-    # Human labels (align/labels.py): annotators, item leases, and the append-only comparisons (votes).
+    # Human labels: annotators, item leases, and the append-only comparisons (votes).
     """
     CREATE TABLE annotators (
         name TEXT PRIMARY KEY,
@@ -120,7 +120,7 @@ MIGRATIONS = [
         UNIQUE (dataset_id, last_comparison)
     );
     """,
-    # The arena (align/arena.py): blind battles between two models, one row per vote, never updated or deleted.
+    # The arena: blind battles between two models, one row per vote, never updated or deleted.
     """
     CREATE TABLE arena_battles (
         id INTEGER PRIMARY KEY,

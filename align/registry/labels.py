@@ -1,8 +1,8 @@
 """The label tables: annotators, item leases, the append-only comparisons (votes) and their snapshots.
 
-Only storage lives here; the rules (who gets which item, what a vote may be, what votes add up to) live in
-align/labels.py, which calls these methods inside `with registry.labels.transaction():` where several reads and
-writes must be one transaction. Each thread uses its own connection (align.registry.catalog.Connections).
+Only storage lives here; the rules (who gets which item, what a vote may be, what votes add up to) belong to the
+callers, which call these methods inside `with registry.labels.transaction():` where several reads and writes
+must be one transaction. Each thread uses its own connection (align.registry.catalog.Connections).
 """
 
 from __future__ import annotations
