@@ -394,7 +394,8 @@ class Registry:
     def lineage(self, node, *, direction: str = "up", depth: int | None = None, limit: int | None = None) -> Lineage:
         """Walk the lineage breadth first from a version, artifact or run (or its key, 'dataset:12'): "up" to its
         ancestors, "down" to its descendants, or "both" (up first). `depth`: at most that many links from the
-        start; `limit`: stop walking once that many nodes are found (the start included)."""
+        start; `limit`: read no further node once that many are found, the start included (the links of the node
+        being read are all kept, so a few more may be found)."""
         if direction not in ("up", "down", "both"):
             raise ValueError(f"direction is up, down or both (got {direction!r})")
         start = node if isinstance(node, str) else node.node
