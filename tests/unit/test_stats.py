@@ -10,11 +10,14 @@ import pytest
 from align.stats import (
     bootstrap_ci,
     cohen_kappa,
+    interval_text,
     krippendorff_alpha,
     logistic_regression,
     mean_with_ci,
     pairwise_agreement,
     resample_counts,
+    verdict,
+    wilson_interval,
 )
 
 # Logistic regression
@@ -58,6 +61,25 @@ def test_resample_counts():
     assert not np.array_equal(counts, resample_counts(5, rounds=200, seed=4))
     with pytest.raises(ValueError, match="at least 1 round"):
         resample_counts(5, rounds=0)
+
+
+# Proportions
+
+
+def test_wilson_interval_by_hand():
+    # 8 of 10: the bounds solve (0.8 - x)^2 = z^2 x (1 - x) / 10, i.e. 1.38416 x^2 - 1.98416 x + 0.64 = 0:
+    # x = (1.98416 -+ sqrt(0.393441)) / 2.76832 = 0.49016 and 0.94332.
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == (pytest.approx(0.49016, abs=1e-5), pytest.approx(0.94332, abs=1e-5))
+    # 0 of 10: the upper bound is z^2 / (n + z^2) = 3.8416 / 13.8416.
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(3.8416 / 13.8416))
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    assert interval_text(0.8, 10) == "0.800 [0.490, 0.943] on 10"
+    assert [verdict(0.55, 0.7), verdict(0.3, 0.45), verdict(0.4, 0.6)] == [
+        "better",
+        "worse",
+        "no detectable difference",
+    ]
 
 
 # Agreement, by hand
