@@ -39,14 +39,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from align.errors import AlignError
-from align.registry.catalog import transaction
 from align.registry.registry import ARTIFACT_KINDS, check_name
+from align.stats import logistic_regression, percentile_interval, resample_counts
 
 CHOICES = ("left", "right", "tie", "both-bad")
 SCORE = {"left": 1.0, "right": 0.0, "tie": 0.5, "both-bad": 0.5}  # the left model's score in the game
@@ -55,10 +54,6 @@ DEFAULT_ARENA = "default"
 ELO_SCALE = 400 / math.log(10)  # Bradley-Terry log-strengths -> Elo points
 ELO_BASE = 1000.0
 BT_PRIOR = 0.1  # the L2 penalty on Bradley-Terry log-strengths (see the module docstring)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # Battles: storage
@@ -116,7 +111,7 @@ def check_thread(side: str, messages) -> list[dict]:
 
 
 def record_battle(
-    db,
+    registry,
     *,
     arena: str,
     key: str,
@@ -139,68 +134,37 @@ def record_battle(
     users = [[m for m in thread if m["role"] == "user"] for thread in (left_messages, right_messages)]
     if users[0] != users[1]:
         raise AlignError("cannot record the battle: the two threads hold different user turns")
-    with transaction(db):
-        found = db.execute("SELECT id FROM arena_battles WHERE battle_key = ?", (key,)).fetchone()
-        if found is not None:
-            return found["id"], True
-        cursor = db.execute(
-            "INSERT INTO arena_battles (arena, battle_key, model_left, model_right, messages_left, messages_right, "
-            "settings, annotator, choice, seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                arena,
-                key,
-                left,
-                right,
-                json.dumps(left_messages, ensure_ascii=False),
-                json.dumps(right_messages, ensure_ascii=False),
-                json.dumps(settings or {}, sort_keys=True),
-                annotator,
-                choice,
-                None if seconds is None else round(max(seconds, 0.0), 3),
-                _now(),
-            ),
-        )
-        return cursor.lastrowid, False
+    battle = {
+        "arena": arena,
+        "left": left,
+        "right": right,
+        "left_messages": left_messages,
+        "right_messages": right_messages,
+        "choice": choice,
+        "annotator": annotator,
+        "settings": settings or {},
+        "seconds": None if seconds is None else round(max(seconds, 0.0), 3),
+    }
+    return registry.arena.add_battle(key, battle)
 
 
-def battles(db, arena: str, *, upto: int | None = None) -> list[Battle]:
+def battles(registry, arena: str, *, upto: int | None = None) -> list[Battle]:
     """The arena's battles, oldest first (`upto`: only those up to that id)."""
-    query, args = "SELECT * FROM arena_battles WHERE arena = ?", [arena]
-    if upto is not None:
-        query += " AND id <= ?"
-        args.append(upto)
-    return [
-        Battle(
-            id=row["id"],
-            arena=row["arena"],
-            left=row["model_left"],
-            right=row["model_right"],
-            left_messages=json.loads(row["messages_left"]),
-            right_messages=json.loads(row["messages_right"]),
-            choice=row["choice"],
-            annotator=row["annotator"],
-            settings=json.loads(row["settings"]),
-            seconds=row["seconds"],
-            created_at=row["created_at"],
-        )
-        for row in db.execute(query + " ORDER BY id", args).fetchall()
-    ]
+    return [Battle(**row) for row in registry.arena.battles(arena, upto=upto)]
 
 
-def arenas(db) -> list[tuple[str, int]]:
+def arenas(registry) -> list[tuple[str, int]]:
     """(arena, votes) for every arena with a vote."""
-    found = db.execute("SELECT arena, COUNT(*) AS votes FROM arena_battles GROUP BY arena ORDER BY arena")
-    return [(row["arena"], row["votes"]) for row in found.fetchall()]
+    return registry.arena.arenas()
 
 
 def snapshot(registry, arena: str):
     """The arena's battles so far as a `candidates` version `arena-NAME`, with one `comparisons` row per battle
     against it (see the module docstring). Returns the version; `align data from-labels` aggregates it."""
     check_name(arena, "arena")
-    with transaction(registry.db) as db:  # one consistent read of the append-only table
-        found = battles(db, arena)
+    found = battles(registry, arena)
     if not found:
-        known = ", ".join(name for name, _ in arenas(registry.db)) or "none yet"
+        known = ", ".join(name for name, _ in arenas(registry)) or "none yet"
         raise AlignError(
             f"no votes in arena {arena!r} at {registry.root} (arenas with votes: {known}): cast some in the Battle "
             "tab of `align compare`"
@@ -241,21 +205,13 @@ def snapshot(registry, arena: str):
             raise
         # A model the battles used is gone from the registry: keep the votes, name the models in meta only.
         version = registry.register(rows, name=f"arena-{arena}", kind="candidates", meta={"arena": arena})
-    with transaction(registry.db) as db:
-        for item, battle in enumerate(usable):
-            db.execute(
-                "INSERT OR IGNORE INTO comparisons (dataset_id, mode, item, annotator, shown, choice, seconds, "
-                "battle_id, created_at) VALUES (?, 'pairwise', ?, ?, '[0, 1]', ?, ?, ?, ?)",
-                (
-                    version.id,
-                    item,
-                    battle.annotator,
-                    AS_COMPARISON[battle.choice],
-                    battle.seconds,
-                    battle.id,
-                    battle.created_at,
-                ),
-            )
+    registry.labels.add_battle_votes(
+        version.id,
+        (
+            (item, battle.annotator, AS_COMPARISON[battle.choice], battle.seconds, battle.id, battle.created_at)
+            for item, battle in enumerate(usable)
+        ),
+    )
     return version
 
 
@@ -293,51 +249,6 @@ def games_from(votes: Sequence[tuple[str, str, str]], models: Sequence[str] | No
     )
 
 
-def logistic_regression(
-    features: np.ndarray,
-    targets: np.ndarray,
-    weights: np.ndarray | None = None,
-    *,
-    l2: float | Sequence[float] = 0.0,
-    iterations: int = 100,
-    tolerance: float = 1e-10,
-) -> np.ndarray:
-    """Coefficients w maximising sum_n weight_n * [y_n log p_n + (1 - y_n) log(1 - p_n)] - sum_k l2_k/2 * w_k^2
-    with p_n = sigmoid(x_n . w); `l2` is one penalty for all coefficients or one each. Targets may be fractions
-    (a tie is 0.5). Newton's method with step halving: the objective is concave, so every accepted step climbs."""
-    features = np.asarray(features, dtype=float)
-    targets = np.asarray(targets, dtype=float)
-    weights = np.ones(len(targets)) if weights is None else np.asarray(weights, dtype=float)
-    coefficients = np.zeros(features.shape[1])
-    l2 = np.broadcast_to(np.asarray(l2, dtype=float), coefficients.shape)
-
-    def objective(w: np.ndarray) -> float:
-        z = features @ w
-        # log sigmoid(z) = -logaddexp(0, -z), log(1 - sigmoid(z)) = -logaddexp(0, z): stable for large |z|
-        ll = -(targets * np.logaddexp(0, -z) + (1 - targets) * np.logaddexp(0, z))
-        return float(weights @ ll - 0.5 * (l2 * w) @ w)
-
-    current = objective(coefficients)
-    for _ in range(iterations):
-        p = 1 / (1 + np.exp(-(features @ coefficients)))
-        gradient = features.T @ (weights * (targets - p)) - l2 * coefficients
-        curvature = (features * (weights * p * (1 - p))[:, None]).T @ features + np.diag(l2)
-        step = np.linalg.lstsq(curvature, gradient, rcond=None)[0]
-        scale = 1.0
-        while scale > 1e-8:
-            candidate = coefficients + scale * step
-            value = objective(candidate)
-            if value >= current - 1e-12:
-                break
-            scale /= 2
-        else:
-            break
-        coefficients, previous, current = candidate, current, value
-        if abs(current - previous) < tolerance and np.max(np.abs(scale * step)) < 1e-8:
-            break
-    return coefficients
-
-
 def bradley_terry(games: Games, weights: np.ndarray | None = None, *, l2: float = BT_PRIOR) -> np.ndarray:
     """Bradley-Terry log-strengths b (mean 0), P(i beats j) = sigmoid(b_i - b_j). `weights`: how many times each
     game counts (the bootstrap's resample counts)."""
@@ -366,11 +277,9 @@ def bootstrap_bradley_terry(
     m = len(games.models)
     if not len(games):
         return np.full(m, np.nan), np.full(m, np.nan)
-    generator = np.random.default_rng(seed)
-    counts = generator.multinomial(len(games), np.full(len(games), 1 / len(games)), size=rounds)
+    counts = resample_counts(len(games), rounds=rounds, seed=seed)
     fits = np.array([to_elo_scale(bradley_terry(games, row, l2=l2)) for row in counts])
-    tail = (1 - confidence) / 2 * 100
-    return np.percentile(fits, tail, axis=0), np.percentile(fits, 100 - tail, axis=0)
+    return percentile_interval(fits, confidence, axis=0)
 
 
 def elo(games: Games, *, k: float = 32.0, initial: float = ELO_BASE) -> np.ndarray:
@@ -457,8 +366,8 @@ def leaderboard(
     )
 
 
-def arena_leaderboard(db, arena: str, *, rounds: int = 1000, seed: int = 0) -> Leaderboard:
-    found = battles(db, arena)
+def arena_leaderboard(registry, arena: str, *, rounds: int = 1000, seed: int = 0) -> Leaderboard:
+    found = battles(registry, arena)
     return leaderboard([(b.left, b.right, b.choice) for b in found], rounds=rounds, seed=seed)
 
 

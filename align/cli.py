@@ -928,13 +928,17 @@ def _node_label(node) -> str:
 
 
 def _print_lineage(registry, node, depth: int) -> None:
-    parents = registry.parents(node)
-    if not parents and depth == 0:
+    walked = registry.lineage(node, depth=9 - depth)  # nine generations of ancestors at most
+
+    def show(key: str, level: int) -> None:
+        for role, parent in walked.parents(key):
+            print("  " * (level + 1) + f"<- {_node_label(walked.nodes[parent])} ({role})")
+            if not isinstance(walked.nodes[parent], str) and level < 8:
+                show(parent, level + 1)
+
+    if not walked.edges and depth == 0:
         print("  (imported; no parents)")
-    for role, parent in parents:
-        print("  " * (depth + 1) + f"<- {_node_label(parent)} ({role})")
-        if not isinstance(parent, str) and depth < 8:
-            _print_lineage(registry, parent, depth + 1)
+    show(walked.start, depth)
 
 
 def _shorten_row(row: dict, limit: int = 160) -> str:

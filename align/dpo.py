@@ -30,7 +30,6 @@ training and lands in the run report with plots. The output is
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -149,16 +148,10 @@ def check_dpo_fields(config: DPOStageConfig) -> None:
 
 def recorded_agreement(registry: Registry, version) -> tuple[dict, object] | None:
     """meta["agreement"] of the version, or of its nearest ancestor in the lineage that has one."""
-    seen, queue = set(), deque([version])
-    while queue:
-        node = queue.popleft()
-        if not hasattr(node, "meta") or node.node in seen:
-            continue
-        seen.add(node.node)
-        agreement = (node.meta or {}).get("agreement")
+    for node in registry.lineage(version, direction="up").nodes.values():  # nearest first
+        agreement = (getattr(node, "meta", None) or {}).get("agreement")
         if isinstance(agreement, dict):
             return agreement, node
-        queue.extend(parent for _, parent in registry.parents(node))
     return None
 
 

@@ -46,52 +46,24 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from align.arena import logistic_regression
 from align.errors import AlignError
 from align.generate import SamplingSettings
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS, check_name
+from align.stats import bootstrap_ci, logistic_regression, mean_with_ci
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 LC_SLOPE_PENALTY = 1.0  # the L2 penalty on the length slope of the length-controlled win rate
 
 
-# Statistics: pure functions, hand-checked in tests/unit/test_eval_metrics.py
-
-
-def bootstrap_ci(
-    statistic: Callable[[np.ndarray], float],
-    n: int,
-    *,
-    rounds: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile-bootstrap interval of `statistic(indices)` over resamples of range(n) with replacement. The
-    resamples depend only on (n, rounds, seed): statistics of different rows see the same prompts."""
-    if rounds < 1:
-        raise AlignError(f"--bootstrap must be at least 1 round (got {rounds})")
-    if n < 1:
-        return math.nan, math.nan
-    samples = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
-    values = np.array([statistic(sample) for sample in samples], dtype=float)
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return math.nan, math.nan
-    tail = (1 - confidence) / 2 * 100
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
-
-
-def mean_with_ci(values: Sequence[float], *, rounds: int = 1000, seed: int = 0) -> dict:
-    data = np.asarray(values, dtype=float)
-    low, high = bootstrap_ci(lambda idx: data[idx].mean(), len(data), rounds=rounds, seed=seed)
-    return {"value": float(data.mean()) if len(data) else math.nan, "low": low, "high": high}
+# Win rates: pure functions over the per-prompt numbers (the intervals: align/stats.py), hand-checked in
+# tests/unit/test_eval_metrics.py
 
 
 def win_outcomes(rewards: Sequence[float], baseline: Sequence[float]) -> np.ndarray:

@@ -48,11 +48,11 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from align.errors import AlignError
-from align.registry.catalog import open_catalog, transaction
+from align.registry.labels import Vote
 from align.registry.registry import check_name
+from align.stats import cohen_kappa, krippendorff_alpha, pairwise_agreement
 
 MODES = ("pairwise", "rank")
 PAIRWISE_CHOICES = ("A", "B", "tie", "both-bad", "skip")
@@ -65,10 +65,6 @@ DEFAULT_LEASE_SECONDS = 600.0
 
 class LabelError(AlignError):
     """A vote or request the labeling service refuses (not your lease, bad choice, ...)."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # Passwords: stdlib scrypt, a fresh salt per annotator.
@@ -185,26 +181,6 @@ def normalize_ranking(ranks: Sequence) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Vote:
-    id: int
-    item: int
-    annotator: str
-    mode: str
-    shown: tuple[int, ...]
-    choice: str
-    ranking: tuple[int, ...] | None = None  # rank of each completion index (rank votes)
-    reason: str | None = None
-    seconds: float | None = None
-    scores: dict | None = None
-    created_at: str = ""
-
-    @property
-    def counted(self) -> bool:
-        """Counts towards the overlap (a skip does not)."""
-        return self.choice != "skip"
-
-
-@dataclass(frozen=True)
 class Judgment:
     """One annotator on one pair of completions (first < second) of one item."""
 
@@ -302,57 +278,7 @@ def aggregate(candidates: list[dict], votes: Iterable[Vote], *, ties: str = "dro
     return result
 
 
-# Agreement
-
-
-def cohen_kappa(pairs: Sequence[tuple]) -> float | None:
-    """Cohen's kappa of two raters from their (label of rater 1, label of rater 2) on each shared unit.
-    None when undefined: no shared units, or chance agreement of 1 (both always gave one same label)."""
-    if not pairs:
-        return None
-    n = len(pairs)
-    observed = sum(a == b for a, b in pairs) / n
-    first = Counter(a for a, _ in pairs)
-    second = Counter(b for _, b in pairs)
-    expected = sum(first[label] * second[label] for label in first) / (n * n)
-    if expected >= 1:
-        return None
-    return (observed - expected) / (1 - expected)
-
-
-def krippendorff_alpha(units: Iterable[dict]) -> float | None:
-    """Krippendorff's alpha for nominal labels. `units`: one {rater: label} dict per unit; raters may be missing.
-    Units with fewer than two labels cannot be paired and are left out. None when undefined (fewer than two
-    pairable labels, or every pairable label the same)."""
-    coincidence: Counter = Counter()
-    for unit in units:
-        labels = list(unit.values())
-        m = len(labels)
-        if m < 2:
-            continue
-        for i, j in itertools.permutations(range(m), 2):
-            coincidence[(labels[i], labels[j])] += 1 / (m - 1)
-    totals: Counter = Counter()
-    for (c, _), value in coincidence.items():
-        totals[c] += value
-    n = sum(totals.values())
-    if n < 2:
-        return None
-    disagree_observed = sum(value for (c, k), value in coincidence.items() if c != k)
-    disagree_expected = sum(totals[c] * totals[k] for c in totals for k in totals if c != k)
-    if disagree_expected == 0:
-        return None
-    return 1 - (n - 1) * disagree_observed / disagree_expected
-
-
-def pairwise_agreement(units: Iterable[dict]) -> float | None:
-    """The share of agreeing pairs among all pairs of labels given to the same unit (None without any pair)."""
-    agree = total = 0
-    for unit in units:
-        for a, b in itertools.combinations(list(unit.values()), 2):
-            total += 1
-            agree += a == b
-    return agree / total if total else None
+# Agreement (the statistics themselves: align/stats.py)
 
 
 def agreement(votes: Sequence[Vote]) -> dict:
@@ -429,27 +355,15 @@ def _gold_correct(row: dict, vote: Vote) -> bool | None:
 
 def add_annotator(registry, name: str, password: str, *, admin: bool = False) -> None:
     check_name(name, "annotator")
-    stored = hash_password(password)
-    with transaction(registry.db):
-        if registry.db.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone():
-            raise AlignError(f"annotator {name!r} already exists in {registry.root}")
-        registry.db.execute(
-            "INSERT INTO annotators (name, password, admin, created_at) VALUES (?, ?, ?, ?)",
-            (name, stored, int(admin), _now()),
-        )
+    registry.labels.add_annotator(name, hash_password(password), admin=admin)
 
 
 def list_annotators(registry) -> list[dict]:
     """Each annotator with their standing votes (skips and undone votes left out), over every candidates version."""
-    found = registry.db.execute(
-        "SELECT a.name, a.admin, a.created_at, (SELECT COUNT(*) FROM comparisons c WHERE c.annotator = a.name "
-        "AND c.choice NOT IN ('undo', 'skip') AND c.id NOT IN (SELECT undoes FROM comparisons "
-        "WHERE undoes IS NOT NULL)) AS votes FROM annotators a ORDER BY a.name"
-    ).fetchall()
-    return [dict(row) for row in found]
+    return registry.labels.list_annotators()
 
 
-# The store: leases and votes in the registry's SQLite catalog
+# The store: leases and votes, kept in the registry (align/registry/labels.py)
 
 
 @dataclass(frozen=True)
@@ -484,8 +398,8 @@ class Progress:
 
 
 class LabelStore:
-    """Leases and votes for one candidates version in one mode. Safe to share between threads: each thread
-    gets its own SQLite connection, and every write is one BEGIN IMMEDIATE transaction."""
+    """Leases and votes for one candidates version in one mode. Safe to share between threads: the registry
+    gives each thread its own SQLite connection, and every write is one BEGIN IMMEDIATE transaction."""
 
     def __init__(
         self,
@@ -509,30 +423,20 @@ class LabelStore:
         self.rows = registry.rows(self.version) if self.version.kind == "candidates" else []
         check_candidates(self.version, self.rows, mode)
         self.items = label_items(self.rows, mode, self.version.content_hash)
-        self._path = registry.root / "registry.sqlite"
-        self._local = threading.local()
+        self.tables = registry.labels
         self._random = random.Random(seed) if seed is not None else random.SystemRandom()
         self._random_lock = threading.Lock()
-
-    @property
-    def db(self):
-        connection = getattr(self._local, "db", None)
-        if connection is None:
-            connection = self._local.db = open_catalog(self._path)
-        return connection
 
     # Reading
 
     def votes(self, *, all_modes: bool = True, upto: int | None = None) -> list[Vote]:
         """The votes that stand (undone ones left out), oldest first."""
-        return effective_votes(self.db, self.version.id, mode=None if all_modes else self.mode, upto=upto)
+        return self.tables.votes(self.version.id, mode=None if all_modes else self.mode, upto=upto)
 
     def lease_shown(self, lease: int) -> tuple[int, ...] | None:
         """The completions a lease shows, in order (None for an unknown lease)."""
-        row = self.db.execute(
-            "SELECT shown FROM label_leases WHERE id = ? AND dataset_id = ?", (lease, self.version.id)
-        ).fetchone()
-        return tuple(json.loads(row["shown"])) if row else None
+        found = self.tables.lease(lease)
+        return found.shown if found and found.dataset_id == self.version.id else None
 
     def progress(self, annotator: str) -> Progress:
         counted = Counter()
@@ -554,21 +458,17 @@ class LabelStore:
     def current(self, annotator: str) -> Assignment:
         """The annotator's live lease (after a reload or a restart), else a new lease on the next item."""
         now = self.clock()
-        with transaction(self.db) as db:
-            live = db.execute(
-                "SELECT * FROM label_leases WHERE dataset_id = ? AND mode = ? AND annotator = ? "
-                "AND released_at IS NULL AND expires_at > ? ORDER BY id DESC LIMIT 1",
-                (self.version.id, self.mode, annotator, now),
-            ).fetchone()
+        with self.tables.transaction():
+            live = self.tables.live_lease(self.version.id, self.mode, annotator, now)
             if live is not None:
-                return Assignment("item", live["id"], live["item"], tuple(json.loads(live["shown"])), renewed=True)
-            item, status = self._choose(db, annotator, now)
+                return Assignment("item", live.id, live.item, live.shown, renewed=True)
+            item, status = self._choose(annotator, now)
             if item is None:
                 return Assignment(status)
             shown = list(self.items[item])
             with self._random_lock:
                 self._random.shuffle(shown)
-            lease = self._lease(db, annotator, item, shown, now)
+            lease = self._lease(annotator, item, shown, now)
             return Assignment("item", lease, item, tuple(shown))
 
     def vote(
@@ -592,32 +492,29 @@ class LabelStore:
             raise LabelError(f"rubric scores are a mapping of name to number (got {scores!r})")
         reason = (reason or "").strip() or None
         now = self.clock()
-        with transaction(self.db) as db:
-            held = db.execute("SELECT * FROM label_leases WHERE id = ?", (lease,)).fetchone()
-            if held is None or held["annotator"] != annotator or held["dataset_id"] != self.version.id:
+        tables = self.tables
+        with tables.transaction():
+            held = tables.lease(lease)
+            if held is None or held.annotator != annotator or held.dataset_id != self.version.id:
                 raise LabelError(f"item lease {lease} is not leased to {annotator!r}: vote on the item you were shown")
-            if held["mode"] != self.mode:
-                raise LabelError(f"item lease {lease} belongs to {held['mode']} mode, not {self.mode}")
-            item, shown = held["item"], json.loads(held["shown"])
-            used = db.execute("SELECT id, undoes FROM comparisons WHERE lease_id = ?", (lease,)).fetchone()
+            if held.mode != self.mode:
+                raise LabelError(f"item lease {lease} belongs to {held.mode} mode, not {self.mode}")
+            item, shown = held.item, list(held.shown)
+            used = tables.vote_on_lease(lease)
             if used is not None:
-                if _undone(db, used["id"]):
+                if tables.is_undone(used):
                     raise LabelError(f"the vote on item lease {lease} was undone: vote on the item you are shown now")
-                return Receipt(used["id"], item, duplicate=True)
-            if held["released_at"] is not None:
+                return Receipt(used, item, duplicate=True)
+            if held.released_at is not None:
                 raise LabelError(f"item lease {lease} was given up: vote on the item you are shown now")
-            standing = effective_votes(db, self.version.id, mode=self.mode, item=item)
+            standing = tables.votes(self.version.id, mode=self.mode, item=item)
             if any(vote.annotator == annotator for vote in standing):
                 raise LabelError(f"{annotator!r} already voted on item {item}")
             counted = sum(vote.counted for vote in standing)
             if choice != "skip":
                 others = 0
-                if held["expires_at"] <= now:  # an expired lease: only while the item still has an open slot
-                    others = db.execute(
-                        "SELECT COUNT(DISTINCT annotator) FROM label_leases WHERE dataset_id = ? AND mode = ? "
-                        "AND item = ? AND annotator != ? AND released_at IS NULL AND expires_at > ?",
-                        (self.version.id, self.mode, item, annotator, now),
-                    ).fetchone()[0]
+                if held.expires_at <= now:  # an expired lease: only while the item still has an open slot
+                    others = tables.holders(self.version.id, self.mode, now, item=item, excluding=annotator)[item]
                 if counted + others >= self.overlap:
                     raise LabelError(f"the lease on item {item} expired and the item went to other annotators")
             by_index = None
@@ -628,89 +525,57 @@ class LabelStore:
                 by_index = [0] * len(self.rows[item]["completions"])
                 for position, index in enumerate(shown):
                     by_index[index] = dense[position]
-            cursor = db.execute(
-                "INSERT INTO comparisons (dataset_id, mode, item, annotator, shown, choice, ranking, scores, reason, "
-                "seconds, lease_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    self.version.id,
-                    self.mode,
-                    item,
-                    annotator,
-                    json.dumps(shown),
-                    choice,
-                    json.dumps(by_index) if by_index is not None else None,
-                    json.dumps(scores) if scores is not None else None,
-                    reason,
-                    round(max(now - held["leased_at"], 0.0), 3),
-                    lease,
-                    _now(),
-                ),
+            vote = tables.add_vote(
+                self.version.id,
+                self.mode,
+                item,
+                annotator,
+                shown,
+                choice,
+                ranking=by_index,
+                scores=scores,
+                reason=reason,
+                seconds=round(max(now - held.leased_at, 0.0), 3),
+                lease_id=lease,
             )
-            db.execute("UPDATE label_leases SET released_at = ? WHERE id = ?", (now, lease))
-            return Receipt(cursor.lastrowid, item)
+            tables.release_lease(lease, now)
+            return Receipt(vote, item)
 
     def undo(self, annotator: str) -> tuple[Undone | None, Assignment]:
         """Retract the annotator's last standing vote (in this mode) by appending an undo row, and lease that
         item to them again, shown the same way. Returns (what was undone or None, what to show now)."""
         now = self.clock()
-        with transaction(self.db) as db:
-            mine = [
-                vote for vote in effective_votes(db, self.version.id, mode=self.mode) if vote.annotator == annotator
-            ]
+        tables = self.tables
+        with tables.transaction():
+            mine = [vote for vote in tables.votes(self.version.id, mode=self.mode) if vote.annotator == annotator]
             if not mine:
                 undone = None
             else:
                 last = mine[-1]
-                cursor = db.execute(
-                    "INSERT INTO comparisons (dataset_id, mode, item, annotator, shown, choice, undoes, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, 'undo', ?, ?)",
-                    (self.version.id, self.mode, last.item, annotator, json.dumps(list(last.shown)), last.id, _now()),
-                )
-                undone = Undone(last, cursor.lastrowid)
-                db.execute(
-                    "UPDATE label_leases SET released_at = ? WHERE dataset_id = ? AND mode = ? AND annotator = ? "
-                    "AND released_at IS NULL",
-                    (now, self.version.id, self.mode, annotator),
-                )
-                counted = sum(
-                    vote.counted for vote in effective_votes(db, self.version.id, mode=self.mode, item=last.item)
-                )
-                holders = db.execute(
-                    "SELECT COUNT(DISTINCT annotator) FROM label_leases WHERE dataset_id = ? AND mode = ? "
-                    "AND item = ? AND released_at IS NULL AND expires_at > ?",
-                    (self.version.id, self.mode, last.item, now),
-                ).fetchone()[0]
+                undone = Undone(last, tables.add_undo(self.version.id, self.mode, last))
+                tables.release_leases(self.version.id, self.mode, annotator, now)
+                counted = sum(vote.counted for vote in tables.votes(self.version.id, mode=self.mode, item=last.item))
+                holders = tables.holders(self.version.id, self.mode, now, item=last.item)[last.item]
                 if counted + holders < self.overlap:  # an undone skip may have let the item fill up meanwhile
-                    lease = self._lease(db, annotator, last.item, list(last.shown), now)
+                    lease = self._lease(annotator, last.item, list(last.shown), now)
                     return undone, Assignment("item", lease, last.item, last.shown)
         return undone, self.current(annotator)
 
     # Inside a transaction
 
-    def _choose(self, db, annotator: str, now: float) -> tuple[int | None, str]:
+    def _choose(self, annotator: str, now: float) -> tuple[int | None, str]:
         votes: Counter = Counter()
         mine: set[int] = set()
-        for vote in effective_votes(db, self.version.id, mode=self.mode):
+        for vote in self.tables.votes(self.version.id, mode=self.mode):
             if vote.annotator == annotator:
                 mine.add(vote.item)
             elif vote.counted:
                 votes[vote.item] += 1
-        held: Counter = Counter()
-        for row in db.execute(
-            "SELECT item, COUNT(DISTINCT annotator) AS holders FROM label_leases WHERE dataset_id = ? AND mode = ? "
-            "AND annotator != ? AND released_at IS NULL AND expires_at > ? GROUP BY item",
-            (self.version.id, self.mode, annotator, now),
-        ):
-            held[row["item"]] = row["holders"]
+        held = self.tables.holders(self.version.id, self.mode, now, excluding=annotator)
         return choose_item(len(self.items), overlap=self.overlap, mine=mine, votes=votes, held=held)
 
-    def _lease(self, db, annotator: str, item: int, shown: list[int], now: float) -> int:
-        cursor = db.execute(
-            "INSERT INTO label_leases (dataset_id, mode, item, annotator, shown, leased_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (self.version.id, self.mode, item, annotator, json.dumps(shown), now, now + self.lease_seconds),
-        )
-        return cursor.lastrowid
+    def _lease(self, annotator: str, item: int, shown: list[int], now: float) -> int:
+        return self.tables.add_lease(self.version.id, self.mode, item, annotator, shown, now, now + self.lease_seconds)
 
 
 def _is_scores(scores) -> bool:
@@ -718,52 +583,6 @@ def _is_scores(scores) -> bool:
         isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
         for key, value in scores.items()
     )
-
-
-def _undone(db, vote_id: int) -> bool:
-    return db.execute("SELECT 1 FROM comparisons WHERE undoes = ?", (vote_id,)).fetchone() is not None
-
-
-def effective_votes(
-    db, dataset_id: int, *, mode: str | None = None, item: int | None = None, upto: int | None = None
-) -> list[Vote]:
-    """The votes on a candidates version that stand: every non-undo row no undo row retracts, oldest first.
-    `upto`: only rows up to that id (a snapshot)."""
-    where = ["c.dataset_id = ?", "c.choice != 'undo'"]
-    args: list = [dataset_id]
-    if mode is not None:
-        where.append("c.mode = ?")
-        args.append(mode)
-    if item is not None:
-        where.append("c.item = ?")
-        args.append(item)
-    retracted = "SELECT u.undoes FROM comparisons u WHERE u.dataset_id = ? AND u.undoes IS NOT NULL"
-    retract_args: list = [dataset_id]
-    if upto is not None:
-        where.append("c.id <= ?")
-        args.append(upto)
-        retracted += " AND u.id <= ?"
-        retract_args.append(upto)
-    found = db.execute(
-        f"SELECT c.* FROM comparisons c WHERE {' AND '.join(where)} AND c.id NOT IN ({retracted}) ORDER BY c.id",
-        (*args, *retract_args),
-    ).fetchall()
-    return [
-        Vote(
-            id=row["id"],
-            item=row["item"],
-            annotator=row["annotator"],
-            mode=row["mode"],
-            shown=tuple(json.loads(row["shown"])),
-            choice=row["choice"],
-            ranking=tuple(json.loads(row["ranking"])) if row["ranking"] else None,
-            reason=row["reason"],
-            seconds=row["seconds"],
-            scores=json.loads(row["scores"]) if row["scores"] else None,
-            created_at=row["created_at"],
-        )
-        for row in found
-    ]
 
 
 # align data from-labels
@@ -780,9 +599,10 @@ def from_labels(registry, candidates: str, *, name: str, ties: str = "drop", min
         candidates = snapshot(registry, candidates.partition(":")[2])
     version = registry.resolve(candidates, kind="candidates")
     rows = registry.rows(version)
-    with transaction(registry.db) as db:  # one consistent read of the append-only table
-        last = db.execute("SELECT MAX(id) FROM comparisons WHERE dataset_id = ?", (version.id,)).fetchone()[0]
-        votes = effective_votes(db, version.id, upto=last) if last is not None else []
+    tables = registry.labels
+    with tables.transaction():  # one consistent read of the append-only table
+        last = tables.last_row(version.id)
+        votes = tables.votes(version.id, upto=last) if last is not None else []
     if not any(vote.counted for vote in votes):
         raise AlignError(f"no votes on {version.ref} yet: collect some with `align label --candidates {version.ref}`")
     result = aggregate(rows, votes, ties=ties, min_votes=min_votes)
@@ -798,15 +618,7 @@ def from_labels(registry, candidates: str, *, name: str, ties: str = "drop", min
         for v in votes
     ]  # fmt: skip
     content_hash = hashlib.sha256(json.dumps(used, sort_keys=True).encode("utf-8")).hexdigest()
-    with transaction(registry.db) as db:
-        db.execute(
-            "INSERT OR IGNORE INTO comparison_snapshots (dataset_id, last_comparison, votes, content_hash, created_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (version.id, last, len(votes), content_hash, _now()),
-        )
-        snapshot = db.execute(
-            "SELECT id FROM comparison_snapshots WHERE dataset_id = ? AND last_comparison = ?", (version.id, last)
-        ).fetchone()["id"]
+    snapshot = tables.add_snapshot(version.id, last, len(votes), content_hash)
     meta = {
         "agreement": {key: numbers[key] for key in ("krippendorff_alpha", "pairwise_agreement", "annotators", "votes")},
         "cohen_kappa": numbers["cohen_kappa"],

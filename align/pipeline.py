@@ -213,9 +213,7 @@ class Pipeline:
         if step == "preferences" and config.preferences == "labels" and inputs["candidates"]:
             # New votes in the ranking UI make new preferences: the vote count is part of the fingerprint.
             candidates = self.registry.resolve(inputs["candidates"])
-            votes = self.registry.db.execute(
-                "SELECT COUNT(*) FROM comparisons WHERE dataset_id = ?", (candidates.id,)
-            ).fetchone()[0]
+            votes = self.registry.labels.count_rows(candidates.id)
         return {
             "inputs": inputs,
             "files": files,

@@ -37,13 +37,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from align.arena import DEFAULT_ARENA, arena_leaderboard, plot_win_rates, record_battle
+from align.arena import DEFAULT_ARENA, arena_leaderboard, arenas, plot_win_rates, record_battle
 from align.errors import AlignError
 from align.labels import OPEN_USER
 from align.registry import Registry
-from align.registry.catalog import open_catalog
 from align.registry.registry import ARTIFACT_KINDS, check_name
-from ui.serving import Logins, check_access
+from ui.serving import Logins, check_access, request_user
 
 SIDES = ("a", "b")  # left, right
 VOTES = (
@@ -173,15 +172,14 @@ class CompareDesk:
             resolve_model(ref, registry)  # every reference checked before anything loads
         # Registry artifacts pinned to their version: a vote names exactly the model that answered.
         self.refs = [registry.resolve_artifact(r).ref if r.split(":", 1)[0] in ARTIFACT_KINDS else r for r in models]
-        check_access(registry.db, registry.root, open_access)
+        check_access(registry, open_access)
         self.open_access = open_access
         self.defaults = defaults or ChatSettings()
         self.bootstrap = bootstrap
-        self._path = registry.root / "registry.sqlite"
-        self._local = threading.local()
+        self.registry = registry  # its label and arena tables give each thread a connection of its own
         self._random = random.Random(seed) if seed is not None else random.SystemRandom()
         self._lock = threading.Lock()
-        self.logins = Logins(lambda: self.db)
+        self.logins = Logins(registry.labels)
         self._board: tuple | None = None  # (last battle id, leaderboard): recomputed only after new votes
         self.loaded: dict[str, tuple] = {}
         for ref in self.refs:
@@ -191,13 +189,6 @@ class CompareDesk:
                 raise AlignError(f"model {ref!r} has no chat template: compare needs instruct (chat) models")
             self.loaded[ref] = (merged_for_inference(model), tokenizer)
 
-    @property
-    def db(self):
-        connection = getattr(self._local, "db", None)
-        if connection is None:
-            connection = self._local.db = open_catalog(self._path)
-        return connection
-
     # Login
 
     @property
@@ -206,13 +197,6 @@ class CompareDesk:
 
     def check_login(self, name: str, password: str) -> bool:
         return self.logins.check(name, password)
-
-    def user(self, request: gr.Request | None) -> str:
-        if self.open_access:
-            return OPEN_USER
-        if request is None or not request.username:
-            raise AlignError("not logged in")
-        return request.username
 
     # Conversations
 
@@ -316,7 +300,7 @@ class CompareDesk:
         seconds = time.time() - battle["shown_at"] if battle["shown_at"] else None
         left, right = battle["models"]
         return record_battle(
-            self.db,
+            self.registry,
             arena=self.arena,
             key=battle["key"],
             left=left,
@@ -331,11 +315,11 @@ class CompareDesk:
 
     def leaderboard(self):
         """The arena's leaderboard, recomputed only when a vote came in since the last time."""
-        last = self.db.execute("SELECT MAX(id) FROM arena_battles WHERE arena = ?", (self.arena,)).fetchone()[0]
+        last = self.registry.arena.last_battle(self.arena)
         with self._lock:
             if self._board is not None and self._board[0] == last:
                 return self._board[1]
-        board = arena_leaderboard(self.db, self.arena, rounds=self.bootstrap, seed=0)
+        board = arena_leaderboard(self.registry, self.arena, rounds=self.bootstrap, seed=0)
         with self._lock:
             self._board = (last, board)
         return board
@@ -459,6 +443,41 @@ def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
         system_text, tokens, temp, nucleus = values
         return ChatSettings(system_text or "", int(tokens), float(temp), float(nucleus))
 
+    def converse(outputs, state, values, text: str | None, *, failed: str, done: str):
+        """Both models of a conversation answer, streaming: `text` as a new user turn, or with no text the last
+        user turn again (their last replies dropped). The replies are kept only when both sides finish."""
+        try:
+            settings = settings_from(values)
+        except AlignError as exc:
+            yield outputs(state, None, f"Not sent: {exc}")
+            return
+        for thread in state["threads"]:
+            if text is None:
+                thread.pop()
+            else:
+                thread.append({"role": "user", "content": text})
+        if text is not None:
+            yield outputs(state, None, "", busy=True, text="")
+        try:
+            for pieces in desk.stream(state["models"], state["threads"], settings):
+                yield outputs(state, pieces, busy=True)
+        except AlignError as exc:
+            yield outputs(state, None, f"Not sent: {exc}")
+            return
+        if any(pieces.errors):
+            for thread in state["threads"]:
+                thread.pop()  # the two threads stay in step: the question is taken back from both
+            reasons = "; ".join(f"{'AB'[i]}: {pieces.errors[i]}" for i in range(2) if pieces.errors[i])
+            yield outputs(state, None, f"{failed}: {reasons}")
+            return
+        for i in range(2):
+            state["threads"][i].append({"role": "assistant", "content": pieces.texts[i].strip()})
+        # What the replies were made with, and when they were shown: a battle vote records them.
+        state["settings"] = settings.record()
+        state["system"] = [{"role": "system", "content": settings.system}] if settings.system.strip() else []
+        state["shown_at"] = time.time()
+        yield outputs(state, None, done)
+
     # Side by side
 
     def side_fresh(left, right):
@@ -474,52 +493,21 @@ def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
         return [state, *panels, box, message, *buttons]
 
     side_out = [side_state, *side_panels, side_input, side_status, side_send, side_regen, side_clear]
-
-    def run_side(state, settings):
-        try:
-            for pieces in desk.stream(state["models"], state["threads"], settings):
-                yield side_outputs(state, pieces, busy=True)
-        except AlignError as exc:
-            yield side_outputs(state, None, f"Not sent: {exc}")
-            return
-        if any(pieces.errors):
-            for thread in state["threads"]:
-                thread.pop()  # the two threads stay in step: the question is taken back from both
-            failed = "; ".join(f"{'AB'[i]}: {pieces.errors[i]}" for i in range(2) if pieces.errors[i])
-            yield side_outputs(state, None, f"Failed, nothing kept: {failed}")
-            return
-        for i in range(2):
-            state["threads"][i].append({"role": "assistant", "content": pieces.texts[i].strip()})
-        yield side_outputs(state, None, "")
+    side_said = {"failed": "Failed, nothing kept", "done": ""}
 
     def on_side_send(state, text, left, right, *values):
         state = state or side_fresh(left, right)
         if not (text or "").strip():
             yield side_outputs(state, None, "Type a message first.")
             return
-        try:
-            settings = settings_from(values)
-        except AlignError as exc:
-            yield side_outputs(state, None, f"Not sent: {exc}")
-            return
-        for thread in state["threads"]:
-            thread.append({"role": "user", "content": text})
-        yield side_outputs(state, None, "", busy=True, text="")
-        yield from run_side(state, settings)
+        yield from converse(side_outputs, state, values, text, **side_said)
 
     def on_side_regen(state, left, right, *values):
         state = state or side_fresh(left, right)
         if not state["threads"][0] or state["threads"][0][-1]["role"] != "assistant":
             yield side_outputs(state, None, "Nothing to regenerate yet.")
             return
-        try:
-            settings = settings_from(values)
-        except AlignError as exc:
-            yield side_outputs(state, None, f"Not sent: {exc}")
-            return
-        for thread in state["threads"]:
-            thread.pop()
-        yield from run_side(state, settings)
+        yield from converse(side_outputs, state, values, None, **side_said)
 
     def on_side_clear(left, right):
         return side_outputs(side_fresh(left, right), None, "")
@@ -555,26 +543,7 @@ def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
         battle_new,
         *vote_buttons,
     ]
-
-    def run_battle(state, settings):
-        try:
-            for pieces in desk.stream(state["models"], state["threads"], settings):
-                yield battle_outputs(state, pieces, "", busy=True)
-        except AlignError as exc:
-            yield battle_outputs(state, None, f"Not sent: {exc}")
-            return
-        if any(pieces.errors):
-            for thread in state["threads"]:
-                thread.pop()  # a battle needs both replies: take the question back
-            failed = "; ".join(f"{'AB'[i]}: {pieces.errors[i]}" for i in range(2) if pieces.errors[i])
-            yield battle_outputs(state, None, f"Failed, nothing to vote on: {failed}", text=None)
-            return
-        for i in range(2):
-            state["threads"][i].append({"role": "assistant", "content": pieces.texts[i].strip()})
-        state["settings"] = settings.record()
-        state["system"] = [{"role": "system", "content": settings.system}] if settings.system.strip() else []
-        state["shown_at"] = time.time()
-        yield battle_outputs(state, None, "Vote when you are ready, or keep chatting.")
+    battle_said = {"failed": "Failed, nothing to vote on", "done": "Vote when you are ready, or keep chatting."}
 
     def on_battle_send(state, text, *values):
         state = state or desk.new_battle()
@@ -584,29 +553,14 @@ def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
         if not (text or "").strip():
             yield battle_outputs(state, None, "Type a message first.")
             return
-        try:
-            settings = settings_from(values)
-        except AlignError as exc:
-            yield battle_outputs(state, None, f"Not sent: {exc}")
-            return
-        for thread in state["threads"]:
-            thread.append({"role": "user", "content": text})
-        yield battle_outputs(state, None, "", busy=True, text="")
-        yield from run_battle(state, settings)
+        yield from converse(battle_outputs, state, values, text, **battle_said)
 
     def on_battle_regen(state, *values):
         state = state or desk.new_battle()
         if state["vote"] is not None or not state["threads"][0]:
             yield battle_outputs(state, None, "Nothing to regenerate.")
             return
-        try:
-            settings = settings_from(values)
-        except AlignError as exc:
-            yield battle_outputs(state, None, f"Not sent: {exc}")
-            return
-        for thread in state["threads"]:
-            thread.pop()
-        yield from run_battle(state, settings)
+        yield from converse(battle_outputs, state, values, None, **battle_said)
 
     def make_vote(choice: str):
         def on_vote(state, request: gr.Request):
@@ -614,7 +568,7 @@ def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
             if state["vote"] is not None:
                 return battle_outputs(state, None, "Already voted: start a new battle.")
             try:
-                battle_id, duplicate = desk.vote(desk.user(request), state, choice)
+                battle_id, duplicate = desk.vote(request_user(request, desk.open_access), state, choice)
             except AlignError as exc:
                 return battle_outputs(state, None, f"Not saved: {exc}")
             state["vote"] = choice
@@ -723,7 +677,7 @@ def run_compare(
     app, desk = create_app(
         registry, models, arena=arena, open_access=open_access, defaults=defaults, bootstrap=bootstrap
     )
-    votes = registry.db.execute("SELECT COUNT(*) FROM arena_battles WHERE arena = ?", (arena,)).fetchone()[0]
+    votes = dict(arenas(registry)).get(arena, 0)
     print(f"comparing {', '.join(desk.refs)}; battle votes go to arena '{arena}' ({votes} so far)")
     if open_access:
         print(f"single local user '{OPEN_USER}', no login (--open)")
@@ -735,13 +689,13 @@ def run_compare(
 
 def print_leaderboard(workspace: str | None, arena: str, *, bootstrap: int, seed: int, plot: str | None) -> None:
     """`align compare --leaderboard`: the table in the terminal (and the heatmap as a PNG)."""
-    from align.arena import arenas, leaderboard_text
+    from align.arena import leaderboard_text
 
     registry = Registry(workspace)
     check_name(arena, "arena")
-    board = arena_leaderboard(registry.db, arena, rounds=bootstrap, seed=seed)
+    board = arena_leaderboard(registry, arena, rounds=bootstrap, seed=seed)
     if not board.votes:
-        known = ", ".join(f"{name} ({votes})" for name, votes in arenas(registry.db)) or "none yet"
+        known = ", ".join(f"{name} ({votes})" for name, votes in arenas(registry)) or "none yet"
         raise AlignError(f"no votes in arena {arena!r} at {registry.root} (arenas with votes: {known})")
     print(f"arena '{arena}': {board.votes} votes; 95% intervals from {bootstrap} bootstrap resamples (seed {seed})")
     print(leaderboard_text(board))

@@ -45,7 +45,7 @@ from pydantic import BaseModel
 from align.errors import AlignError
 from align.labels import OPEN_USER, LabelError, LabelStore, quality
 from align.registry import Registry
-from ui.serving import Logins, check_access
+from ui.serving import Logins, check_access, request_user
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PAIRWISE_BUTTONS = (
@@ -114,11 +114,11 @@ class LabelDesk:
     ):
         self.store = LabelStore(registry, candidates, mode=mode, overlap=overlap, lease_seconds=lease_seconds)
         self.open_access = open_access
-        check_access(registry.db, registry.root, open_access)
+        check_access(registry, open_access)
         self.width = max(len(item) for item in self.store.items)  # completions shown at most
         if self.width > len(LETTERS):
             raise AlignError(f"a row of {self.store.version.ref} has {self.width} completions: 26 at most are shown")
-        self.logins = Logins(lambda: self.store.db)
+        self.logins = Logins(registry.labels)
 
     @property
     def login_required(self) -> bool:
@@ -130,7 +130,7 @@ class LabelDesk:
     def is_admin(self, user: str) -> bool:
         if self.open_access:
             return True
-        found = self.store.db.execute("SELECT admin FROM annotators WHERE name = ?", (user,)).fetchone()
+        found = self.store.tables.annotator(user)
         return bool(found and found["admin"])
 
     def current(self, user: str) -> dict:
@@ -322,13 +322,13 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             desk = desk_for(ref)
         except AlignError as exc:
             return [*nothing(str(exc)), gr.Tab(visible=False)]
-        user = _user(desk, request)
+        user = request_user(request, desk.open_access)
         return [*render(desk, desk.current(user)), gr.Tab(visible=desk.is_admin(user))]
 
     def make_vote(choice: str):
         def on_vote(request: gr.Request, ref: str, lease_value: str, reason_text: str, *rank_values):
             desk = desk_for(ref)
-            user = _user(desk, request)
+            user = request_user(request, desk.open_access)
             ranking = None
             if choice == "rank":
                 shown = desk.store.lease_shown(int(lease_value or 0)) or ()
@@ -346,7 +346,7 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
 
     def on_undo(ref: str, request: gr.Request):
         desk = desk_for(ref)
-        result = desk.undo(_user(desk, request))
+        result = desk.undo(request_user(request, desk.open_access))
         undone = result["undone"]
         if undone is None:
             return render(desk, result["next"], "Nothing to undo.")
@@ -355,12 +355,12 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
 
     def on_again(ref: str, request: gr.Request):
         desk = desk_for(ref)
-        return render(desk, desk.current(_user(desk, request)))
+        return render(desk, desk.current(request_user(request, desk.open_access)))
 
     def on_quality(ref: str, request: gr.Request):
         desk = desk_for(ref)
         try:
-            report = desk.quality(_user(desk, request))
+            report = desk.quality(request_user(request, desk.open_access))
         except LabelError as exc:
             return str(exc), None, None
         return quality_tables(report)
@@ -372,14 +372,6 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
     refresh.click(on_quality, [chosen], [summary, people, kappas])
     quality_tab.select(on_quality, [chosen], [summary, people, kappas])
     return on_load, [*screen, quality_tab]
-
-
-def _user(desk: LabelDesk, request: gr.Request) -> str:
-    if desk.open_access:
-        return OPEN_USER
-    if not request or not request.username:
-        raise LabelError("not logged in")
-    return request.username
 
 
 def plural(count: int, word: str) -> str:

@@ -128,24 +128,10 @@ def node_label(key: str, node) -> str:
 
 def lineage(registry: Registry, start, limit: int = 60) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
     """The labelled nodes ({key: label}) and (parent, child, role) edges around `start`: all its ancestors, then
-    all its descendants (at most `limit` nodes), read from the catalog's lineage table."""
-    first = start.node
-    labels = {first: node_label(first, start)}
-    edges: set[tuple[str, str, str]] = set()
-    for upward in (True, False):
-        queue, seen = [first], {first}
-        while queue and len(labels) < limit:
-            key = queue.pop(0)
-            query = "SELECT parent, child, role FROM lineage WHERE " + ("child" if upward else "parent") + " = ?"
-            for row in registry.db.execute(query, (key,)).fetchall():
-                edges.add((row["parent"], row["child"], row["role"]))
-                other = row["parent"] if upward else row["child"]
-                if other not in labels:
-                    labels[other] = node_label(other, registry.node(other))
-                if other not in seen:
-                    seen.add(other)
-                    queue.append(other)
-    return labels, sorted(edges)
+    all its descendants (at most `limit` nodes)."""
+    walked = registry.lineage(start, direction="both", limit=limit)
+    labels = {key: node_label(key, node) for key, node in walked.nodes.items()}
+    return labels, sorted(set(walked.edges))
 
 
 def lineage_markdown(labels: dict, edges: list, start_key: str) -> str:
@@ -378,7 +364,7 @@ def build_blocks(
                         elem_id="compare-missing",
                     )
             with gr.Tab("Leaderboard", id="leaderboard") as board_tab:
-                board = compare.leaderboard if compare else (lambda: arena_leaderboard(registry.db, arena, seed=0))
+                board = compare.leaderboard if compare else (lambda: arena_leaderboard(registry, arena, seed=0))
                 compare_app.leaderboard_panel(board, board_tab)
             with gr.Tab("Datasets", id="datasets") as datasets_tab:
                 datasets_panel(registry, datasets_tab)
@@ -416,8 +402,7 @@ def create_app(
     """(the FastAPI app serving every tab at /, a dict of what it serves)."""
     from fastapi import FastAPI
 
-    annotators = registry.db.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
-    login = check_exposure(host, expose, annotators, registry.root)
+    login = check_exposure(host, expose, registry.labels.count_annotators(), registry.root)
     overlap = overlap or (2 if login else 1)  # one local user gives each item one vote
     desks = LabelDesks(registry, mode=mode, overlap=overlap, open_access=not login, lease_seconds=lease_seconds)
     models = default_models(registry) if models is None else models
@@ -430,7 +415,7 @@ def create_app(
     first = registry.resolve(candidates, kind="candidates").ref if candidates else None  # checked before serving
     blocks = build_blocks(registry, desks, compare, arena, first)
     blocks.queue(default_concurrency_limit=8)
-    logins = Logins(lambda: registry.db)
+    logins = Logins(registry.labels)
     app = gr.mount_gradio_app(
         FastAPI(title="align serve", docs_url=None, redoc_url=None, openapi_url=None),
         blocks,

@@ -13,9 +13,9 @@ import time
 from align.errors import AlignError
 
 
-def check_access(db, root, open_access: bool) -> None:
+def check_access(registry, open_access: bool) -> None:
     """Login is required whenever an annotator exists; without one, an app starts only for one local user."""
-    annotators = db.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
+    annotators, root = registry.labels.count_annotators(), registry.root
     if not open_access and not annotators:
         raise AlignError(
             f"no annotators in {root} yet: add one with `align annotators add NAME` "
@@ -32,8 +32,8 @@ class Logins:
     """Checks a name and password against the registry's salted scrypt hashes; scrypt runs once per password,
     not on every request (a verified login is remembered as a keyed hash, never as the password)."""
 
-    def __init__(self, db):
-        self._db = db  # a function returning a catalog connection usable from the calling thread
+    def __init__(self, labels):
+        self._labels = labels  # the registry's label tables (registry.labels): a connection per thread
         self._secret = secrets.token_bytes(32)
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
@@ -41,7 +41,7 @@ class Logins:
     def check(self, name: str, password: str) -> bool:
         from align.labels import verify_password
 
-        found = self._db().execute("SELECT password FROM annotators WHERE name = ?", (name,)).fetchone()
+        found = self._labels.annotator(name)
         if found is None or not password:
             return False
         key = hmac.new(self._secret, f"{name}\0{password}\0{found['password']}".encode(), hashlib.sha256).digest()
@@ -53,6 +53,17 @@ class Logins:
         with self._lock:
             self._verified.add(key)
         return True
+
+
+def request_user(request, open_access: bool) -> str:
+    """Who sent a Gradio request: the one local user with --open, else the annotator logged in."""
+    from align.labels import OPEN_USER, LabelError
+
+    if open_access:
+        return OPEN_USER
+    if request is None or not request.username:
+        raise LabelError("not logged in")
+    return request.username
 
 
 def check_port(host: str, port: int) -> None:

@@ -3,6 +3,7 @@
 from align.registry.registry import (
     Artifact,
     DatasetVersion,
+    Lineage,
     Registry,
     Run,
     check_name,
@@ -10,4 +11,4 @@ from align.registry.registry import (
     workspace_path,
 )
 
-__all__ = ["Artifact", "DatasetVersion", "Registry", "Run", "check_name", "parse_ref", "workspace_path"]
+__all__ = ["Artifact", "DatasetVersion", "Lineage", "Registry", "Run", "check_name", "parse_ref", "workspace_path"]

@@ -7,8 +7,10 @@ transaction: a version, run or artifact is either fully recorded or not at all.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 # Each entry upgrades the catalog by one step; `PRAGMA user_version` records how many have run.
@@ -65,7 +67,7 @@ MIGRATIONS = [
     );
     CREATE INDEX lineage_parent ON lineage (parent);
     """,
-    # Human labels (align/labels.py): annotators, item leases, and the append-only comparisons (votes).
+    # Human labels: annotators, item leases, and the append-only comparisons (votes).
     """
     CREATE TABLE annotators (
         name TEXT PRIMARY KEY,
@@ -118,7 +120,7 @@ MIGRATIONS = [
         UNIQUE (dataset_id, last_comparison)
     );
     """,
-    # The arena (align/arena.py): blind battles between two models, one row per vote, never updated or deleted.
+    # The arena: blind battles between two models, one row per vote, never updated or deleted.
     """
     CREATE TABLE arena_battles (
         id INTEGER PRIMARY KEY,
@@ -169,3 +171,48 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
+
+
+def utc_now() -> str:
+    """The time a row is written, as stored in created_at columns."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Connections:
+    """One catalog connection per thread, opened on first use. A transaction belongs to a connection, so threads
+    that write (Gradio serves each request on a worker thread) must not share one."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._local = threading.local()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "db", None)
+        if connection is None:
+            connection = self._local.db = open_catalog(self.path)
+        return connection
+
+    def close(self) -> None:
+        """Close the calling thread's connection (the others close with their threads)."""
+        connection = getattr(self._local, "db", None)
+        if connection is not None:
+            connection.close()
+            self._local.db = None
+
+
+class Tables:
+    """Some of the catalog's tables, on the calling thread's connection. Inside `with tables.transaction():`
+    every call from the same thread belongs to that one transaction."""
+
+    def __init__(self, connections: Connections):
+        self._connections = connections
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        return self._connections.db
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with transaction(self.db):
+            yield

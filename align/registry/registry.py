@@ -19,6 +19,7 @@ import secrets
 import shutil
 import sqlite3
 import tempfile
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,7 +27,9 @@ from hashlib import sha256
 from pathlib import Path
 
 from align.errors import AlignError, DataError
-from align.registry.catalog import open_catalog, transaction
+from align.registry.arena import ArenaTables
+from align.registry.catalog import Connections, open_catalog, transaction, utc_now
+from align.registry.labels import LabelTables
 from align.registry.schemas import KINDS, RowError, arrow_schema, convert_row, ordered_columns, validate_row
 
 DEFAULT_WORKSPACE = "align-workspace"
@@ -58,10 +61,6 @@ def parse_ref(ref: str, what: str = "dataset") -> tuple[str, int | None]:
     if not version.isdigit() or int(version) < 1:
         raise AlignError(f"invalid reference {ref!r}: the version after '@' must be a positive whole number")
     return name, int(version)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -146,17 +145,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """What a walk of the lineage found (Registry.lineage): the nodes reached, {key: object} from the start
+    outwards, and the (parent key, child key, role) links between them, in the order walked."""
+
+    start: str
+    nodes: dict[str, object]
+    edges: list[tuple[str, str, str]]
+
+    def parents(self, key: str) -> list[tuple[str, str]]:
+        """(role, parent key) pairs of a node among the links walked, ordered by role, then parent."""
+        return [(role, parent) for parent, child, role in self.edges if child == key]
+
+
 class Registry:
-    """The Python API: `Registry(workspace).load("name@3")`, `.register(rows, name=, kind=, parents=, run=)`."""
+    """The Python API: `Registry(workspace).load("name@3")`, `.register(rows, name=, kind=, parents=, run=)`.
+
+    `registry.labels` (annotators, leases, votes) and `registry.arena` (battles) give each thread its own
+    connection, for the apps that serve requests on many threads; `registry.db` is the creating thread's."""
 
     def __init__(self, workspace: str | os.PathLike | None = None):
         self.root = workspace_path(workspace).resolve()
         (self.root / "datasets").mkdir(parents=True, exist_ok=True)
         (self.root / "runs").mkdir(exist_ok=True)
         self.db = open_catalog(self.root / "registry.sqlite")
+        self._connections = Connections(self.root / "registry.sqlite")
+        self.labels = LabelTables(self._connections)
+        self.arena = ArenaTables(self._connections)
 
     def close(self) -> None:
         self.db.close()
+        self._connections.close()
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -228,7 +248,7 @@ class Registry:
                         str(relative),
                         run_id,
                         json.dumps(meta or {}),
-                        _now(),
+                        utc_now(),
                     ),
                 )
                 for parent, role in edges:
@@ -365,13 +385,44 @@ class Registry:
     def parents(self, node) -> list[tuple[str, object]]:
         """(role, parent) pairs of a version, artifact or run; a parent is an object or a plain reference."""
         node = node if isinstance(node, str) else node.node
-        found = self.db.execute("SELECT parent, role FROM lineage WHERE child = ? ORDER BY role, parent", (node,))
-        return [(row["role"], self.node(row["parent"])) for row in found.fetchall()]
+        return [(role, self.node(parent)) for parent, role in self._links(node, upward=True)]
 
     def children(self, node) -> list[tuple[str, object]]:
         node = node if isinstance(node, str) else node.node
-        found = self.db.execute("SELECT child, role FROM lineage WHERE parent = ? ORDER BY role, child", (node,))
-        return [(row["role"], self.node(row["child"])) for row in found.fetchall()]
+        return [(role, self.node(child)) for child, role in self._links(node, upward=False)]
+
+    def lineage(self, node, *, direction: str = "up", depth: int | None = None, limit: int | None = None) -> Lineage:
+        """Walk the lineage breadth first from a version, artifact or run (or its key, 'dataset:12'): "up" to its
+        ancestors, "down" to its descendants, or "both" (up first). `depth`: at most that many links from the
+        start; `limit`: read no further node once that many are found, the start included (the links of the node
+        being read are all kept, so a few more may be found)."""
+        if direction not in ("up", "down", "both"):
+            raise ValueError(f"direction is up, down or both (got {direction!r})")
+        start = node if isinstance(node, str) else node.node
+        nodes = {start: self.node(node) if isinstance(node, str) else node}
+        edges = []
+        for upward in (True, False) if direction == "both" else (direction == "up",):
+            distance, queue = {start: 0}, deque([start])
+            while queue and (limit is None or len(nodes) < limit):
+                key = queue.popleft()
+                if depth is not None and distance[key] >= depth:
+                    continue
+                for other, role in self._links(key, upward=upward):
+                    edges.append((other, key, role) if upward else (key, other, role))
+                    if other not in distance:
+                        distance[other] = distance[key] + 1
+                        queue.append(other)
+                    if other not in nodes:
+                        nodes[other] = self.node(other)
+        return Lineage(start, nodes, edges)
+
+    def _links(self, key: str, *, upward: bool) -> list[tuple[str, str]]:
+        """(parent, role) pairs of a node key, or (child, role) pairs; ordered by role, then the other key."""
+        if upward:
+            query = "SELECT parent AS other, role FROM lineage WHERE child = ? ORDER BY role, parent"
+        else:
+            query = "SELECT child AS other, role FROM lineage WHERE parent = ? ORDER BY role, child"
+        return [(row["other"], row["role"]) for row in self.db.execute(query, (key,)).fetchall()]
 
     def node(self, node: str):
         """'dataset:12' -> DatasetVersion, 'artifact:3' -> Artifact, 'run:ID' -> Run, 'base:REF' -> 'REF'."""
@@ -427,7 +478,7 @@ class Registry:
                     seed,
                     json.dumps(library_versions()),
                     os.getpid(),
-                    _now(),
+                    utc_now(),
                 ),
             )
         return self.get_run(run_id)
@@ -462,7 +513,7 @@ class Registry:
                     json.dumps(metrics or {}, default=float),
                     json.dumps(list(outputs)),
                     error,
-                    _now(),
+                    utc_now(),
                     run_id,
                 ),
             )
@@ -521,7 +572,7 @@ class Registry:
                     base_model,
                     run_id,
                     json.dumps(meta or {}, default=str),
-                    _now(),
+                    utc_now(),
                 ),
             )
             for parent, role in edges:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from align.cli import main
-from align.labels import add_annotator, effective_votes
+from align.labels import add_annotator
 from align.registry import Registry
 from ui.label_app import create_app
 from ui.serving import BackgroundServer, free_port
@@ -267,7 +267,7 @@ def test_a_killed_server_loses_no_acknowledged_vote_and_resumes(workspace):
         if process.poll() is None:
             process.kill()
             process.wait(30)
-    votes = effective_votes(Registry(root).db, workspace.resolve("cands").id)
+    votes = Registry(root).labels.votes(workspace.resolve("cands").id)
     assert [(v.id, v.item, v.choice, v.annotator) for v in votes] == [(*a, "local") for a in acknowledged]
 
     process = start_cli_server(root, port)

@@ -19,7 +19,6 @@ from align.arena import (
     games_from,
     leaderboard,
     leaderboard_text,
-    logistic_regression,
     plot_win_rates,
     record_battle,
     snapshot,
@@ -30,18 +29,6 @@ from align.cli import main
 from align.errors import AlignError
 from align.labels import from_labels
 from align.registry import Registry
-
-
-def test_logistic_regression_by_hand():
-    # An intercept alone on targets averaging 0.75: the fit is logit(0.75) = ln 3.
-    w = logistic_regression(np.ones((4, 1)), np.array([1, 1, 1, 0]))
-    assert w[0] == pytest.approx(math.log(3), abs=1e-8)
-    # Fractional targets (ties): 0.5 and 1 average 0.75 too.
-    w = logistic_regression(np.ones((2, 1)), np.array([0.5, 1.0]))
-    assert w[0] == pytest.approx(math.log(3), abs=1e-8)
-    # Weights count rows: weight 3 on a win, 1 on a loss is the same data.
-    w = logistic_regression(np.ones((2, 1)), np.array([1.0, 0.0]), np.array([3.0, 1.0]))
-    assert w[0] == pytest.approx(math.log(3), abs=1e-8)
 
 
 def test_bradley_terry_two_models_by_hand():
@@ -187,7 +174,7 @@ def registry(tmp_path):
 
 def vote(registry, key, left, right, choice, question="q?", replies=("left says", "right says"), **kwargs):
     return record_battle(
-        registry.db,
+        registry,
         arena=kwargs.pop("arena", "default"),
         key=key,
         left=left,
@@ -211,14 +198,14 @@ def test_votes_are_rows_committed_at_once_and_a_retry_is_recorded_once(registry)
     ).fetchall()
     other.close()
     assert row == [("default", "base", "adapter:sft@1", "right", "local", 2.5)]
-    [battle] = battles(registry.db, "default")
+    [battle] = battles(registry, "default")
     assert battle.prompt == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q?"}]
     assert battle.replies == (
         [{"role": "assistant", "content": "left says"}],
         [{"role": "assistant", "content": "right says"}],
     )
     assert battle.settings == {"temperature": 0.7} and battle.turns == 1
-    assert battles(registry.db, "other") == []
+    assert battles(registry, "other") == []
 
 
 def test_bad_votes_are_refused(registry):
@@ -305,7 +292,7 @@ def test_the_cli_prints_the_leaderboard_and_makes_preference_data(registry, tmp_
     vote(registry, "k1", "base", "tuned", "right", question="q1")
     vote(registry, "k2", "tuned", "base", "tie", question="q2")
     vote(registry, "k3", "base", "tuned", "right", question="q3", arena="round-2")
-    assert arenas(registry.db) == [("default", 2), ("round-2", 1)]
+    assert arenas(registry) == [("default", 2), ("round-2", 1)]
     heatmap = tmp_path / "heat.png"
     assert main([*workspace, "compare", "--leaderboard", "--bootstrap", "50", "--plot", str(heatmap)]) == 0
     out = capsys.readouterr().out

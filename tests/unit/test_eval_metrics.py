@@ -1,4 +1,4 @@
-"""`align eval`'s numbers by hand: win rates, the length-controlled win rate, the seeded bootstrap, ROUGE and BLEU,
+"""`align eval`'s numbers by hand: win rates, the length-controlled win rate, ROUGE and BLEU,
 METEOR failing clearly without WordNet, few-shot prompts, and the log-probabilities behind the KL estimate."""
 
 import math
@@ -9,14 +9,12 @@ import pytest
 from align.errors import AlignError
 from align.evaluate import (
     MetricUnavailable,
-    bootstrap_ci,
     choose_examples,
     corpus_bleu,
     example_pairs,
     few_shot_prompt,
     length_controlled_win_rate,
     load_wordnet,
-    mean_with_ci,
     meteor_scores,
     reference_metrics,
     reply_logprobs,
@@ -52,21 +50,6 @@ def test_length_controlled_win_rate_by_hand():
     # All wins: 1 exactly (no regression); equal lengths: the raw rate.
     assert length_controlled_win_rate([1, 1, 1], [3, -2, 8]) == 1.0
     assert length_controlled_win_rate([1, 0, 0.5, 1], [0, 0, 0, 0]) == pytest.approx(0.625, abs=1e-3)
-
-
-def test_bootstrap_is_deterministic_under_a_seed():
-    values = np.array([0.1, 0.5, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4])
-    mean = lambda idx: values[idx].mean()  # noqa: E731
-    first = bootstrap_ci(mean, len(values), rounds=500, seed=11)
-    assert first == bootstrap_ci(mean, len(values), rounds=500, seed=11)
-    assert first != bootstrap_ci(mean, len(values), rounds=500, seed=12)
-    low, high = first
-    assert low < values.mean() < high
-    assert 0.1 <= low and high <= 0.9
-    # A constant has a zero-width interval; mean_with_ci carries the point estimate.
-    assert mean_with_ci([2.0, 2.0, 2.0], rounds=50) == {"value": 2.0, "low": 2.0, "high": 2.0}
-    with pytest.raises(AlignError, match="at least 1 round"):
-        bootstrap_ci(mean, 3, rounds=0)
 
 
 def test_win_rate_with_ci_by_hand():

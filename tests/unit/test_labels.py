@@ -3,6 +3,7 @@ SQLite store (leases, votes, undo, restart) with a fake clock."""
 
 import json
 import sqlite3
+import threading
 
 import pytest
 
@@ -15,16 +16,12 @@ from align.labels import (
     aggregate,
     agreement,
     choose_item,
-    cohen_kappa,
-    effective_votes,
     from_labels,
     hash_password,
     judgments,
-    krippendorff_alpha,
     label_items,
     list_annotators,
     normalize_ranking,
-    pairwise_agreement,
     quality,
     verify_password,
 )
@@ -196,45 +193,6 @@ def test_aggregate_rejects_bad_options():
 # Agreement
 
 
-def test_cohen_kappa_by_hand():
-    # 50 units: yes/yes 20, yes/no 5, no/yes 10, no/no 15. p_o = 0.7; p_e = 0.5 * 0.6 + 0.5 * 0.4 = 0.5.
-    pairs = [("y", "y")] * 20 + [("y", "n")] * 5 + [("n", "y")] * 10 + [("n", "n")] * 15
-    assert cohen_kappa(pairs) == pytest.approx(0.4)
-    assert cohen_kappa([("a", "a"), ("b", "b")]) == pytest.approx(1.0)
-    # p_o = 0, p_e = 0.5: kappa = -1.
-    assert cohen_kappa([("a", "b"), ("b", "a")]) == pytest.approx(-1.0)
-    assert cohen_kappa([("a", "a"), ("a", "a")]) is None  # chance agreement 1: undefined
-    assert cohen_kappa([]) is None
-
-
-def test_krippendorff_alpha_by_hand():
-    # Coincidences: unit 1 (f, f) adds 2 to o_ff; unit 2 adds 1 to o_fs and o_sf; unit 3 (three s) adds 6 * 1/2
-    # to o_ss. n_f = 3, n_s = 4, n = 7: alpha = 1 - (n - 1) * 2 / (2 * n_f * n_s) = 1 - 12 / 24 = 0.5.
-    units = [{"a": "f", "b": "f"}, {"a": "f", "b": "s"}, {"a": "s", "b": "s", "c": "s"}, {"a": "f"}]
-    assert krippendorff_alpha(units) == pytest.approx(0.5)
-    assert krippendorff_alpha([{"a": "x", "b": "x"}, {"a": "x", "b": "x"}]) is None  # no variation
-    assert krippendorff_alpha([{"a": "x"}]) is None
-
-
-def test_krippendorff_alpha_matches_the_published_example():
-    # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", nominal data: alpha = 0.743.
-    coders = {
-        "A": "1 2 3 3 2 1 4 1 2 . . .",
-        "B": "1 2 3 3 2 2 4 1 2 5 . 3",
-        "C": ". 3 3 3 2 3 4 2 2 5 1 .",
-        "D": "1 2 3 3 2 4 4 1 2 5 1 .",
-    }
-    columns = zip(*(values.split() for values in coders.values()))
-    units = [{coder: value for coder, value in zip(coders, column) if value != "."} for column in columns]
-    assert krippendorff_alpha(units) == pytest.approx(0.743, abs=5e-4)
-
-
-def test_pairwise_agreement_by_hand():
-    # Unit 1: (x, x) agree, (x, y) and (x, y) do not; unit 2: one agreeing pair. 2 of 4.
-    assert pairwise_agreement([{"a": "x", "b": "x", "c": "y"}, {"a": "z", "b": "z"}]) == pytest.approx(0.5)
-    assert pairwise_agreement([{"a": "x"}]) is None
-
-
 def test_agreement_on_votes_by_hand():
     numbers = agreement(hand_votes())
     # Units (item, i, j) with labels: (0,0,1) alice second, bob second, carol first; (1,0,1) alice first, bob
@@ -340,7 +298,7 @@ def test_store_refuses_votes_without_a_lease(registry):
     first = store.vote("alice", lease, "tie", reason="  same  ")
     again = store.vote("alice", lease, "tie")  # a double click: recorded once
     assert again.duplicate and again.vote == first.vote
-    rows = store.db.execute("SELECT annotator, choice, reason, lease_id FROM comparisons").fetchall()
+    rows = registry.db.execute("SELECT annotator, choice, reason, lease_id FROM comparisons").fetchall()
     assert [tuple(r) for r in rows] == [("alice", "tie", "same", lease)]
 
 
@@ -357,10 +315,10 @@ def test_store_lease_expiry(registry):
     with pytest.raises(LabelError, match="expired"):
         store.vote("a", late.lease, "B")  # its slot went to e
     # An expired lease on an item nobody else took still counts (the annotator did the work).
-    b_lease = store.db.execute("SELECT id FROM label_leases WHERE annotator = 'b'").fetchone()[0]
+    b_lease = registry.db.execute("SELECT id FROM label_leases WHERE annotator = 'b'").fetchone()[0]
     assert store.vote("b", b_lease, "B").item == 1
     # The seconds run from the lease to the vote.
-    seconds = store.db.execute("SELECT seconds FROM comparisons WHERE annotator = 'b'").fetchone()[0]
+    seconds = registry.db.execute("SELECT seconds FROM comparisons WHERE annotator = 'b'").fetchone()[0]
     assert seconds == pytest.approx(61.0)
 
 
@@ -377,19 +335,46 @@ def test_skips_do_not_count_and_undo_appends(registry):
     assert (again.item, again.shown) == (second.item, second.shown)  # the same item, shown the same way
     assert store.progress("alice").mine == 0
     store.vote("alice", again.lease, "A")
-    rows = store.db.execute("SELECT item, annotator, choice, undoes FROM comparisons ORDER BY id").fetchall()
+    rows = registry.db.execute("SELECT item, annotator, choice, undoes FROM comparisons ORDER BY id").fetchall()
     assert [tuple(r) for r in rows] == [
         (first.item, "alice", "skip", None),
         (second.item, "alice", "B", None),
         (second.item, "alice", "undo", 2),
         (second.item, "alice", "A", None),
     ]
-    assert [(v.item, v.choice) for v in effective_votes(store.db, store.version.id)] == [
+    assert [(v.item, v.choice) for v in registry.labels.votes(store.version.id)] == [
         (first.item, "skip"),
         (second.item, "A"),
     ]
     with pytest.raises(LabelError, match="undone"):
         store.vote("alice", second.lease, "B")  # the lease of the undone vote
+
+
+def test_each_thread_votes_in_its_own_transaction(registry):
+    """The apps call one store from many worker threads. A vote from one thread waits for another thread's open
+    transaction to end, and then commits, rather than landing inside it (as it would on a shared connection)."""
+    store = make_store(registry)
+    lease = store.current("alice").lease
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with registry.labels.transaction():
+            inside.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(30)
+    receipts = []
+    voter = threading.Thread(target=lambda: receipts.append(store.vote("alice", lease, "A")))
+    voter.start()
+    voter.join(0.5)
+    waited = voter.is_alive()
+    release.set()
+    holder.join(30)
+    voter.join(30)
+    assert waited and len(receipts) == 1
+    assert [(v.annotator, v.choice) for v in store.votes()] == [("alice", "A")]
 
 
 def test_store_continues_after_a_restart(registry):
@@ -413,7 +398,7 @@ def test_store_rank_mode(registry):
     with pytest.raises(LabelError, match="choice 'A'"):
         store.vote("alice", shown.lease, "A")
     store.vote("alice", shown.lease, "rank", ranking=[2, 1, 1])  # in the order shown
-    ranking = json.loads(store.db.execute("SELECT ranking FROM comparisons").fetchone()[0])
+    ranking = json.loads(registry.db.execute("SELECT ranking FROM comparisons").fetchone()[0])
     expected = [0, 0, 0]
     for position, index in enumerate(shown.shown):
         expected[index] = [2, 1, 1][position]

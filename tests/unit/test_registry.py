@@ -335,6 +335,31 @@ def test_artifacts_register_resolve_and_lineage(registry, tmp_path):
         registry.register_artifact("adapter", "x", tmp_path / "missing", base_model="m")
 
 
+def test_lineage_walks_by_direction_depth_and_limit(registry):
+    # chat -> chat-train -> chat-train-prompts, and chat -> chat-test: a chain of three with a side branch.
+    chat = registry.register([sft(i) for i in range(20)], name="chat", kind="sft")
+    train, test = registry.split("chat", test_size=5, seed=0)
+    prompts = registry.convert(train.ref, name="chat-train-prompts", kind="prompts")
+
+    up = registry.lineage(prompts)
+    assert up.start == prompts.node and list(up.nodes) == [prompts.node, train.node, chat.node]  # nearest first
+    assert up.nodes[chat.node] == chat
+    assert up.edges == [(train.node, prompts.node, "converted-to-prompts"), (chat.node, train.node, "split:train")]
+    assert up.parents(train.node) == [("split:train", chat.node)]
+    assert list(registry.lineage(prompts.node, depth=1).nodes) == [prompts.node, train.node]  # a key works too
+
+    down = registry.lineage(chat, direction="down")
+    assert list(down.nodes) == [chat.node, test.node, train.node, prompts.node]  # by role: split:test first
+    assert (train.node, prompts.node, "converted-to-prompts") in down.edges
+
+    both = registry.lineage(train, direction="both")
+    assert set(both.nodes) == {train.node, chat.node, prompts.node}  # not the sibling
+    assert len(registry.lineage(train, direction="both", limit=2).nodes) == 2  # stops once two are found
+    assert registry.lineage(chat).edges == []
+    with pytest.raises(ValueError, match="up, down or both"):
+        registry.lineage(chat, direction="sideways")
+
+
 def test_dataset_made_from_an_artifact(registry):
     folder = registry.root / "runs" / "a"
     folder.mkdir(parents=True)
