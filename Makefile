@@ -29,7 +29,7 @@ demo: setup wordnet
 	@echo "== 1/5 the whole loop at demo scale: import, SFT, candidates, preferences, reward model, DPO, PPO, eval"
 	$(ALIGN) pipeline --config recipes/pipeline/smollm2-135m.yaml
 	@echo "== 2/5 the reward model beside an untrained head, on the held-out HH pairs"
-	$(ALIGN) rm eval --rm rm:rm --rm smollm2-135m --data pipeline-prefs-test
+	$(ALIGN) rm eval --rm rm:rm,smollm2-135m --data pipeline-prefs-test
 	@echo "== 3/5 the registry: every dataset version and run, with lineage"
 	$(ALIGN) data list
 	$(ALIGN) runs list
