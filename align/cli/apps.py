@@ -51,8 +51,7 @@ def add_label(commands, common) -> None:
     p.add_argument(
         "--overlap", type=int, help="distinct annotators per item (default: 2; 1 with --open, its single user)"
     )
-    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    _add_address(p)
     p.add_argument("--open", action="store_true", help="no login: a single local user ('local', an admin)")
     p.add_argument(
         "--lease-minutes",
@@ -76,8 +75,7 @@ def add_compare(commands, common) -> None:
     )
     add_model_list(p, alias="--model", metavar="REF1,REF2[,...]", help="two or more model references, comma-separated")
     p.add_argument("--arena", default="default", metavar="NAME", help="the arena the votes go to (default: default)")
-    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    _add_address(p)
     p.add_argument("--open", action="store_true", help="no login: a single local user ('local')")
     p.add_argument("--system", default="", help="the default system prompt (editable in the app)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256 (editable in the app)")
@@ -99,8 +97,7 @@ def add_serve(commands, common) -> None:
         "non-loopback --host possible and then requires login (annotators from `align annotators add`). On "
         "loopback, login is required whenever an annotator exists, and otherwise one local user is served.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    _add_address(p)
     p.add_argument("--expose", action="store_true", help="allow a non-loopback --host (login required)")
     add_model_list(
         p,
@@ -172,6 +169,12 @@ def add_chat(commands, common) -> None:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int)
     p.set_defaults(handler=cmd_chat)
+
+
+def _add_address(p) -> None:
+    """Where an app listens."""
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
 
 
 def _add_sampling(p, *, seed_help: str | None) -> None:
