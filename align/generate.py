@@ -1,6 +1,6 @@
 """Candidate generation: every model writes N completions per prompt, for people to compare.
 
-    align generate --model adapter:sft --model smollm2-135m --prompts seed-prompts --n 2 --name seed-cands
+    align generate --models adapter:sft,smollm2-135m --prompts seed-prompts --n 2 --name seed-cands
 
 Sampling is batched with the KV cache, prompts sorted by length so a batch pads little. Under `--seed` the
 output is the same every time. The result is a `candidates` version whose rows name the source of each
@@ -119,13 +119,13 @@ def generate_candidates(
 
     settings = (settings or SamplingSettings()).resolved()
     if not models:
-        raise AlignError("give at least one --model")
+        raise AlignError("give at least one model: --models REF1[,REF2,...]")
     if n < 1:
         raise AlignError(f"--n must be at least 1 (got {n})")
     if n * len(models) < 2:
-        raise AlignError("candidates need at least two completions per prompt: raise --n or add a --model")
+        raise AlignError("candidates need at least two completions per prompt: raise --n or add a model to --models")
     if len(set(models)) != len(models):
-        raise AlignError(f"a --model is given twice: {', '.join(models)}")
+        raise AlignError(f"a model is listed twice in --models: {', '.join(models)}")
     prompts_version = registry.resolve(prompts_ref, kind="prompts")
     for ref in models:
         resolve_model(ref, registry)  # fail before any generation

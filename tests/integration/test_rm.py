@@ -123,7 +123,7 @@ def test_cli_eval_and_score(trained, capsys):
     registry, artifact = trained
     workspace = str(registry.root)
     base = artifact.base_model
-    argv = ["--workspace", workspace, "rm", "eval", "--rm", "rm:rm", "--rm", base, "--data", "marker-test"]
+    argv = ["--workspace", workspace, "rm", "eval", "--rm", f"rm:rm,{base}", "--data", "marker-test"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     [header] = [line for line in out.splitlines() if line.startswith("METRIC")]

@@ -1,13 +1,17 @@
 """`align eval`'s numbers by hand: win rates, the length-controlled win rate, ROUGE and BLEU,
-METEOR failing clearly without WordNet, few-shot prompts, and the log-probabilities behind the KL estimate."""
+METEOR on Debian's WordNet and failing clearly without any, few-shot prompts, and the log-probabilities behind the
+KL estimate."""
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from align.errors import AlignError
 from align.evaluate import (
+    DEBIAN_WORDNET,
     MetricUnavailable,
     choose_examples,
     corpus_bleu,
@@ -80,8 +84,9 @@ def test_bleu_by_hand():
 def test_meteor_fails_clearly_without_wordnet(monkeypatch, tmp_path):
     import nltk
 
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # nowhere holds WordNet
-    with pytest.raises(MetricUnavailable, match="METEOR unavailable: NLTK's WordNet data is not installed"):
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # nowhere holds NLTK's WordNet
+    monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "none"))  # nor a WordNet database folder
+    with pytest.raises(MetricUnavailable, match="METEOR unavailable: WordNet is installed neither for NLTK nor in"):
         meteor_scores(["a cat"], ["a cat"])
     # The other metrics still come out; METEOR says why it is missing.
     found = reference_metrics(["the cat sat on the mat"], ["a cat sat on a mat"], rounds=20)
@@ -90,11 +95,30 @@ def test_meteor_fails_clearly_without_wordnet(monkeypatch, tmp_path):
     assert found["meteor"]["error"].startswith("METEOR unavailable")
 
 
-def test_meteor_with_wordnet():
-    try:
-        load_wordnet()
-    except MetricUnavailable as exc:
-        pytest.skip(str(exc))  # WordNet data comes from outside PyPI: present only where someone installed it
+@pytest.mark.skipif(
+    not Path(DEBIAN_WORDNET).is_dir() and not os.environ.get("CI"),
+    reason=f"needs Debian's WordNet in {DEBIAN_WORDNET} (`make wordnet`: apt-get install -y wordnet-base)",
+)
+def test_meteor_by_hand_with_debians_wordnet(monkeypatch, tmp_path):
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # not NLTK's copy, if one is installed: Debian's
+    monkeypatch.delenv("WNSEARCHDIR", raising=False)
+    assert load_wordnet().synsets("auto")[0].lemma_names()[:2] == ["car", "auto"]
+    # NLTK's METEOR (alpha 0.9, beta 3, gamma 0.5), worked by hand:
+    #   hypothesis  in(0) my(1) auto(2) the(3) cats(4) sat(5) quietly(6)   7 words
+    #   reference   the(0) cat(1) sat(2) in(3) my(4) car(5)                6 words
+    # Matches, in NLTK's order: exact in-3, my-4, the-0, sat-2; then on the Porter stems of what is left,
+    # cats -> cat matches cat-1; then WordNet: auto's synset car.n.01 holds "car", so auto matches car-5.
+    # "quietly" matches nothing. m = 6, precision P = 6/7, recall R = 6/6 = 1,
+    #   Fmean = P * R / (alpha * P + (1 - alpha) * R) = (6/7) / (5.4/7 + 0.7/7) = 6 / 6.1.
+    # Sorted by hypothesis position the pairs are (0,3) (1,4) (2,5) | (3,0) (4,1) (5,2): 2 chunks, so the
+    # fragmentation penalty is gamma * (chunks / m) ** beta = 0.5 * (2/6) ** 3 = 1/54, and
+    #   METEOR = (1 - 1/54) * 6 / 6.1 = 53/54 * 60/61 = 0.96539...
+    # Without the synonym it would be m = 5: P = 5/7, R = 5/6, 3 chunks, a different number.
+    hypothesis, reference = "In my auto, the cats sat quietly", "The cat sat in my car"
+    [score] = meteor_scores([hypothesis.replace(",", "")], [reference])
+    assert score == pytest.approx(53 / 54 * 60 / 61)
     [same, other] = meteor_scores(["the cat sat on the mat", "a dog ran"], ["the cat sat on the mat", "the cat sat"])
     assert same > 0.9 and other < same
 

@@ -3,6 +3,7 @@
 import pytest
 
 from align import cli
+from align.cli import stages
 
 
 def parse(argv):
@@ -24,7 +25,7 @@ def test_the_help_walk_finds_the_rm_commands():
 )
 def test_override_values_are_not_taken_for_actions(argv):
     args, extra = parse(argv)
-    assert args.handler is cli.cmd_rm and args.accepts_overrides
+    assert args.handler is stages.run_stage and args.stage is stages.rm_stage and args.accepts_overrides
     assert args.config == "r.yaml" and args.rm_action is None
     assert extra == ["--dataset", "hh-train", "--max_steps", "5"]
 
@@ -36,10 +37,10 @@ def test_resume_and_workspace_after_overrides():
 
 def test_eval_and_score_are_actions_without_overrides(capsys):
     args, extra = parse(["rm", "eval", "--rm", "rm:a", "--data", "d@1", "--max-length", "128"])
-    assert (args.handler, args.rm, args.data, args.max_length, extra) == (cli.cmd_rm_eval, ["rm:a"], "d@1", 128, [])
+    assert (args.handler, args.rm, args.data, args.max_length, extra) == (stages.cmd_rm_eval, ["rm:a"], "d@1", 128, [])
     assert not args.accepts_overrides
     args, _ = parse(["--workspace", "W", "rm", "score", "--rm", "smollm2-135m", "--data", "c", "--name", "s"])
-    assert (args.handler, args.workspace, args.name, args.seed) == (cli.cmd_rm_score, "W", "s", 0)
+    assert (args.handler, args.workspace, args.name, args.seed) == (stages.cmd_rm_score, "W", "s", 0)
     with pytest.raises(SystemExit):  # overrides belong to training only
         cli.main(["rm", "eval", "--rm", "rm:a", "--data", "d", "--learning_rate", "1"])
     assert "unrecognized arguments: --learning_rate 1" in capsys.readouterr().err
