@@ -349,7 +349,7 @@ def _report(config, run, trials, metrics, artifact, test_line) -> None:
     )
 
 
-def main(config_path: str, overrides: list[str], *, workspace: str | None = None, n_trials=None, write_recipe=None):
+def main(config_path: str, overrides: dict, *, workspace: str | None = None, n_trials=None, write_recipe=None):
     from align.config import load_config
 
     config = load_config(SweepConfig, config_path, overrides)

@@ -4,7 +4,7 @@ Each subcommand's handler imports what it needs when it runs, so `align --help` 
 Problems a user can fix (AlignError) print one clear message and exit with status 2.
 
     align/cli/data.py     align data, runs, models, annotators: the registry
-    align/cli/stages.py   align sft, rm, dpo, ppo (one parser each from a recipe), merge, pipeline
+    align/cli/stages.py   align sft, rm, dpo, ppo (one parser each from a recipe), merge, pipeline, sweep
     align/cli/apps.py     align generate, label, compare, serve, eval, chat
 """
 
@@ -31,6 +31,7 @@ COMMANDS = (
     stages.add_dpo,
     stages.add_merge,
     stages.add_pipeline,
+    stages.add_sweep,
     apps.add_compare,
     apps.add_serve,
     apps.add_eval,

@@ -256,6 +256,32 @@ def add_pipeline(commands, common) -> None:
     p.set_defaults(handler=cmd_pipeline)
 
 
+def add_sweep(commands, common) -> None:
+    p = commands.add_parser(
+        "sweep",
+        parents=[common],
+        help="search a stage's recipe keys with Optuna, choosing on a validation split",
+        description="Each trial is a registered run of the stage on a split carved from the training data and is "
+        "scored on the rest of it; the test data is read once, by the winner. The study is kept in "
+        "WORKSPACE/sweeps/STUDY.sqlite: rerun the same command to resume it, or start a second process to join it.",
+    )
+    p.add_argument("--config", required=True, metavar="SWEEP.yaml", help="e.g. recipes/sweep/rm-smollm2.yaml")
+    p.add_argument("--n-trials", type=int, metavar="N", help="finished trials to reach (default: the recipe's)")
+    p.add_argument("--study", metavar="NAME", help="study name (default: the recipe's, else STAGE-sweep)")
+    p.add_argument("--write-recipe", metavar="PATH", help="also write the winning recipe here")
+    p.set_defaults(handler=cmd_sweep)
+
+
+def cmd_sweep(args) -> int:
+    from align.sweep import main as sweep_main
+
+    overrides = {"study": args.study} if args.study else {}
+    sweep_main(
+        args.config, overrides, workspace=args.workspace, n_trials=args.n_trials, write_recipe=args.write_recipe
+    )
+    return 0
+
+
 class _TrainOrActions(argparse._SubParsersAction):
     """Optional actions after `align rm`. A word that names no action is the value of a `--key value` override
     (`align rm --dataset hh --max_steps 5`): it goes back to the overrides, and the rest parses as usual."""
