@@ -276,9 +276,7 @@ def cmd_sweep(args) -> int:
     from align.sweep import main as sweep_main
 
     overrides = {"study": args.study} if args.study else {}
-    sweep_main(
-        args.config, overrides, workspace=args.workspace, n_trials=args.n_trials, write_recipe=args.write_recipe
-    )
+    sweep_main(args.config, overrides, workspace=args.workspace, n_trials=args.n_trials, write_recipe=args.write_recipe)
     return 0
 
 
