@@ -24,6 +24,7 @@ from align.errors import AlignError
 from align.truncation import TruncationStats, encode_rows
 
 DEFAULT_MAX_LENGTH = 256  # the rm stage's default, so an untrained head reads the same text as a trained model
+SCORING_BATCH = 8  # sequences per forward pass: `rm eval`, `rm score` and the rm stage's own held-out evaluation
 
 
 def load_scorer(ref: str, registry: Any = None, *, seed: int = 0, dtype: Any = None, device_map: Any = None):
@@ -67,6 +68,22 @@ def load_scorer(ref: str, registry: Any = None, *, seed: int = 0, dtype: Any = N
     return model, tokenizer, artifact
 
 
+def load_saved_scorer(base_ref: str, folder, registry: Any = None, *, dtype: Any = None):
+    """(model, tokenizer) of a reward model saved in `folder` (adapter + score head) on `base_ref`, loaded exactly
+    as a registered `rm:` artifact is: what the rm stage evaluates before it registers the artifact."""
+    from pathlib import Path
+
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    from align.models import ResolvedModel, load_model, resolve_model
+
+    base = resolve_model(base_ref, registry)
+    resolved = ResolvedModel(f"{base_ref} + {folder}", base.base, Path(folder), "rm")
+    with suppress_seqcls_warning():
+        model, tokenizer = load_model(resolved, registry, dtype=dtype)
+    return model, tokenizer
+
+
 def _default_registry():
     from align.registry import Registry
 
@@ -93,7 +110,7 @@ class RewardModel:
         tokenizer: Any,
         *,
         max_length: int = DEFAULT_MAX_LENGTH,
-        batch_size: int = 8,
+        batch_size: int = SCORING_BATCH,
         ref: str = "model",
     ):
         self.model = model
@@ -111,7 +128,7 @@ class RewardModel:
         registry: Any = None,
         *,
         max_length: int | None = None,
-        batch_size: int = 8,
+        batch_size: int = SCORING_BATCH,
         seed: int = 0,
         dtype: Any = None,
         device_map: Any = None,

@@ -21,8 +21,10 @@ The output is registered as `rm:NAME@V` with lineage to the data, the base model
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from transformers import set_seed
 from trl import RewardConfig
 
 from align.config import AdapterFields, StageFields, build_config, peft_config_for
@@ -43,9 +45,17 @@ from align.runs import (
     write_report,
 )
 from align.truncation import encode_rows
+from reward.features import frozen_states, top_layers_only
 from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
-from reward.model import DEFAULT_MAX_LENGTH, RewardModel, load_scorer
-from reward.trainer import PairCollator, PreferenceRewardTrainer, layer_linear_names, top_layers, training_examples
+from reward.model import DEFAULT_MAX_LENGTH, RewardModel, load_saved_scorer, load_scorer
+from reward.trainer import (
+    CachedStateCollator,
+    PairCollator,
+    PreferenceRewardTrainer,
+    layer_linear_names,
+    top_layers,
+    training_examples,
+)
 
 TIE_MODES = ("together", "drop")
 RM_PEFT = ("lora", "ia3")
@@ -70,6 +80,14 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
         default=None,
         metadata={"help": "LoRA on the top N transformer layers only: backward stops below them; null = all"},
     )
+    cache_frozen_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "with lora_top_layers: run the frozen layers below once per pair and train the top layers on "
+            "their cached states (same result, each epoch costs only the top layers; memory: pairs x 2 x tokens x "
+            "hidden x 4 bytes)"
+        },
+    )
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
 
     def __post_init__(self):
@@ -90,6 +108,10 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
             value = getattr(self, key)
             if (value is not None and value < 16) or (key == "max_length" and value is None):
                 raise ValueError(f"config key '{key}' must be a token count of at least 16 (got {value!r})")
+        if self.cache_frozen_layers and not self.lora_top_layers:
+            raise ValueError("config key 'cache_frozen_layers' needs lora_top_layers: the layers below them are cached")
+        if self.cache_frozen_layers and self.peft != "lora":
+            raise ValueError(f"config key 'cache_frozen_layers' needs peft: lora (got {self.peft!r})")
         self.report_to = checked_report_to(self.report_to)
         super().__post_init__()
 
@@ -135,27 +157,50 @@ def run_rm(
             peft_config.target_modules = layer_linear_names(model, config.lora_target_modules)
             peft_config.layers_to_transform = top_layers(model, config.lora_top_layers)
             peft_config.layers_pattern = "layers"
+        eval_examples = None
+        if config.eval_strategy != "no":  # validation during training (what `align sweep` prunes on)
+            eval_rows = registry.rows(eval_version)
+            eval_encoded, _ = encode_rows(tokenizer, eval_rows, config.max_length, overflow="cut")
+            eval_examples, _ = training_examples(
+                eval_rows, eval_encoded, use_margins=False, use_weights=False, ties="drop"
+            )
+        collator, layers = PairCollator(pad_token_id=tokenizer.pad_token_id), nullcontext()
+        set_seed(config.seed)  # LoRA's initial weights: the same whether PEFT is applied here or by TRL
+        if config.cache_frozen_layers:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+            peft_config = None  # applied already: the frozen layers run before the trainer exists
+            cut = model.config.num_hidden_layers - config.lora_top_layers
+            cached = examples + (eval_examples or [])
+            collator = CachedStateCollator(cache_states(model, cached, cut, tokenizer, config))
+            for index, example in enumerate(cached):
+                example["index"] = index
+            layers = top_layers_only(model, cut)
         trainer = PreferenceRewardTrainer(
             model=model,
             args=config,
-            data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
+            data_collator=collator,
             train_dataset=datasets.Dataset.from_list(examples),
+            eval_dataset=datasets.Dataset.from_list(eval_examples) if eval_examples else None,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[live_metrics_callback(run), *callbacks],
         )
         if len(trainer.train_dataset) != len(examples):  # TRL filters by max_length: ours all fit already
             raise AlignError(f"TRL dropped {len(examples) - len(trainer.train_dataset)} pairs that should fit (a bug)")
-        trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
+        with layers:
+            trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
 
         output_dir = run.dir / "rm"
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
 
         eval_length = config.eval_max_length or config.max_length
-        scorer = RewardModel(
-            trainer.model, tokenizer, max_length=eval_length, batch_size=config.per_device_eval_batch_size
-        )
+        # Scored as `align rm eval` scores the registered artifact: reloaded from disk in the same precision and
+        # batches, so the two report the same accuracy (the trainer's model runs under its autocast wrapper).
+        saved, _ = load_saved_scorer(config.model, output_dir, registry, dtype=config.torch_dtype)
+        scorer = RewardModel(saved, tokenizer, max_length=eval_length)
         evaluation, _ = scorer.evaluate(registry.rows(eval_version), progress=True)
         metrics = {
             **{f"eval_{key}": value for key, value in headline(evaluation).items()},
@@ -191,6 +236,31 @@ def run_rm(
             f"ECE {metrics['eval_ece']:.3f}; report {run.dir / 'report.md'}"
         )
         return artifact
+
+
+def cache_states(model, examples: list[dict], cut: int, tokenizer, config) -> list[tuple]:
+    """(chosen, rejected) hidden states entering layer `cut`, per example: the frozen layers run once here."""
+    from tqdm.auto import tqdm
+
+    sequences = [ids for example in examples for ids in (example["chosen_ids"], example["rejected_ids"])]
+    tokens = sum(len(ids) for ids in sequences)
+    hidden = model.config.hidden_size
+    print(f"caching the states of {len(sequences)} sequences below layer {cut} ({tokens * hidden * 4 / 1e9:.2f} GB)")
+    bar = tqdm(total=len(sequences), desc=f"frozen layers 0-{cut - 1}", unit="seq")
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    flat = frozen_states(
+        model,
+        sequences,
+        cut,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=config.per_device_eval_batch_size,
+        progress=progress,
+    )
+    bar.close()
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(examples))]
 
 
 def _train_runtime(log_history: list[dict]) -> float | None:

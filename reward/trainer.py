@@ -4,6 +4,7 @@ trainer with our loss. Kept free of the registry, so that tests and benchmarks u
     training_examples         token ids per pair plus the label columns in use (margin, weight, tie)
     PairCollator              TRL's preference collator plus per-pair weights and tie flags
     PreferenceRewardTrainer   TRL's RewardTrainer with the loss of reward/loss.py (margins, weights, ties)
+    CachedStateCollator       batches of cached frozen-layer states (reward/features.py) instead of token ids
     layer_linear_names, top_layers   LoRA on the top transformer layers only
 """
 
@@ -16,6 +17,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from align.errors import AlignError
+from reward.features import pad_states, score_states
 from reward.loss import preference_loss
 
 
@@ -79,12 +81,31 @@ class PairCollator(DataCollatorForPreference):
     """TRL's collator (chosen then rejected, right-padded, margins) plus per-pair weights and tie flags."""
 
     def torch_call(self, examples: list[dict]) -> dict:
-        batch = super().torch_call(examples)
-        if "weight" in examples[0]:
-            batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
-        if "tie" in examples[0]:
-            batch["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
-        return batch
+        batch = super().torch_call(examples)  # margins as TRL has them
+        return _label_columns(batch, examples, margin=False)
+
+
+def _label_columns(batch: dict, examples: list[dict], *, margin: bool = True) -> dict:
+    if margin and "margin" in examples[0]:
+        batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+    if "weight" in examples[0]:
+        batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
+    if "tie" in examples[0]:
+        batch["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
+    return batch
+
+
+@dataclass
+class CachedStateCollator:
+    """Pairs as cached hidden states: `states[example["index"]]` is (chosen, rejected), each [length, hidden].
+    A batch holds the chosen states then the rejected ones, right-padded, plus the label columns in use."""
+
+    states: list
+
+    def __call__(self, examples: list[dict]) -> dict:
+        pairs = [self.states[e["index"]] for e in examples]
+        states, attention_mask = pad_states([c for c, _ in pairs] + [r for _, r in pairs])
+        return _label_columns({"states": states, "attention_mask": attention_mask}, examples)
 
 
 class PreferenceRewardTrainer(RewardTrainer):
@@ -93,12 +114,18 @@ class PreferenceRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:  # keep our label columns, and `length` for grouped batches
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight", "tie", "length"]
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight", "tie", "length", "index"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        chosen, rejected = outputs.logits.float().squeeze(-1).chunk(2)  # the loss in fp32 under bf16 autocast
+        if "states" in inputs:  # cached frozen-layer states: only the top layers run (inside top_layers_only)
+            with self.accelerator.autocast():
+                scores = score_states(model, inputs["states"], inputs["attention_mask"])
+            outputs = {"logits": scores.unsqueeze(-1)}
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            scores = outputs.logits.squeeze(-1)
+        chosen, rejected = scores.float().chunk(2)  # the loss in fp32 under bf16 autocast
         tie = inputs.get("tie")
         loss = preference_loss(
             chosen,

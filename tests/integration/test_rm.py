@@ -1,5 +1,6 @@
 """The reward-model stage end to end on a tiny model built in the test: real TRL RewardTrainer, real registry."""
 
+import json
 import random
 
 import datasets
@@ -14,7 +15,7 @@ from align.errors import AlignError
 from align.registry import Registry
 from reward.loss import preference_loss
 from reward.model import RewardModel
-from reward.score import score_dataset
+from reward.score import evaluate_rm, score_dataset
 from reward.train import RewardStageConfig, main, run_rm
 from reward.trainer import PreferenceRewardTrainer
 
@@ -292,3 +293,40 @@ def test_lora_on_the_top_layers_only_and_a_longer_scoring_length(tmp_path, tiny_
         run_rm(config(tiny_model_dir, **(values | {"lora_top_layers": 3})), registry)
     with pytest.raises(AlignError, match="'lora_top_layers' must be at least 1"):
         config(tiny_model_dir, lora_top_layers=0)
+
+
+def test_cached_frozen_layers_train_the_same_model(tmp_path, tiny_model_dir):
+    """The lower layer runs once per pair; the top one trains on its cached states: same adapter, same scores."""
+    values = recipe(tiny_model_dir, max_steps=6, lora_top_layers=1, train_sampling_strategy="random")
+    plain_registry = new_registry(tmp_path / "plain")
+    plain = run_rm(build_config(RewardStageConfig, values), plain_registry)
+    registry = new_registry(tmp_path / "cached")
+    cached = run_rm(build_config(RewardStageConfig, values | {"cache_frozen_layers": True}), registry)
+    a = load_file(plain.path / "adapter_model.safetensors")
+    b = load_file(cached.path / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(".layers.1." in name for name in a)  # saved under the real layer index
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    metrics = registry.get_run(cached.run_id).metrics
+    assert metrics["eval_accuracy"] == plain_registry.get_run(plain.run_id).metrics["eval_accuracy"]
+    with pytest.raises(AlignError, match="'cache_frozen_layers' needs lora_top_layers"):
+        config(tiny_model_dir, cache_frozen_layers=True)
+
+
+def test_validation_during_training_is_logged_per_epoch(tmp_path, tiny_model_dir):
+    registry = new_registry(tmp_path / "ws")
+    values = recipe(tiny_model_dir, num_train_epochs=2, eval_strategy="epoch", lora_top_layers=1)
+    artifact = run_rm(build_config(RewardStageConfig, values | {"cache_frozen_layers": True}), registry)
+    live = [json.loads(line) for line in (registry.get_run(artifact.run_id).dir / "live.jsonl").open()]
+    assert [round(entry["epoch"]) for entry in live if "eval_accuracy" in entry] == [1, 2]
+
+
+def test_the_stage_and_rm_eval_agree_under_bf16_autocast(tmp_path, tiny_model_dir, capsys):
+    """The pipeline printed one accuracy and `align rm eval` another for the same model and pairs: the stage
+    scored the trainer's model (under its bf16 autocast wrapper, batches of 16), rm eval the saved one."""
+    registry = new_registry(tmp_path / "ws")
+    artifact = run_rm(config(tiny_model_dir, max_steps=3, bf16=True, per_device_eval_batch_size=16), registry)
+    stage = registry.get_run(artifact.run_id).metrics
+    _, evaluated = evaluate_rm(registry, artifact.ref, "marker-test")
+    assert evaluated["accuracy"] == stage["eval_accuracy"]
+    assert evaluated["mean_margin"] == stage["eval_mean_margin"]
