@@ -64,6 +64,7 @@ from align.runs import (
     write_metrics,
     write_report,
 )
+from align.stats import against_chance
 
 
 @dataclass
@@ -290,9 +291,10 @@ def run_dpo(
         _report(run, config, trainer.state.log_history, metrics, before, after, artifact, smoothing_note)
         registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
         print(
-            f"held-out implicit-reward accuracy on {eval_version.ref} ({after['pairs'] - after['ties']} pairs): "
-            f"before {metrics['eval_reward_accuracy_before']:.3f} (the policy is the reference: chance), "
-            f"after {metrics['eval_reward_accuracy']:.3f} (mean margin {metrics['eval_reward_margin']:+.4f})"
+            f"held-out implicit-reward accuracy on {eval_version.ref}: before "
+            f"{metrics['eval_reward_accuracy_before']:.3f} (the policy is the reference: chance), after "
+            f"{against_chance(metrics['eval_reward_accuracy'], after['pairs'] - after['ties'])} "
+            f"(mean margin {metrics['eval_reward_margin']:+.4f})"
         )
         print(f"registered {artifact.ref}; report {run.dir / 'report.md'}")
         return artifact

@@ -58,7 +58,7 @@ from align.errors import AlignError
 from align.generate import SamplingSettings
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS, check_name
-from align.stats import bootstrap_ci, logistic_regression, mean_with_ci
+from align.stats import bootstrap_ci, logistic_regression, mean_with_ci, verdict
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 LC_SLOPE_PENALTY = 1.0  # the L2 penalty on the length slope of the length-controlled win rate
@@ -843,12 +843,18 @@ def _plot_lengths(path: Path, rows, generations) -> Path:
 
 
 def print_summary(result: EvalResult) -> None:
-    """One line per row: mean reward, win rate against the baseline (raw and length-controlled), length, KL."""
+    """One line per row: mean reward, the win rate against the baseline with its 95% interval and what that
+    interval says (better, worse or no detectable difference), the length-controlled win rate, length, KL."""
     print(f"{result.version.ref}  {result.version.num_rows} rows  kind=candidates")
+    baseline = result.metrics.get("baseline")
     for name, entry in result.metrics["rows"].items():
-        parts = [f"reward {entry['reward']['value']:.3f}"] if "reward" in entry else []
+        parts = [f"reward {_interval(entry['reward'])}"] if "reward" in entry else []
         if "win_rate" in entry:
-            parts.append(f"win rate {entry['win_rate']['value']:.3f} (LC {entry['lc_win_rate']['value']:.3f})")
+            win, lc = entry["win_rate"], entry["lc_win_rate"]
+            parts.append(
+                f"win rate vs {baseline} {_interval(win)}: {verdict(win['low'], win['high'])} "
+                f"(length-controlled {_interval(lc)}: {verdict(lc['low'], lc['high'])})"
+            )
         parts.append(f"{entry['length_tokens']['value']:.1f} tokens")
         if "kl" in entry and "value" in entry["kl"]:
             parts.append(f"KL {entry['kl']['value']:.3f}")

@@ -194,3 +194,15 @@ def pairwise_agreement(units: Iterable[dict]) -> float | None:
             total += 1
             agree += a == b
     return agree / total if total else None
+
+
+def against_chance(rate: float, n: int, what: str = "pairs") -> str:
+    """'0.581 [0.504, 0.655] on 160 pairs: above chance': an accuracy, its 95% Wilson interval, and whether
+    that interval excludes 0.5."""
+    low, high = wilson_interval(rate * n, n)
+    words = {
+        "better": "above chance",
+        "worse": "below chance",
+        "no detectable difference": "not distinguishable from chance",
+    }
+    return f"{rate:.3f} [{low:.3f}, {high:.3f}] on {n} {what}: {words[verdict(low, high)]}"

@@ -44,6 +44,7 @@ from align.runs import (
     write_metrics,
     write_report,
 )
+from align.stats import against_chance
 from align.truncation import encode_rows
 from reward.features import frozen_states, top_layers_only
 from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
@@ -231,8 +232,9 @@ def run_rm(
         _report(run, config, trainer.state.log_history, metrics, evaluation, train_stats, artifact)
         registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
         print(
-            f"registered {artifact.ref}: held-out accuracy {metrics['eval_accuracy']:.3f} on "
-            f"{metrics['eval_pairs']} pairs, mean margin {metrics['eval_mean_margin']:.3f}, "
+            f"registered {artifact.ref}: held-out accuracy "
+            f"{against_chance(metrics['eval_accuracy'], metrics['eval_pairs'])}, "
+            f"mean margin {metrics['eval_mean_margin']:.3f}, "
             f"ECE {metrics['eval_ece']:.3f}; report {run.dir / 'report.md'}"
         )
         return artifact

@@ -315,6 +315,7 @@ class _TrainOrActions(argparse._SubParsersAction):
 
 
 def cmd_rm_eval(args) -> int:
+    from align.stats import against_chance
     from reward.metrics import headline
     from reward.score import evaluate_rm
 
@@ -328,8 +329,9 @@ def cmd_rm_eval(args) -> int:
         values = [metrics.get(key) for _, metrics in results]
         rows.append((key, *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values)))
     print_table(rows)
-    for ref, (run, _) in zip(args.rm, results):
-        print(f"report of {ref}: {run.dir / 'report.md'}")
+    for ref, (run, metrics) in zip(args.rm, results):
+        accuracy = against_chance(metrics["accuracy"], metrics["pairs"])
+        print(f"{ref}: accuracy {accuracy}; report {run.dir / 'report.md'}")
     return 0
 
 

@@ -129,7 +129,7 @@ def test_cli_eval_and_score(trained, capsys):
     out = capsys.readouterr().out
     [header] = [line for line in out.splitlines() if line.startswith("METRIC")]
     assert header.split() == ["METRIC", "rm:rm", base, "(untrained)"]
-    assert "ece" in out and "report of rm:rm:" in out
+    assert "ece" in out and "rm:rm: accuracy 1.000 [0.940, 1.000] on 60 pairs: above chance; report" in out
     trained_eval, untrained_eval = [run for run in registry.list_runs() if run.stage == "rm-eval"]
     assert trained_eval.metrics["accuracy"] == registry.get_run(artifact.run_id).metrics["eval_accuracy"]
     assert untrained_eval.metrics["accuracy"] < 0.8 and untrained_eval.inputs == [base, "marker-test@1"]

@@ -181,3 +181,29 @@ def test_reply_logprobs_match_a_forward_pass_and_padding_does_not_matter(tiny_mo
     expected = sum(float(logp[len(prompt_ids) + k - 1, token]) for k, token in enumerate(reply_ids))
     assert one[0] == pytest.approx(expected, abs=1e-4)
     assert math.isfinite(one[1]) and one[1] < 0
+
+
+def test_the_summary_says_what_each_interval_shows(capsys):
+    from types import SimpleNamespace
+
+    from align.evaluate import EvalResult, print_summary
+
+    def ci(value, low, high):
+        return {"value": value, "low": low, "high": high}
+
+    rows = {
+        "sft": {"reward": ci(0.1, 0.0, 0.2), "length_tokens": ci(40, 38, 42)},
+        "dpo": {"win_rate": ci(0.62, 0.55, 0.69), "lc_win_rate": ci(0.55, 0.47, 0.63), "length_tokens": ci(30, 28, 32)},
+        "ppo": {"win_rate": ci(0.40, 0.33, 0.47), "lc_win_rate": ci(0.35, 0.28, 0.44), "length_tokens": ci(50, 48, 52)},
+    }
+    result = EvalResult(
+        version=SimpleNamespace(ref="evals@1", num_rows=24),
+        run=SimpleNamespace(dir=Path("runs/eval-1")),
+        metrics={"baseline": "sft", "rows": rows},
+    )
+    print_summary(result)
+    out = capsys.readouterr().out
+    assert "dpo: win rate vs sft 0.620 [0.550, 0.690]: better (length-controlled 0.550 [0.470, 0.630]: " \
+        "no detectable difference)" in out  # fmt: skip
+    assert "ppo: win rate vs sft 0.400 [0.330, 0.470]: worse" in out
+    assert "sft: reward 0.100 [0.000, 0.200], 40.0 tokens" in out
