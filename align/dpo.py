@@ -232,14 +232,19 @@ def run_dpo(
             min_prompt_length=config.min_prompt_length,
         )
         eval_rows = registry.rows(eval_version)[: config.eval_limit]
-        eval_examples, eval_counts = tokenize_pairs(
-            eval_rows, tokenizer, max_length=config.max_length, min_prompt_length=config.min_prompt_length
+        eval_examples, eval_counts = tokenize_pairs(  # every held-out pair is measured: long replies are cut
+            eval_rows,
+            tokenizer,
+            max_length=config.max_length,
+            min_prompt_length=config.min_prompt_length,
+            overflow="cut",
         )
-        for part, counts in (("train", train_counts), ("eval", eval_counts)):
-            print(
-                f"{part}: {counts['kept']} of {counts['rows']} pairs; {counts['truncated']} prompts cut from the left, "
-                f"{counts['dropped']} pairs dropped (a reply longer than max_length - min_prompt_length)"
-            )
+        print(
+            f"train: {train_counts['kept']} of {train_counts['rows']} pairs; {train_counts['truncated']} prompts cut "
+            f"from the left, {train_counts['dropped']} pairs dropped (a reply longer than max_length - "
+            f"min_prompt_length)\neval: all {eval_counts['rows']} pairs; {eval_counts['truncated']} prompts cut from "
+            f"the left, {eval_counts['replies_cut']} with the replies cut to max_length - min_prompt_length"
+        )
         if not train_examples or not eval_examples:
             raise AlignError(
                 f"no pair fits max_length {config.max_length} (each reply must leave room for "
@@ -322,7 +327,7 @@ def _metrics(before, after, train_counts, eval_counts, trainer, label_smoothing)
         "train_pairs_truncated": train_counts["truncated"],
         "train_pairs_dropped": train_counts["dropped"],
         "eval_pairs_truncated": eval_counts["truncated"],
-        "eval_pairs_dropped": eval_counts["dropped"],
+        "eval_pairs_replies_cut": eval_counts["replies_cut"],
         "label_smoothing": label_smoothing,
         "steps": trainer.state.global_step,
     }

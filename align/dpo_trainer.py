@@ -139,18 +139,23 @@ def smoothing_from_agreement(pairwise_agreement: float) -> float:
 
 
 def tokenize_pairs(
-    rows: list[dict], tokenizer, *, max_length: int | None, min_prompt_length: int
+    rows: list[dict], tokenizer, *, max_length: int | None, min_prompt_length: int, overflow: str = "drop"
 ) -> tuple[list[dict], dict]:
     """Chat-template each pair into prompt / chosen / rejected token ids (TRL's way), cut long prompts from the left.
 
-    Returns (examples, counts) where counts holds how many rows were truncated and dropped.
+    A pair whose longer reply leaves less than `min_prompt_length` prompt tokens is dropped (`overflow="drop"`,
+    training) or kept (`overflow="cut"`, evaluation: every held-out pair counts): its prompt keeps its last
+    `min_prompt_length` tokens and the replies keep their first tokens up to the budget, as TRL truncates
+    completions. Returns (examples, counts) with how many rows had the prompt cut, the replies cut, or were dropped.
     """
+    if overflow not in ("drop", "cut"):
+        raise AlignError(f"overflow must be drop or cut (got {overflow!r})")
     from trl.data_utils import common_prefix_length
 
     def ids(messages, **kwargs):
         return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
 
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, dropped, replies_cut = [], 0, 0, 0
     for row in rows:
         prompt = ids(row["prompt"], add_generation_prompt=True)
         with_chosen = ids(row["prompt"] + row["chosen"])
@@ -164,8 +169,12 @@ def tokenize_pairs(
         if max_length is not None:
             room = max_length - max(len(chosen), len(rejected))
             if room < min(min_prompt_length, len(prompt)):
-                dropped += 1
-                continue
+                if overflow == "drop":
+                    dropped += 1
+                    continue
+                room = min(min_prompt_length, len(prompt), max_length - 1)
+                chosen, rejected = chosen[: max_length - room], rejected[: max_length - room]
+                replies_cut += 1
             if len(prompt) > room:
                 prompt = prompt[len(prompt) - room :]
                 truncated += 1
@@ -180,7 +189,8 @@ def tokenize_pairs(
                 "length": len(prompt) + len(chosen) + len(rejected),
             }
         )
-    return examples, {"rows": len(rows), "truncated": truncated, "dropped": dropped, "kept": len(examples)}
+    counts = {"rows": len(rows), "truncated": truncated, "replies_cut": replies_cut, "dropped": dropped}
+    return examples, counts | {"kept": len(examples)}
 
 
 @dataclass

@@ -220,7 +220,7 @@ def test_long_prompts_are_cut_from_the_left_and_dropped_rows_are_counted(tiny_to
         },
     ]
     examples, counts = tokenize_pairs(rows, tiny_tokenizer, max_length=60, min_prompt_length=8)
-    assert counts == {"rows": 3, "truncated": 1, "dropped": 1, "kept": 2}
+    assert counts == {"rows": 3, "truncated": 1, "replies_cut": 0, "dropped": 1, "kept": 2}
     short, long = examples
     assert tiny_tokenizer.decode(short["prompt_ids"]).startswith("<|im_start|>user\nis fig ok?")
     prompt = tiny_tokenizer.decode(long["prompt_ids"])
@@ -230,6 +230,14 @@ def test_long_prompts_are_cut_from_the_left_and_dropped_rows_are_counted(tiny_to
     assert reply.startswith("ok<|im_end|>")
     assert len(long["prompt_ids"]) + max(len(long["chosen_ids"]), len(long["rejected_ids"])) == 60
     assert examples[0]["weight"] == 1.0 and examples[0]["margin"] == 0.0 and examples[0]["tie"] is False
+
+    # Evaluation keeps every pair: the long reply keeps its first tokens, the prompt its last min_prompt_length
+    examples, counts = tokenize_pairs(rows, tiny_tokenizer, max_length=60, min_prompt_length=8, overflow="cut")
+    assert counts == {"rows": 3, "truncated": 2, "replies_cut": 1, "dropped": 0, "kept": 3}
+    cut = examples[2]
+    assert len(cut["prompt_ids"]) == 8 and len(cut["chosen_ids"]) == 52 and len(cut["rejected_ids"]) < 52
+    assert tiny_tokenizer.decode(cut["prompt_ids"]) == "sistant\n"  # the last 8 tokens (bytes) of the prompt
+    assert tiny_tokenizer.decode(cut["chosen_ids"]) == "x" * 52
 
 
 def test_weights_margins_and_ties_train_and_ties_stay_out_of_accuracy(registry, tiny_model_dir):

@@ -35,7 +35,7 @@ def test_one_epoch_on_hh_pairs_writes_the_report_with_held_out_metrics(tmp_path)
     assert metrics["steps"] == math.ceil(metrics["train_pairs"] / 8)  # one epoch, batch 8
     assert metrics["train_pairs"] + metrics["train_pairs_dropped"] == 200
     assert metrics["train_pairs_truncated"] > 0  # HH prompts are long: many were cut from the left
-    assert metrics["eval_pairs"] + metrics["eval_pairs_dropped"] == 32
+    assert metrics["eval_pairs"] == 32  # every held-out pair: long replies are cut, not dropped
     assert metrics["eval_reward_accuracy_before"] == 0.5  # the policy starts as the reference
     assert 0 <= metrics["eval_reward_accuracy"] <= 1 and math.isfinite(metrics["eval_reward_margin"])
     assert metrics["eval_logps_chosen"] != metrics["eval_logps_chosen_before"]  # the policy moved
