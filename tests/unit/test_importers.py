@@ -338,6 +338,23 @@ def test_hh_real_rows_split_by_hand(tmp_path):
     assert result.rows == list(HH_EXPECTED.values())
 
 
+# Found with a script over the rows the importer gave before it checked turns, then read by hand: four final
+# replies are empty ("\n\nAssistant:" ends the transcript) and three prompts hold two assistant turns in a row;
+# the importer keeps them and names them.
+HH_KEPT = [
+    "line 65: field 'chosen[0].content' is empty (got '')",
+    "line 357: field 'chosen[0].content' is empty (got '')",
+    "line 468: field 'prompt[4].role' is out of order: two 'assistant' turns in a row (user and assistant alternate)"
+    " (got 'assistant')",
+    "line 533: field 'prompt[2].role' is out of order: two 'assistant' turns in a row (user and assistant alternate)"
+    " (got 'assistant')",
+    "line 642: field 'chosen[0].content' is empty (got '')",
+    "line 774: field 'chosen[0].content' is empty (got '')",
+    "line 924: field 'prompt[8].role' is out of order: two 'assistant' turns in a row (user and assistant alternate)"
+    " (got 'assistant')",
+]
+
+
 def test_hh_full_file_counts_skipped_rows():
     # Lines 1177, 1348 and 1405 were read by hand: in each, the chosen transcript has one more assistant turn
     # than the rejected one, so the conversations differ before the final assistant turn.
@@ -350,12 +367,16 @@ def test_hh_full_file_counts_skipped_rows():
     )
     reason = "the two transcripts do not share the conversation before the final assistant turn"
     assert result.skipped == [f"line {n}: {reason}" for n in (1177, 1348, 1405)]
-    assert result.summary() == [
+    assert result.summary()[:4] == [
         "skipped 3 of 1600 source rows:",
         f"  line 1177: {reason}",
         f"  line 1348: {reason}",
         f"  line 1405: {reason}",
     ]
+    assert result.summary()[4:] == [
+        "kept 7 rows with an empty message or turns out of order (TRL trains on them as they are; fix them if they "
+        "are mistakes):"
+    ] + [f"  {problem}" for problem in HH_KEPT]
     # Line 1049 comes before the first skipped line, so it is row 1048 (0-based) of the result.
     assert result.rows[1048] == HH_EXPECTED[1049]
 
