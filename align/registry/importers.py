@@ -32,8 +32,9 @@ class Limits:
     """How much one import may read, so that a small compressed file cannot fill the memory or the disk.
 
     max_rows: rows read from the file; max_row_bytes: bytes of one JSON Lines line, JSON array item or CSV
-    record; max_bytes: bytes of the whole file, counted after decompression. Parquet files and saved datasets
-    are checked against max_rows and max_bytes from their metadata, before any row is read.
+    record (of one row's decoded columns in Parquet); max_bytes: bytes of the whole file, counted after
+    decompression (Parquet: after decoding). Parquet files and saved datasets are also checked against max_rows
+    and max_bytes from their metadata, before any row is read.
     `align data import --max-rows N --max-row-bytes SIZE --max-bytes SIZE` raises them.
     """
 
@@ -346,13 +347,16 @@ def _read_csv(stream: _TextStream) -> Iterator[tuple[str, object]]:
     while True:
         start = consumed
         try:
+            if reader.fieldnames is None:  # reads the header: an empty file has none
+                return
+            start = start or consumed  # the header is not a row
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
             raise stream.error(f"line {reader.line_num}", f"malformed CSV: {exc}") from None
         line = reader.line_num
-        if consumed - start > limit and start:  # the header is not a row
+        if consumed - start > limit:
             raise stream._too_long(f"line {line}")
         clean = {}
         for key, value in row.items():
@@ -391,16 +395,39 @@ def _read_parquet(path: Path, limits: Limits) -> Iterator[tuple[str, object]]:
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise unreadable(exc) from None
     _check_counts(path, meta.num_rows, size, limits)
-    batches = parquet.iter_batches(batch_size=1024)
-    number = 0
+    # Those sizes are of the encoded data: a dictionary-encoded column may decode to far more. Decode a few rows
+    # at a time and count what they take.
+    batches = parquet.iter_batches(batch_size=64)
+    number = total = 0
     while True:
         try:
             batch = next(batches, None)
-            rows = batch.to_pylist() if batch is not None else None
+            if batch is None:
+                return
+            total += batch.nbytes
+            if total > limits.max_bytes:
+                raise DataError(
+                    [
+                        f"{path}: more than {format_size(limits.max_bytes)} once decoded (stopped at row "
+                        f"{number + batch.num_rows}), the limit max_bytes; raise it with --max-bytes"
+                    ],
+                    str(path),
+                )
+            if batch.nbytes > limits.max_row_bytes:  # maybe one row is too long: measure each
+                for i in range(batch.num_rows):
+                    if batch.slice(i, 1).nbytes > limits.max_row_bytes:
+                        raise DataError(
+                            [
+                                f"{path} row {number + i + 1}: a row longer than {format_size(limits.max_row_bytes)},"
+                                " the limit max_row_bytes; raise it with --max-row-bytes"
+                            ],
+                            str(path),
+                        )
+            rows = batch.to_pylist()
+        except DataError:
+            raise
         except Exception as exc:
             raise unreadable(exc) from None
-        if rows is None:
-            return
         for row in rows:
             number += 1
             yield f"row {number}", row
