@@ -257,7 +257,7 @@ _DECODER = json.JSONDecoder(parse_int=_parse_int)
 def _read_jsonl(stream: _TextStream) -> Iterator[tuple[str, object]]:
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 etc., which JSON strings may hold.
     for number, raw in stream.lines():
-        line = stream.decode(raw, number)
+        line = stream.decode(raw[:-1] if raw.endswith(b"\n") else raw, number)
         if not line.strip():
             continue
         try:

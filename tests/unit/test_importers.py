@@ -939,3 +939,14 @@ def test_kind_conversion_of_a_bad_row_names_the_field(tmp_path):
     with pytest.raises(DataError) as info:
         import_rows(tmp_path, [{"prompt": "p", "rejected": "r"}], kind="sft")
     assert info.value.problems == [f"{path} line 1: field 'chosen' is required for a 'preference' row (got None)"]
+
+
+def test_malformed_json_at_the_end_of_a_line_names_its_column(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "a", \n')
+    with pytest.raises(DataError) as info:
+        import_file(path)
+    assert info.value.problems == [
+        f"{path} line 1: malformed JSON: Expecting property name enclosed in double quotes at column 17 "
+        """('{"prompt": "a", ')"""
+    ]
