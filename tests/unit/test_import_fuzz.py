@@ -292,7 +292,7 @@ def as_example(container: str, rows: list, kind: str | None = None) -> tuple:
 
 
 @settings(
-    max_examples=120,
+    max_examples=100,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
