@@ -16,8 +16,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,13 +80,14 @@ def embedded_status() -> str:
 def embedded_checkpoint() -> Path:
     """The embedded model as a safetensors checkpoint in the cache, converted from the GGUF on first use."""
     dest = cache_dir() / "models" / "smollm2-135m-instruct"
+    remove_stale_builds(dest)
     if (dest / MARKER).is_file():
         return dest  # fast path: no GGUF parsing, no package lookup
     gguf = embedded_gguf()
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Build in a private folder next to dest, then rename: a rename within one folder is atomic, so a
-    # concurrent reader sees either no checkpoint or a whole one.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    # concurrent reader sees either no checkpoint or a whole one. Its name says which process builds it.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{_host()}-{os.getpid()}-", dir=dest.parent))
     try:
         print("converting the embedded SmolLM2-135M-Instruct (first use only)...", file=sys.stderr)
         _convert_gguf(gguf, tmp)
@@ -94,6 +97,53 @@ def embedded_checkpoint() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+STALE_AFTER = 30 * 60  # seconds; a conversion writes its folder within a minute or two
+
+
+def remove_stale_builds(dest: Path) -> None:
+    """Delete the folders a killed conversion left next to `dest`: .NAME.tmp-HOST-PID-* whose process (on this
+    host) is gone, and any .NAME.tmp-* or .NAME.stale-* folder untouched for STALE_AFTER seconds."""
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:  # no cache folder yet
+        return
+    now = time.time()
+    for entry in entries:
+        kind, _, rest = entry.name.removeprefix(f".{dest.name}.").partition("-")
+        if not entry.name.startswith(f".{dest.name}.") or kind not in ("tmp", "stale") or not rest:
+            continue
+        try:
+            idle = now - entry.stat().st_mtime
+        except OSError:
+            continue  # removed meanwhile
+        host, pid = _build_owner(rest) if kind == "tmp" else (None, None)
+        orphan = host == _host() and pid is not None and pid != os.getpid() and not _pid_alive(pid)
+        if orphan or idle > STALE_AFTER:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _build_owner(rest: str) -> tuple[str | None, int | None]:
+    """'HOST-PID-random' (mkdtemp's random part has no '-') -> (HOST, PID); older names give (None, None)."""
+    parts = rest.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None, None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _install(tmp: Path, dest: Path) -> None:
@@ -283,15 +333,54 @@ def _as_resolved(ref: str | ResolvedModel, registry: Any, trust_remote_code: boo
     return resolve_model(ref, registry, trust_remote_code=trust_remote_code)
 
 
+# Files that hold a tokenizer (fast, or the vocabulary a slow one is built from) and safetensors weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+
+
+def _tokenizer_source(resolved: ResolvedModel) -> str:
+    # Trainers save the tokenizer next to the adapter (maybe with a changed chat template): prefer it.
+    if resolved.adapter_path is not None and (resolved.adapter_path / "tokenizer_config.json").is_file():
+        return str(resolved.adapter_path)
+    return resolved.base
+
+
+def _check_checkpoint(resolved: ResolvedModel, *, weights: bool) -> None:
+    """A local model folder holds a tokenizer and (for a model) safetensors weights: say which is missing before
+    transformers fails on it with a message about something else."""
+    folder = Path(resolved.base)
+    if not folder.is_dir():
+        return  # a Hugging Face id: transformers' own error names what is missing
+    missing = []
+    if weights and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        found = f" (it holds {pickles[0]}, a pickle, which is never loaded: save it as safetensors)" if pickles else ""
+        missing.append(f"no weights: model.safetensors or model.safetensors.index.json{found}")
+    source = Path(_tokenizer_source(resolved))
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"no tokenizer: {' or '.join(TOKENIZER_FILES[:2])}")
+    if missing:
+        raise ModelRefError(
+            f"model folder {folder} is not a complete checkpoint: it has {'; '.join(missing)}. "
+            "Save a model with save_pretrained (weights, config and tokenizer)"
+        )
+
+
 def load_tokenizer(ref: str | ResolvedModel, registry: Any = None, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     resolved = _as_resolved(ref, registry, trust_remote_code)
-    # Trainers save the tokenizer next to the adapter (maybe with a changed chat template): prefer it.
-    source = resolved.base
-    if resolved.adapter_path is not None and (resolved.adapter_path / "tokenizer_config.json").is_file():
-        source = str(resolved.adapter_path)
-    return setup_tokenizer(AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code))
+    _check_checkpoint(resolved, weights=False)
+    source = _tokenizer_source(resolved)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # missing or unreadable files, an unknown tokenizer class
+        raise ModelRefError(f"cannot load the tokenizer of {resolved.describe()}: {_first_line(e)}") from e
+    return setup_tokenizer(tokenizer)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_model(
@@ -308,6 +397,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     resolved = _as_resolved(ref, registry, trust_remote_code)
+    _check_checkpoint(resolved, weights=True)
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "use_safetensors": True}
     kwargs |= {"trust_remote_code": trust_remote_code}
@@ -318,10 +408,12 @@ def load_model(
     model_class = AutoModelForCausalLM
     if resolved.artifact_kind == "rm":
         model_class, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
+    from safetensors import SafetensorError
+
     try:
         model = model_class.from_pretrained(resolved.base, **kwargs)
-    except OSError as e:
-        raise ModelRefError(f"cannot load {resolved.describe()}: {str(e).splitlines()[0]}") from e
+    except (OSError, ValueError, SafetensorError) as e:  # missing or damaged files, a config it cannot build
+        raise ModelRefError(f"cannot load {resolved.describe()}: {_first_line(e)}") from e
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # needed to batch (and by the rm head)
     if resolved.adapter_path is not None:

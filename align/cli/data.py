@@ -28,6 +28,9 @@ def add_data(commands, common) -> None:
     p.add_argument("--name", required=True, help="dataset name")
     p.add_argument("--kind", choices=KIND_CHOICES, help="kind to store (default: what the format holds)")
     p.add_argument("--format", dest="fmt", choices=FORMAT_CHOICES, default="auto", help="input format (default: auto)")
+    p.add_argument("--max-rows", type=int, metavar="N", help="refuse a file of more rows (default: 5000000)")
+    p.add_argument("--max-row-bytes", metavar="SIZE", help="refuse a longer line or record (default: 10MB)")
+    p.add_argument("--max-bytes", metavar="SIZE", help="refuse more data, counted decompressed (default: 2GB)")
     p.set_defaults(handler=cmd_data_import)
 
     p = data_commands.add_parser("list", parents=[common], help="list every dataset version")
@@ -121,8 +124,11 @@ def add_annotators(commands, common) -> None:
 
 
 def cmd_data_import(args) -> int:
+    from align.registry.importers import Limits
+
+    limits = Limits.parse(rows=args.max_rows, row_bytes=args.max_row_bytes, total_bytes=args.max_bytes)
     registry = open_registry(args)
-    version, result = registry.import_file(args.path, name=args.name, kind=args.kind, fmt=args.fmt)
+    version, result = registry.import_file(args.path, name=args.name, kind=args.kind, fmt=args.fmt, limits=limits)
     print(f"{version.ref}  {version.num_rows} rows  kind={version.kind}  (format {result.format})")
     for line in result.summary():
         print(line)

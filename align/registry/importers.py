@@ -11,19 +11,71 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
 import re
+import sys
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import AlignError, DataError
-from align.registry.schemas import RowError, convert_row, short_repr, validate_row
+from align.registry.schemas import RowError, check_turns, convert_row, short_repr, validate_row
 
 FORMATS = ("auto", "trl", "alpaca", "self-instruct", "sharegpt", "hh")
 MAX_PROBLEMS = 100
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one import may read, so that a small compressed file cannot fill the memory or the disk.
+
+    max_rows: rows read from the file; max_row_bytes: bytes of one JSON Lines line, JSON array item or CSV
+    record (of one row's decoded columns in Parquet); max_bytes: bytes of the whole file, counted after
+    decompression (Parquet: after decoding). Parquet files and saved datasets are also checked against max_rows
+    and max_bytes from their metadata, before any row is read.
+    `align data import --max-rows N --max-row-bytes SIZE --max-bytes SIZE` raises them.
+    """
+
+    max_rows: int = 5_000_000
+    max_row_bytes: int = 10_000_000  # 10 MB
+    max_bytes: int = 2_000_000_000  # 2 GB
+
+    def __post_init__(self):
+        for name in ("max_rows", "max_row_bytes", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AlignError(f"{name} (--{name.replace('_', '-')}) must be a positive whole number, got {value!r}")
+
+    @classmethod
+    def parse(cls, *, rows: int | None = None, row_bytes: str | None = None, total_bytes: str | None = None):
+        """Limits from the command line's values (sizes like '10MB', '2GB', '512KiB' or plain bytes); None keeps
+        a default."""
+        given = {"max_rows": rows, "max_row_bytes": parse_size(row_bytes), "max_bytes": parse_size(total_bytes)}
+        return cls(**{name: value for name, value in given.items() if value is not None})
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*")
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'10MB' -> 10_000_000, '2GiB' -> 2**31, '1500' -> 1500; None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    found = _SIZE.fullmatch(str(text).lower())
+    if not found or found.group(2) not in _UNITS:
+        raise AlignError(f"invalid size {text!r}: give bytes, or a number with KB, MB, GB (or KiB, MiB, GiB)")
+    return int(float(found.group(1)) * _UNITS[found.group(2)])
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= factor:
+            return f"{size / factor:g} {unit}"
+    return f"{size} bytes"
 
 
 @dataclass
@@ -34,78 +86,201 @@ class ImportResult:
     source_rows: int
     skipped: list[str] = field(default_factory=list)  # "line 12: why", one per skipped source row
     ignored_fields: Counter = field(default_factory=Counter)  # field name -> rows that carried it
+    duplicates: list[str] = field(default_factory=list)  # "line 9: same row as line 4", one per dropped row
+    odd_turns: list[str] = field(default_factory=list)  # kept, with a warning: "line 65: field ... must not be empty"
 
     def summary(self) -> list[str]:
         lines = []
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} of {self.source_rows} source rows:")
-            lines += [f"  {reason}" for reason in self.skipped[:10]]
-            if len(self.skipped) > 10:
-                lines.append(f"  ... and {len(self.skipped) - 10} more")
+            lines += _first_ten(self.skipped)
+        if self.duplicates:
+            lines.append(f"dropped {len(self.duplicates)} exact duplicate rows (the first copy of each is kept):")
+            lines += _first_ten(self.duplicates)
+        if self.odd_turns:
+            lines.append(
+                f"kept {len(self.odd_turns)} rows with an empty message or turns out of order (TRL trains on them "
+                "as they are; fix them if they are mistakes):"
+            )
+            lines += _first_ten(self.odd_turns)
         if self.ignored_fields:
             names = ", ".join(f"{name} ({count} rows)" for name, count in sorted(self.ignored_fields.items()))
             lines.append(f"ignored fields that no '{self.kind}' row holds: {names}")
         return lines
 
 
-# Reading files: yield (location, raw row) pairs.
+def _first_ten(reasons: list[str]) -> list[str]:
+    lines = [f"  {reason}" for reason in reasons[:10]]
+    if len(reasons) > 10:
+        lines.append(f"  ... and {len(reasons) - 10} more")
+    return lines
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, object]]:
+# Reading files: yield (location, raw row) pairs. Text files are read as a stream, decompressed as they are
+# read, so the limits stop a decompression bomb after max_bytes rather than after inflating it whole.
+
+
+def read_rows(path: Path, limits: Limits | None = None) -> Iterator[tuple[str, object]]:
+    limits = limits or Limits()
     if not path.exists():
         raise AlignError(f"{path}: no such file or folder")
     if path.is_dir():
-        yield from _read_saved_dataset(path)
+        yield from _read_saved_dataset(path, limits)
         return
     name = path.name.lower()
     if name.endswith(".parquet"):
-        yield from _read_parquet(path)
+        yield from _read_parquet(path, limits)
         return
-    text = _read_text(path)
+    stream = _TextStream(path, limits)
     if name.endswith(".csv") or name.endswith(".csv.gz"):
-        yield from _read_csv(path, text)
-    elif text.lstrip().startswith("["):
-        yield from _read_json_array(path, text)
+        yield from _read_csv(stream)
+    elif stream.first_byte() == b"[":
+        yield from _read_json_array(stream)
     else:
-        yield from _read_jsonl(path, text)
+        yield from _read_jsonl(stream)
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
+class _TextStream:
+    """A text file's lines (decompressed when it ends in .gz), within the limits, with clear errors."""
+
+    def __init__(self, path: Path, limits: Limits):
+        self.path = path
+        self.limits = limits
+        self.compressed = path.name.lower().endswith(".gz")
+        self.line = 0  # the last line read, for messages
+
+    def _open(self):
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise DataError([f"{path}: not a valid gzip file ({exc})"], str(path)) from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        bad = data[exc.start : exc.start + 1].hex()
-        raise DataError(
-            [f"{path} line {line}: text is not UTF-8 (byte 0x{bad} at column {column}); re-save the file as UTF-8"],
-            str(path),
-        ) from None
+            return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+        except OSError as exc:
+            raise AlignError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+
+    def _reading(self, read, size: int) -> bytes:
+        try:
+            return read(size)
+        except (OSError, EOFError, zlib.error) as exc:
+            if not self.compressed:
+                raise AlignError(f"cannot read {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
+            after = f" (after line {self.line})" if self.line else ""
+            raise self.error(None, f"not a valid gzip file, or a damaged one{after}: {exc}") from None
+
+    def first_byte(self) -> bytes:
+        """The first byte that is not whitespace (b"" for an empty file)."""
+        total = 0
+        with self._open() as handle:
+            while chunk := self._reading(handle.read, 65536):
+                stripped = chunk.lstrip(b" \t\r\n")
+                if stripped:
+                    return stripped[:1]
+                total += len(chunk)
+                self._check_total(total)
+        return b""
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, bytes of the line with its newline); a line over max_row_bytes stops the import."""
+        limit, total = self.limits.max_row_bytes, 0
+        with self._open() as handle:
+            while line := self._reading(handle.readline, limit + 2):
+                self.line += 1
+                total += len(line)
+                self._check_total(total)
+                if len(line) > limit and len(line.rstrip(b"\r\n")) > limit:
+                    raise self._too_long(f"line {self.line}")
+                yield self.line, line
+
+    def text(self) -> str:
+        """The whole file as text (a JSON array is decoded whole), read no further than max_bytes."""
+        data = bytearray()
+        with self._open() as handle:
+            while chunk := self._reading(handle.read, 1 << 20):
+                data += chunk
+                self._check_total(len(data))
+        return self.decode(data, 1)
+
+    def decode(self, data: bytes, first_line: int) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = first_line + data.count(b"\n", 0, exc.start)
+            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+            bad = data[exc.start : exc.start + 1].hex()
+            raise self.error(
+                f"line {line}", f"text is not UTF-8 (byte 0x{bad} at column {column}); re-save the file as UTF-8"
+            ) from None
+
+    def _check_total(self, total: int) -> None:
+        if total > self.limits.max_bytes:
+            where = f" (stopped at line {self.line})" if self.line else ""
+            unpacked = " once decompressed" if self.compressed else ""
+            raise self.error(
+                None,
+                f"more than {format_size(self.limits.max_bytes)}{unpacked}{where}, the limit max_bytes; "
+                "raise it with --max-bytes",
+            )
+
+    def _too_long(self, location: str) -> DataError:
+        return self.error(
+            location,
+            f"a row longer than {format_size(self.limits.max_row_bytes)}, the limit max_row_bytes; "
+            "raise it with --max-row-bytes",
+        )
+
+    def error(self, location: str | None, problem: str) -> DataError:
+        where = f"{self.path} {location}" if location else str(self.path)
+        return DataError([f"{where}: {problem}"], str(self.path))
 
 
-def _read_jsonl(path: Path, text: str) -> Iterator[tuple[str, object]]:
+def _too_deep(stream: _TextStream, location: str) -> DataError:
+    return stream.error(
+        location, f"JSON nested too deeply to read (over the {sys.getrecursionlimit():,} levels Python allows)"
+    )
+
+
+class _HugeNumber:
+    """An integer too long for Python to convert (over 4,300 digits): validation names the field that holds it."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<an integer of {len(self.digits.lstrip('-'))} digits>"
+
+
+def _parse_int(digits: str) -> int | _HugeNumber:
+    limit = sys.get_int_max_str_digits()
+    return _HugeNumber(digits) if limit and len(digits.lstrip("-")) > limit else int(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_int)
+
+
+def _read_jsonl(stream: _TextStream) -> Iterator[tuple[str, object]]:
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 etc., which JSON strings may hold.
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, raw in stream.lines():
+        line = stream.decode(raw[:-1] if raw.endswith(b"\n") else raw, number)
         if not line.strip():
             continue
         try:
-            yield f"line {number}", json.loads(line)
+            yield f"line {number}", _DECODER.decode(line)
         except json.JSONDecodeError as exc:
-            raise DataError(
-                [f"{path} line {number}: malformed JSON: {exc.msg} at column {exc.colno} ({short_repr(line)})"],
-                str(path),
+            raise stream.error(
+                f"line {number}", f"malformed JSON: {exc.msg} at column {exc.colno} ({short_repr(line)})"
             ) from None
+        except RecursionError:
+            raise _too_deep(stream, f"line {number}") from None
 
 
-def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
-    # Decode item by item so each row keeps the line it starts on.
-    decoder = json.JSONDecoder()
+def _read_json_array(stream: _TextStream) -> Iterator[tuple[str, object]]:
+    # Decode item by item so each row keeps the line it starts on (lines counted as the position moves on).
+    text = stream.text()
+    counted, line = 0, 1
+
+    def line_at(position: int) -> int:
+        nonlocal counted, line
+        line += text.count("\n", counted, position)
+        counted = position
+        return line
+
     position = text.index("[") + 1
     number = 0
     while True:
@@ -113,23 +288,25 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, object]]:
         if position < len(text) and text[position] == "]":
             rest = _skip_space(text, position + 1)
             if rest < len(text):
-                line = text.count("\n", 0, rest) + 1
-                raise DataError([f"{path} line {line}: malformed JSON: extra data after the closing ']'"], str(path))
+                raise stream.error(f"line {line_at(rest)}", "malformed JSON: extra data after the closing ']'")
             return
+        start = line_at(position)
         try:
-            item, end = decoder.raw_decode(text, position)
+            item, end = _DECODER.raw_decode(text, position)
         except json.JSONDecodeError as exc:
-            raise DataError(
-                [f"{path} line {exc.lineno}: malformed JSON: {exc.msg} at column {exc.colno}"], str(path)
-            ) from None
+            raise stream.error(f"line {exc.lineno}", f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+        except RecursionError:
+            raise _too_deep(stream, f"line {start}") from None
+        limit = stream.limits.max_row_bytes
+        if end - position > limit // 4 and len(text[position:end].encode()) > limit:  # 1-4 bytes a character
+            raise stream._too_long(f"line {start}")
         number += 1
-        yield f"line {text.count(chr(10), 0, position) + 1}", item
+        yield f"line {start}", item
         position = _skip_space(text, end)
         if position < len(text) and text[position] == ",":
             position += 1
         elif position >= len(text) or text[position] != "]":
-            line = text.count("\n", 0, position) + 1
-            raise DataError([f"{path} line {line}: malformed JSON: expected ',' or ']' after item {number}"], str(path))
+            raise stream.error(f"line {line_at(position)}", f"malformed JSON: expected ',' or ']' after item {number}")
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -154,16 +331,37 @@ _CSV_JSON_FIELDS = {
 _CSV_NUMBER_FIELDS = {"margin", "weight", "gold"}
 
 
-def _read_csv(path: Path, text: str) -> Iterator[tuple[str, object]]:
-    reader = csv.DictReader(io.StringIO(text))
-    for row in reader:
+def _read_csv(stream: _TextStream) -> Iterator[tuple[str, object]]:
+    # A quoted cell may span lines: a record's size is what the reader consumed between two records.
+    limit = stream.limits.max_row_bytes
+    csv.field_size_limit(max(csv.field_size_limit(), limit))
+    consumed = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal consumed
+        for number, raw in stream.lines():
+            consumed += len(raw)
+            yield stream.decode(raw, number)
+
+    reader = csv.DictReader(lines())
+    while True:
+        start = consumed
+        try:
+            if reader.fieldnames is None:  # reads the header: an empty file has none
+                return
+            start = start or consumed  # the header is not a row
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise stream.error(f"line {reader.line_num}", f"malformed CSV: {exc}") from None
         line = reader.line_num
+        if consumed - start > limit:
+            raise stream._too_long(f"line {line}")
         clean = {}
         for key, value in row.items():
             if key is None:
-                raise DataError(
-                    [f"{path} line {line}: more cells than header columns ({short_repr(value)})"], str(path)
-                )
+                raise stream.error(f"line {line}", f"more cells than header columns ({short_repr(value)})")
             clean[key] = _csv_cell(key, value)
         yield f"line {line}", clean
 
@@ -174,41 +372,123 @@ def _csv_cell(key: str, value: str | None) -> object:
     stripped = value.strip()
     try:
         if key in _CSV_JSON_FIELDS and stripped[:1] in ("[", "{"):
-            return json.loads(stripped)
+            return _DECODER.decode(stripped)
         if key in _CSV_NUMBER_FIELDS:
-            return json.loads(stripped)
-    except json.JSONDecodeError:
+            return _DECODER.decode(stripped)
+    except (json.JSONDecodeError, RecursionError):
         return value  # left as text: validation names the field and value
     if key == "tie" and stripped.lower() in ("true", "false"):
         return stripped.lower() == "true"
     return value
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
+def _read_parquet(path: Path, limits: Limits) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
+    def unreadable(exc: Exception) -> DataError:
+        return DataError([f"{path}: not a readable Parquet file ({exc})"], str(path))
+
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
+        meta = parquet.metadata
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))  # uncompressed
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise DataError([f"{path}: not a readable Parquet file ({exc})"], str(path)) from None
-    for number, row in enumerate(table.to_pylist(), start=1):
-        yield f"row {number}", row
+        raise unreadable(exc) from None
+    _check_counts(path, meta.num_rows, size, limits)
+    # Those sizes are of the encoded data: a dictionary-encoded column may decode to far more. Decode a few rows
+    # at a time and count what they take.
+    batches = parquet.iter_batches(batch_size=64)
+    number = total = 0
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            total += batch.nbytes
+            if total > limits.max_bytes:
+                raise DataError(
+                    [
+                        f"{path}: more than {format_size(limits.max_bytes)} once decoded (stopped at row "
+                        f"{number + batch.num_rows}), the limit max_bytes; raise it with --max-bytes"
+                    ],
+                    str(path),
+                )
+            if batch.nbytes > limits.max_row_bytes:  # maybe one row is too long: measure each
+                for i in range(batch.num_rows):
+                    if batch.slice(i, 1).nbytes > limits.max_row_bytes:
+                        raise DataError(
+                            [
+                                f"{path} row {number + i + 1}: a row longer than {format_size(limits.max_row_bytes)},"
+                                " the limit max_row_bytes; raise it with --max-row-bytes"
+                            ],
+                            str(path),
+                        )
+            rows = batch.to_pylist()
+        except DataError:
+            raise
+        except Exception as exc:
+            raise unreadable(exc) from None
+        for row in rows:
+            number += 1
+            yield f"row {number}", row
 
 
-def _read_saved_dataset(path: Path) -> Iterator[tuple[str, object]]:
-    if not (
-        (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()
-    ):
+def _check_counts(path: Path, rows: int, size: int, limits: Limits) -> None:
+    """Parquet files and saved datasets say how many rows and bytes they hold: check before reading them."""
+    if rows > limits.max_rows:
+        raise DataError(
+            [f"{path}: {rows:,} rows, more than {limits.max_rows:,}, the limit max_rows; raise it with --max-rows"],
+            str(path),
+        )
+    if size > limits.max_bytes:
+        raise DataError(
+            [
+                f"{path}: {format_size(size)} of data, more than {format_size(limits.max_bytes)}, the limit "
+                "max_bytes; raise it with --max-bytes"
+            ],
+            str(path),
+        )
+
+
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _read_saved_dataset(path: Path, limits: Limits) -> Iterator[tuple[str, object]]:
+    if not any((path / marker).exists() for marker in _SAVED_MARKERS):
         raise AlignError(f"{path}: a folder must be a dataset saved with datasets' save_to_disk")
+    for marker in _SAVED_MARKERS:
+        if (path / marker).is_file():
+            try:
+                json.loads((path / marker).read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise AlignError(
+                    f"{path / marker}: not valid JSON ({exc}), so {path} is a damaged saved dataset; save it again"
+                ) from None
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a missing or damaged data file, a state.json that names the wrong files, ...
+        cause = str(exc).splitlines()[0] if str(exc) else ""
+        raise AlignError(
+            f"{path}: cannot load this saved dataset ({type(exc).__name__}: {cause}); save it again"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) != 1:
             splits = ", ".join(loaded)
             raise AlignError(f"{path} holds several splits ({splits}): import one, e.g. {path / next(iter(loaded))}")
         loaded = next(iter(loaded.values()))
-    for number, row in enumerate(loaded, start=1):
+    _check_counts(path, loaded.num_rows, loaded.data.nbytes, limits)
+    rows = iter(loaded)
+    number = 0
+    while True:
+        try:
+            row = next(rows, None)
+        except Exception as exc:
+            raise DataError([f"{path} row {number + 1}: cannot read this saved dataset ({exc})"], str(path)) from None
+        if row is None:
+            return
+        number += 1
         yield f"row {number}", row
 
 
@@ -423,15 +703,26 @@ def convert_hh(row: dict) -> tuple[dict, set]:
 NATURAL_KIND = {"alpaca": "sft", "self-instruct": "sft", "sharegpt": "sft", "hh": "preference"}
 
 
-def import_file(path: str | Path, *, kind: str | None = None, fmt: str = "auto") -> ImportResult:
-    """Read and convert a whole file. Raises DataError listing every bad row; returns nothing half-done."""
+def import_file(
+    path: str | Path, *, kind: str | None = None, fmt: str = "auto", limits: Limits | None = None
+) -> ImportResult:
+    """Read and convert a whole file. Raises DataError listing every bad row; returns nothing half-done.
+
+    Rows that hold an empty message or turns out of order (see schemas.check_turns) are kept and counted, with
+    the first few named: TRL trains on them, the registry stores them (generated replies may be empty, the HH
+    data holds both kinds), and an exported version must import again. Exact duplicates of an earlier row are
+    dropped and counted.
+    """
     path = Path(path)
+    limits = limits or Limits()
     if fmt not in FORMATS:
         raise AlignError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
     result: ImportResult | None = None
     problems: list[str] = []
     source_kind = None
-    for location, raw in read_rows(path):
+    seen: dict[int, int] = {}  # hash of a stored row -> index of the first row with that hash
+    origins: list[str] = []  # where each stored row came from
+    for location, raw in read_rows(path, limits):
         if not isinstance(raw, dict):
             problems.append(
                 f"{path} {location}: expected a JSON object per row, got {type(raw).__name__} ({short_repr(raw)})"
@@ -442,9 +733,15 @@ def import_file(path: str | Path, *, kind: str | None = None, fmt: str = "auto")
             source_kind = NATURAL_KIND.get(fmt) or trl_kind(set(raw)) or _undetectable(path, location, raw)
             result = ImportResult(kind=kind or source_kind, format=fmt, rows=[], source_rows=0)
         result.source_rows += 1
+        if result.source_rows > limits.max_rows:
+            raise DataError(
+                [f"{path}: more than {limits.max_rows:,} rows, the limit max_rows; raise it with --max-rows"],
+                str(path),
+            )
         try:
             rows, ignored = _convert(fmt, source_kind, raw)
             result.ignored_fields.update(ignored)
+            checked = []
             for row in rows:
                 try:
                     target = convert_row(row, source_kind, result.kind)
@@ -452,11 +749,29 @@ def import_file(path: str | Path, *, kind: str | None = None, fmt: str = "auto")
                     raise
                 except ValueError as exc:
                     raise AlignError(f"cannot import {fmt} rows as '{result.kind}': {exc}") from None
-                result.rows.append(validate_row(result.kind, target))
+                target = validate_row(result.kind, target)
+                try:
+                    check_turns(result.kind, target)
+                except RowError as exc:
+                    result.odd_turns.append(f"{location}: {exc}")
+                checked.append(target)
         except SkipRow as reason:
             result.skipped.append(f"{location}: {reason}")
+            continue
         except RowError as exc:
             problems.append(f"{path} {location}: {exc}")
+        except RecursionError:  # a value nested so deeply that comparing or printing it overflows the stack
+            problems.append(f"{path} {location}: a value is nested too deeply to check")
+        else:
+            for row in checked:
+                key = hash(_hashable(row))
+                first = seen.get(key)
+                if first is not None and result.rows[first] == row:
+                    result.duplicates.append(f"{location}: same row as {origins[first]}")
+                    continue
+                seen.setdefault(key, len(result.rows))  # two different rows with one hash: both kept
+                result.rows.append(row)
+                origins.append(location)
         if len(problems) >= MAX_PROBLEMS:
             break
     if problems:
@@ -465,6 +780,20 @@ def import_file(path: str | Path, *, kind: str | None = None, fmt: str = "auto")
         why = "it holds no rows" if result is None else f"all {result.source_rows} rows were skipped"
         raise DataError([f"{path} is empty: {why}"], str(path))
     return result
+
+
+def _hashable(row: dict) -> tuple:
+    """A canonical row as nested tuples, to find exact duplicates: validate_row builds every row, and every
+    message in it, with its keys in one order."""
+    return tuple([(key, _hashable_value(value)) for key, value in row.items()])
+
+
+def _hashable_value(value: object) -> object:
+    if isinstance(value, list):
+        return tuple([_hashable_value(item) for item in value])
+    if isinstance(value, dict):  # a message: {"role": ..., "content": ...}
+        return tuple(value.values())
+    return value
 
 
 def _convert(fmt: str, source_kind: str, raw: dict) -> tuple[list[dict], set]:

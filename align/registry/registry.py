@@ -298,18 +298,21 @@ class Registry:
         found = self.db.execute("SELECT * FROM datasets ORDER BY name, version").fetchall()
         return [self._version(row) for row in found]
 
-    def import_file(self, path, *, name: str, kind: str | None = None, fmt: str = "auto"):
-        """Import a file; returns (version, ImportResult). Nothing is registered unless every row is valid."""
+    def import_file(self, path, *, name: str, kind: str | None = None, fmt: str = "auto", limits=None):
+        """Import a file; returns (version, ImportResult). Nothing is registered unless every row is valid.
+        `limits` (importers.Limits) bounds the rows and bytes read."""
         from align.registry.importers import import_file
 
         check_name(name)
-        result = import_file(path, kind=kind, fmt=fmt)
+        result = import_file(path, kind=kind, fmt=fmt, limits=limits)
         meta = {
             "source": str(Path(path).resolve()),
             "format": result.format,
             "skipped": len(result.skipped),
             "source_rows": result.source_rows,
         }
+        if result.duplicates:
+            meta["duplicates_dropped"] = len(result.duplicates)
         version = self.register(result.rows, name=name, kind=result.kind, meta=meta)
         return version, result
 
@@ -671,8 +674,14 @@ def _drop_nulls(row: dict) -> dict:
 
 
 def _content_hash(kind: str, rows: list[dict]) -> str:
-    payload = json.dumps({"kind": kind, "rows": rows}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return sha256(payload.encode("utf-8")).hexdigest()
+    """sha256 of json.dumps({"kind": kind, "rows": rows}, sort_keys=True, ensure_ascii=False, separators=(",", ":")),
+    fed row by row so that no copy of the whole dataset is built as one string."""
+    encoder = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = sha256(f'{{"kind":{encoder.encode(kind)},"rows":['.encode())
+    for number, row in enumerate(rows):
+        digest.update((("," if number else "") + encoder.encode(row)).encode("utf-8"))
+    digest.update(b"]}")
+    return digest.hexdigest()
 
 
 def _write_parquet(kind: str, rows: list[dict], target: Path) -> None:
@@ -680,10 +689,17 @@ def _write_parquet(kind: str, rows: list[dict], target: Path) -> None:
     import pyarrow.parquet as pq
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=arrow_schema(kind, ordered_columns(kind, rows)))
+    schema = arrow_schema(kind, ordered_columns(kind, rows))
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, target)
+    try:
+        # A slice of rows at a time: a whole table built at once peaks at about twice the data's size.
+        with pq.ParquetWriter(temporary, schema) as writer:
+            for start in range(0, len(rows), 10_000):
+                writer.write_table(pa.Table.from_pylist(rows[start : start + 10_000], schema=schema))
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def library_versions() -> dict:

@@ -32,7 +32,10 @@ class RowError(ValueError):
 
 
 def short_repr(value: object, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deeply, or an integer too long to print
+        text = f"<a {type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -161,6 +164,49 @@ def validate_row(kind: str, row: dict) -> dict:
     return out
 
 
+def check_turns(kind: str, row: dict) -> None:
+    """The checks an imported row passes beyond its schema, or a RowError naming the message: no empty message,
+    and turns in the order chat templates take (an optional system message first, then user and assistant turns
+    alternating from a user turn; tool turns only after an assistant or tool turn, and followed by an assistant
+    turn). `row` is a valid canonical row of `kind`; stored rows a stage generates are not held to this."""
+    if kind == "sft":
+        conversations = [[("messages", i, m) for i, m in enumerate(row["messages"])]]
+    else:
+        prompt = [("prompt", i, m) for i, m in enumerate(row["prompt"])]
+        replies = {"preference": [("chosen", row.get("chosen")), ("rejected", row.get("rejected"))]}
+        replies["candidates"] = [(f"completions[{n}]", c) for n, c in enumerate(row.get("completions", []))]
+        conversations = [
+            prompt + [(name, i, m) for i, m in enumerate(reply)] for name, reply in replies.get(kind, [])
+        ] or [prompt]
+    for conversation in conversations:
+        for name, i, message in conversation:
+            if not message["content"] or message["content"].isspace():
+                raise RowError(f"{name}[{i}].content", message["content"], "is empty")
+    for conversation in conversations:
+        _check_order(conversation)
+
+
+def _check_order(conversation: list[tuple[str, int, dict]]) -> None:
+    previous = None
+    for position, (name, i, message) in enumerate(conversation):
+        role, where = message["role"], f"{name}[{i}].role"
+        if role == "system":
+            if position:
+                raise RowError(where, role, "is out of order: a system message may only open the conversation")
+        elif previous in (None, "system"):
+            if role != "user":
+                raise RowError(where, role, "is out of order: the first turn (after any system message) is 'user'")
+        elif role == "tool":
+            if previous not in ("assistant", "tool"):
+                raise RowError(where, role, f"is out of order: a tool turn follows an assistant turn, not '{previous}'")
+        elif previous == "tool":
+            if role != "assistant":
+                raise RowError(where, role, "is out of order: an assistant turn follows a tool turn")
+        elif role == previous:
+            raise RowError(where, role, f"is out of order: two '{role}' turns in a row (user and assistant alternate)")
+        previous = role
+
+
 def arrow_schema(kind: str, columns: list[str]):
     """The Parquet schema of a kind, for the columns present (optional ones only when used)."""
     import pyarrow as pa
@@ -199,10 +245,21 @@ def last_assistant_split(messages: list[dict]) -> tuple[list[dict], list[dict]]:
     return messages[: last_user + 1], messages[last_user + 1 :]
 
 
+CONVERSIONS = {("sft", "prompts"), ("preference", "prompts"), ("candidates", "prompts")}
+CONVERSIONS |= {("preference", "candidates"), ("preference", "sft")}
+
+
 def convert_row(row: dict, source_kind: str, target_kind: str) -> dict:
     """Turn a canonical row of one kind into another kind, where that makes sense."""
     if source_kind == target_kind:
         return row
+    if (source_kind, target_kind) not in CONVERSIONS:
+        raise ValueError(f"'{source_kind}' rows cannot become '{target_kind}' rows")
+    # The importer hands over rows not validated yet: check what is read here, naming the field.
+    if source_kind == "sft":
+        row = {"messages": validate_messages("messages", row.get("messages"))}
+    else:
+        row = validate_row(source_kind, row)
     if target_kind == "prompts":
         if source_kind == "sft":
             context, replies = last_assistant_split(row["messages"])

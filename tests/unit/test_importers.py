@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from align.errors import AlignError, DataError
-from align.registry.importers import import_file
+from align.registry import importers
+from align.registry.importers import Limits, import_file
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HH_FILE = DATA / "hh-rlhf-harmless-dev.jsonl.gz"
@@ -338,6 +339,23 @@ def test_hh_real_rows_split_by_hand(tmp_path):
     assert result.rows == list(HH_EXPECTED.values())
 
 
+# Found with a script over the rows the importer gave before it checked turns, then read by hand: four final
+# replies are empty ("\n\nAssistant:" ends the transcript) and three prompts hold two assistant turns in a row;
+# the importer keeps them and names them.
+HH_KEPT = [
+    "line 65: field 'chosen[0].content' is empty (got '')",
+    "line 357: field 'chosen[0].content' is empty (got '')",
+    "line 468: field 'prompt[4].role' is out of order: two 'assistant' turns in a row (user and assistant alternate)"
+    " (got 'assistant')",
+    "line 533: field 'prompt[2].role' is out of order: two 'assistant' turns in a row (user and assistant alternate)"
+    " (got 'assistant')",
+    "line 642: field 'chosen[0].content' is empty (got '')",
+    "line 774: field 'chosen[0].content' is empty (got '')",
+    "line 924: field 'prompt[8].role' is out of order: two 'assistant' turns in a row (user and assistant alternate)"
+    " (got 'assistant')",
+]
+
+
 def test_hh_full_file_counts_skipped_rows():
     # Lines 1177, 1348 and 1405 were read by hand: in each, the chosen transcript has one more assistant turn
     # than the rejected one, so the conversations differ before the final assistant turn.
@@ -350,12 +368,16 @@ def test_hh_full_file_counts_skipped_rows():
     )
     reason = "the two transcripts do not share the conversation before the final assistant turn"
     assert result.skipped == [f"line {n}: {reason}" for n in (1177, 1348, 1405)]
-    assert result.summary() == [
+    assert result.summary()[:4] == [
         "skipped 3 of 1600 source rows:",
         f"  line 1177: {reason}",
         f"  line 1348: {reason}",
         f"  line 1405: {reason}",
     ]
+    assert result.summary()[4:] == [
+        "kept 7 rows with an empty message or turns out of order (TRL trains on them as they are; fix them if they "
+        "are mistakes):"
+    ] + [f"  {problem}" for problem in HH_KEPT]
     # Line 1049 comes before the first skipped line, so it is row 1048 (0-based) of the result.
     assert result.rows[1048] == HH_EXPECTED[1049]
 
@@ -636,3 +658,295 @@ def test_ignored_columns_reported(tmp_path):
     result = import_rows(tmp_path, rows)
     assert len(result.rows) == 2
     assert result.summary() == ["ignored fields that no 'sft' row holds: id (2 rows), source (1 rows)"]
+
+
+# Hostile input: deep nesting, huge numbers, limits, damaged saved datasets
+
+
+def test_deeply_nested_line_names_the_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"messages": ' + "[" * 100_000 + "\n")
+    with pytest.raises(DataError) as info:
+        import_file(path)
+    assert info.value.problems == [
+        f"{path} line 2: JSON nested too deeply to read (over the 1,000 levels Python allows)"
+    ]
+
+
+def test_deeply_nested_array_file_names_the_line(tmp_path):
+    path = tmp_path / "deep.json"  # starts with '[': read as a JSON array
+    path.write_text("[" * 100_000)
+    with pytest.raises(DataError) as info:
+        import_file(path)
+    assert info.value.problems[0].startswith(f"{path} line 1: JSON nested too deeply to read")
+
+
+def test_huge_integer_names_the_field(tmp_path):
+    digits = "7" * 5000
+    path = tmp_path / "big.jsonl"
+    path.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b", "margin": ' + digits + "}\n"
+        '{"prompt": "p", "chosen": "a", "rejected": "b", "id": ' + digits + "}\n"  # an ignored field: fine
+        '{"prompt": "p", "chosen": [{"role": "assistant", "content": -' + digits + '}], "rejected": "b"}\n'
+    )
+    with pytest.raises(DataError) as info:
+        import_file(path)
+    assert info.value.problems == [
+        f"{path} line 1: field 'margin' must be a finite number (got <an integer of 5000 digits>)",
+        f"{path} line 3: field 'chosen[0].content' must be a string (got <an integer of 5000 digits>)",
+    ]
+
+
+def test_huge_integer_in_csv_names_the_field(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(f"prompt,chosen,rejected,margin\nq,a,b,{'9' * 5000}\n")
+    with pytest.raises(DataError) as info:
+        import_file(path)
+    assert info.value.problems == [
+        f"{path} line 2: field 'margin' must be a finite number (got <an integer of 5000 digits>)"
+    ]
+
+
+def sft_line(number: int, size: int = 0) -> str:
+    return json.dumps({"prompt": f"q{number}", "completion": "a" * size or f"a{number}"}) + "\n"
+
+
+def test_limit_rows(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(sft_line(n) for n in range(6)))
+    assert len(import_file(path, limits=Limits(max_rows=6)).rows) == 6
+    with pytest.raises(DataError) as info:
+        import_file(path, limits=Limits(max_rows=5))
+    assert info.value.problems == [f"{path}: more than 5 rows, the limit max_rows; raise it with --max-rows"]
+
+
+def test_limit_row_bytes_per_line_and_per_csv_record(tmp_path):
+    path = tmp_path / "long.jsonl"
+    line = sft_line(2, size=100)
+    path.write_text(sft_line(1) + line)
+    limit = len(line) - 1  # the newline does not count
+    assert len(import_file(path, limits=Limits(max_row_bytes=limit)).rows) == 2
+    with pytest.raises(DataError) as info:
+        import_file(path, limits=Limits(max_row_bytes=limit - 1))
+    assert info.value.problems == [
+        f"{path} line 2: a row longer than {limit - 1} bytes, the limit max_row_bytes; raise it with --max-row-bytes"
+    ]
+    # A CSV record may span lines (a quoted cell holding newlines): its size is the whole record's.
+    table = tmp_path / "long.csv"
+    table.write_text('prompt,completion\nq,"' + "a\n" * 40 + '"\nq2,b\n')
+    assert len(import_file(table, limits=Limits(max_row_bytes=90)).rows) == 2
+    with pytest.raises(DataError) as info:
+        import_file(table, limits=Limits(max_row_bytes=60))
+    assert info.value.problems[0].startswith(f"{table} line 42: a row longer than 60 bytes")
+
+
+def test_csv_cell_larger_than_the_csv_module_default(tmp_path):
+    path = tmp_path / "wide.csv"
+    path.write_text(f"prompt,completion\nq,{'a' * 200_000}\n")  # the csv module refuses cells over 131,072
+    assert import_file(path).rows[0]["messages"][1]["content"] == "a" * 200_000
+
+
+def test_limit_bytes_stops_a_gzip_bomb_early(tmp_path, monkeypatch):
+    # 2,000 lines of 10 kB compress to ~30 kB; with a 1 MB limit the reader stops after ~100 lines.
+    path = tmp_path / "bomb.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(sft_line(n, size=10_000) for n in range(2000)).encode()))
+    parsed = []
+    real_decode = importers._DECODER.decode
+    monkeypatch.setattr(importers._DECODER, "decode", lambda text: parsed.append(1) or real_decode(text))
+    with pytest.raises(DataError) as info:
+        import_file(path, limits=Limits(max_bytes=1_000_000))
+    assert info.value.problems == [
+        f"{path}: more than 1 MB once decompressed (stopped at line 100), the limit max_bytes; "
+        "raise it with --max-bytes"
+    ]
+    assert len(parsed) == 99  # the 100th line went over: it was never parsed
+    assert len(import_file(path, limits=Limits(max_bytes=30_000_000)).rows) == 2000
+
+
+def test_limit_bytes_of_a_json_array(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"prompt": "q", "completion": "a" * 5000}]))
+    with pytest.raises(DataError) as info:
+        import_file(path, limits=Limits(max_bytes=4000))
+    assert "more than 4 KB, the limit max_bytes" in info.value.problems[0]
+    with pytest.raises(DataError) as info:
+        import_file(path, limits=Limits(max_row_bytes=4000))
+    assert info.value.problems[0].startswith(f"{path} line 1: a row longer than 4 KB")
+
+
+def test_limits_of_parquet_and_saved_datasets(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"q{n}", "completion": f"{n}" * 1000} for n in range(20)]
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    for source in (path, folder):  # rows: from the metadata, before reading
+        assert len(import_file(source).rows) == 20
+        with pytest.raises(DataError) as info:
+            import_file(source, limits=Limits(max_rows=19))
+        assert info.value.problems == [f"{source}: 20 rows, more than 19, the limit max_rows; raise it with --max-rows"]
+    with pytest.raises(DataError) as info:  # about 20 kB of data (10 kB for the digits 0 to 9)
+        import_file(folder, limits=Limits(max_bytes=15_000))
+    assert info.value.problems[0].startswith(f"{folder}: ")
+    assert info.value.problems[0].endswith(" of data, more than 15 KB, the limit max_bytes; raise it with --max-bytes")
+
+
+def test_limits_of_a_parquet_file_count_decoded_bytes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # One 100 kB reply repeated: dictionary-encoded, the file's own sizes say ~100 kB, decoded it is 6.4 MB.
+    rows = [{"prompt": f"q{n}", "completion": "a" * 100_000} for n in range(64)]
+    path = tmp_path / "repeated.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert pq.ParquetFile(path).metadata.row_group(0).total_byte_size < 200_000
+    with pytest.raises(DataError) as info:
+        import_file(path, limits=Limits(max_bytes=1_000_000))
+    assert info.value.problems == [
+        f"{path}: more than 1 MB once decoded (stopped at row 64), the limit max_bytes; raise it with --max-bytes"
+    ]
+    rows[5]["completion"] += "b"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError) as info:
+        import_file(path, limits=Limits(max_row_bytes=100_000))
+    assert info.value.problems == [
+        f"{path} row 1: a row longer than 100 KB, the limit max_row_bytes; raise it with --max-row-bytes"
+    ]
+    assert len(import_file(path, limits=Limits(max_row_bytes=100_100)).rows) == 64
+
+
+def test_damaged_gzip(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(gzip.compress(("".join(sft_line(n) for n in range(1000))).encode())[:-200])
+    with pytest.raises(DataError) as info:
+        import_file(path)
+    assert info.value.problems == [
+        f"{path}: not a valid gzip file, or a damaged one: Compressed file ended before the end-of-stream marker "
+        "was reached"
+    ]
+
+
+def test_limits_parse_sizes_and_refuse_nonsense():
+    assert Limits() == Limits(max_rows=5_000_000, max_row_bytes=10_000_000, max_bytes=2_000_000_000)
+    limits = Limits.parse(rows=10, row_bytes="64KiB", total_bytes="1.5GB")
+    assert limits == Limits(max_rows=10, max_row_bytes=65536, max_bytes=1_500_000_000)
+    assert Limits.parse(total_bytes="200 mb").max_bytes == 200_000_000
+    assert Limits.parse(row_bytes="1500").max_row_bytes == 1500
+    with pytest.raises(AlignError, match="invalid size '5XB'"):
+        Limits.parse(total_bytes="5XB")
+    with pytest.raises(AlignError, match=r"max_rows \(--max-rows\) must be a positive whole number, got 0"):
+        Limits.parse(rows=0)
+
+
+def test_saved_dataset_with_corrupt_state_json(tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(PREFERENCE_ROWS).save_to_disk(str(folder))
+    state = folder / "state.json"
+    good = state.read_text()
+    state.write_text("{corrupt")
+    with pytest.raises(AlignError) as info:
+        import_file(folder)
+    assert str(info.value).startswith(f"{state}: not valid JSON (Expecting property name")
+    assert str(info.value).endswith(f"so {folder} is a damaged saved dataset; save it again")
+    # Valid JSON that names a data file that is not there.
+    state.write_text(good.replace("data-00000-of-00001.arrow", "gone.arrow"))
+    with pytest.raises(AlignError) as info:
+        import_file(folder)
+    assert str(info.value).startswith(f"{folder}: cannot load this saved dataset (FileNotFoundError: ")
+    assert "gone.arrow" in str(info.value)
+
+
+# Rows TRL takes but that are likely mistakes: kept with a warning; exact duplicates: dropped with a count
+
+
+def test_empty_message_is_kept_and_named(tmp_path):
+    rows = [
+        {"messages": [user("hi"), bot("")]},
+        {"prompt": "  ", "completion": "x"},
+        {"messages": [user("ok"), bot("fine")]},
+    ]
+    result = import_rows(tmp_path, rows)
+    assert len(result.rows) == 3
+    assert result.odd_turns == [
+        "line 1: field 'messages[1].content' is empty (got '')",
+        "line 2: field 'messages[0].content' is empty (got '  ')",
+    ]
+    assert result.summary()[0].startswith("kept 2 rows with an empty message or turns out of order")
+
+
+def test_turns_out_of_order_are_kept_and_named(tmp_path):
+    rows = [
+        {"messages": [bot("a"), bot("b"), user("c")]},
+        {"messages": [user("a"), system("late"), bot("b")]},
+        {"messages": [system("s"), user("a"), user("b"), bot("c")]},
+        {"messages": [user("a"), {"role": "tool", "content": "42"}, bot("b")]},
+        {"messages": [user("a"), bot("call"), {"role": "tool", "content": "42"}, user("b"), bot("c")]},
+        {"prompt": [user("a"), bot("b"), user("c")], "chosen": [bot("d"), bot("e")], "rejected": [bot("f")]},
+    ]
+    result = import_rows(tmp_path, rows[:5])
+    good = {"messages": [system("s"), user("a"), bot("call"), {"role": "tool", "content": "42"}, bot("b")]}
+    assert import_rows(tmp_path, [good]).odd_turns == []
+    assert result.odd_turns == [
+        "line 1: field 'messages[0].role' is out of order: the first turn (after any system message) is 'user' "
+        "(got 'assistant')",
+        "line 2: field 'messages[1].role' is out of order: a system message may only open the conversation "
+        "(got 'system')",
+        "line 3: field 'messages[2].role' is out of order: two 'user' turns in a row (user and assistant alternate) "
+        "(got 'user')",
+        "line 4: field 'messages[1].role' is out of order: a tool turn follows an assistant turn, not 'user' "
+        "(got 'tool')",
+        "line 5: field 'messages[3].role' is out of order: an assistant turn follows a tool turn (got 'user')",
+    ]
+    assert import_rows(tmp_path, rows[5:]).odd_turns == [
+        "line 1: field 'chosen[1].role' is out of order: two 'assistant' turns in a row (user and assistant "
+        "alternate) (got 'assistant')"
+    ]
+
+
+def test_exact_duplicates_are_dropped_and_counted(tmp_path):
+    a = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    b = {"prompt": "q", "chosen": "good", "rejected": "worse"}
+    same_as_a = {"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]}  # other spelling
+    result = import_rows(tmp_path, [a, b, a, same_as_a, b])
+    assert result.rows == [
+        {"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("bad")]},
+        {"prompt": [user("q")], "chosen": [bot("good")], "rejected": [bot("worse")]},
+    ]
+    assert result.duplicates == [
+        "line 3: same row as line 1",
+        "line 4: same row as line 1",
+        "line 5: same row as line 2",
+    ]
+    assert result.summary() == [
+        "dropped 3 exact duplicate rows (the first copy of each is kept):",
+        "  line 3: same row as line 1",
+        "  line 4: same row as line 1",
+        "  line 5: same row as line 2",
+    ]
+
+
+def test_kind_conversion_of_a_bad_row_names_the_field(tmp_path):
+    path = tmp_path / "data.jsonl"
+    with pytest.raises(DataError) as info:
+        import_rows(tmp_path, [{"messages": 7}], kind="prompts")
+    assert info.value.problems == [f"{path} line 1: field 'messages' must be a list of messages (got 7)"]
+    with pytest.raises(DataError) as info:
+        import_rows(tmp_path, [{"prompt": "p", "rejected": "r"}], kind="sft")
+    assert info.value.problems == [f"{path} line 1: field 'chosen' is required for a 'preference' row (got None)"]
+
+
+def test_malformed_json_at_the_end_of_a_line_names_its_column(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "a", \n')
+    with pytest.raises(DataError) as info:
+        import_file(path)
+    assert info.value.problems == [
+        f"{path} line 1: malformed JSON: Expecting property name enclosed in double quotes at column 17 "
+        """('{"prompt": "a", ')"""
+    ]
