@@ -60,7 +60,7 @@ from align.runs import (
     plot_histogram,
     plot_series,
     recipe_for,
-    train_and_eval_versions,
+    stage_data,
     write_metrics,
     write_report,
 )
@@ -180,18 +180,14 @@ def resolve_label_smoothing(config: DPOStageConfig, registry: Registry, version)
 
 
 def run_dpo(
-    config: DPOStageConfig,
-    registry: Registry,
-    *,
-    recipe: dict | None = None,
-    resume: str | bool | None = None,
-    callbacks=(),
+    config: DPOStageConfig, registry: Registry, *, recipe: dict | None = None, resume: str | None = None, callbacks=()
 ):
-    """Train, evaluate, save and register. Returns the registered adapter artifact."""
+    """Train, evaluate before and after on the held-out pairs, save and register. Returns the registered adapter
+    artifact. `resume` is the ID of a run to continue from its last checkpoint."""
     import datasets
 
-    # Everything that can be wrong with the inputs fails here, before any model is loaded.
-    dataset, train_version, eval_version = train_and_eval_versions(registry, config, kind="preference")
+    # Everything that can be wrong with the inputs fails here, before anything is registered or loaded.
+    data = stage_data(registry, config, kind="preference")
     resolved = resolve_model(config.model, registry)  # a reference that does not resolve fails now
     start = None
     if config.model.startswith("rm:"):
@@ -200,9 +196,10 @@ def run_dpo(
         start = registry.resolve_artifact(config.model)
         _check_lora_adapter(resolved.adapter_path, config.model)
     base_model = start.base_model if start else config.model
-    label_smoothing, smoothing_note = resolve_label_smoothing(config, registry, train_version)
 
-    inputs = [dataset.ref, train_version.ref, eval_version.ref, start.ref if start else config.model]
+    train_version, eval_version = data.split(registry)
+    label_smoothing, smoothing_note = resolve_label_smoothing(config, registry, train_version)
+    inputs = [data.dataset.ref, train_version.ref, eval_version.ref, start.ref if start else config.model]
     run = open_stage_run(registry, "dpo", config, inputs=inputs, recipe=recipe, resume=resume)
     config.output_dir = str(run.dir / "checkpoints")
     config.label_smoothing = label_smoothing

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from align.config import AdapterFields, StageFields, build_config, peft_config_for
-from align.errors import AlignError
-from align.models import load_model, resolve_model
+from align.models import load_model
 from align.ppo_core import (
     RewardFn,
     SharedBaseRoles,
@@ -46,7 +45,7 @@ from align.ppo_core import (
     save_checkpoint,
     trainer_arguments,
 )
-from align.ppo_shared import register_policy, registry_reward_fn, reward_model_artifact
+from align.ppo_shared import finish_policy_run, policy_inputs, policy_start, register_policy, registry_reward_fn
 from align.registry import Registry
 from align.rl_utils import AdaptiveKLController, FixedKLController, RunningMoments
 from align.runs import (
@@ -57,7 +56,7 @@ from align.runs import (
     open_stage_run,
     plot_series,
     recipe_for,
-    train_and_eval_versions,
+    stage_data,
     write_metrics,
     write_report,
 )
@@ -162,23 +161,26 @@ def run_ppo(
     reward_fn: RewardFn | None = None,
     stop_after: int | None = None,
 ):
-    """Train and register the policy adapter. `reward_fn` replaces the reward model (tests);
+    """Train and register the policy adapter: our PPO loop, or TRL's with `algo: rloo|grpo` (align/ppo_trl.py), from
+    the same checked inputs and run. `reward_fn` replaces the reward model (tests);
     `stop_after` ends the process after that many updates, as a kill would (tests of --resume)."""
+    # Everything that can be wrong with the inputs fails here, before anything is registered or loaded.
+    data = stage_data(registry, config, kind="prompts")
+    policy = policy_inputs(config, registry, reward_fn)
+
+    versions = data.split(registry)  # (train, eval)
+    train_version, eval_version = versions
+    inputs = [train_version.ref, eval_version.ref, config.model, config.reward_model]
+    run = open_stage_run(registry, "ppo", config, inputs=inputs, recipe=recipe, resume=resume)
     if config.algo != "ppo":
         from align.ppo_trl import run_trl_algo
 
-        return run_trl_algo(config, registry, recipe=recipe, resume=resume, reward_fn=reward_fn)
+        return run_trl_algo(config, registry, run, policy, versions, resume=resume, reward_fn=reward_fn)
 
-    # Inputs are checked before anything heavy happens.
-    _, train_version, eval_version = train_and_eval_versions(registry, config, kind="prompts")
-    reward_artifact = reward_model_artifact(config.reward_model, registry) if reward_fn is None else None
-
-    inputs = [train_version.ref, eval_version.ref, config.model, config.reward_model]
-    run = open_stage_run(registry, "ppo", config, inputs=inputs, recipe=recipe, resume=resume)
     print(f"run {run.id}: PPO of {config.model} against {config.reward_model} on {train_version.ref}")
     with failures_recorded(registry, run):
         torch.manual_seed(config.seed)
-        roles, base_ref = load_roles(config.model, registry, config)
+        roles, _ = load_roles(config.model, registry, config)
         if reward_fn is None:
             reward_fn = registry_reward_fn(config.reward_model, registry, roles)
         train_prompts = [row["prompt"] for row in registry.rows(train_version)]
@@ -225,9 +227,6 @@ def run_ppo(
         with mixed_precision(config, roles.model.device):
             after = mean_reward(roles.model, roles.tokenizer, eval_prompts, config, reward_fn)
 
-        output_dir = run.dir / "adapter"
-        roles.model.save_pretrained(str(output_dir), selected_adapters=["default"])
-        roles.tokenizer.save_pretrained(str(output_dir))
         metrics = {
             "eval_mean_reward_before": before,
             "eval_mean_reward": after,
@@ -236,32 +235,17 @@ def run_ppo(
             **{f"last/{k}": v for k, v in history[-1].items() if k != "eval_before"},
         }
         artifact = register_policy(
-            registry,
-            run,
-            config,
-            output_dir,
-            base_model=base_ref,
-            versions=(train_version, eval_version),
-            reward_artifact=reward_artifact,
-            from_adapter=":" in config.model,
-            metrics=metrics,
+            registry, run, config, roles.model, roles.tokenizer, policy=policy, versions=versions, metrics=metrics
         )
         _report(run, config, history, metrics, artifact)
-        registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
-        print(
-            f"registered {artifact.ref}: mean reward on {len(eval_prompts)} held-out prompts "
-            f"{before:.3f} -> {after:.3f}; report {run.dir / 'report.md'}"
-        )
+        finish_policy_run(registry, run, artifact, metrics, eval_prompts=len(eval_prompts))
         return artifact
 
 
 def load_roles(start_ref: str, registry: Registry, config: PPOStageConfig) -> tuple[SharedBaseRoles, str]:
     """Load the base once and put the roles on it. Returns (roles, base model reference)."""
-    resolved = resolve_model(start_ref, registry)
-    if resolved.artifact_kind not in (None, "adapter"):
-        raise AlignError(f"PPO starts from an SFT adapter or a base model, not {start_ref}")
+    resolved, base_ref = policy_start(start_ref, registry)
     base, tokenizer = load_model(resolved.base, registry, dtype=config.torch_dtype)
-    base_ref = registry.resolve_artifact(start_ref).base_model if resolved.adapter_path else start_ref
     roles = SharedBaseRoles.on_base(base, tokenizer, peft_config_for(config), adapter_path=resolved.adapter_path)
     return roles, base_ref
 

@@ -1,17 +1,46 @@
-"""What the two ways `align ppo` trains share (our PPO loop; TRL's RLOO and GRPO): the reward, a registry reward
-model as a function of prompts and decoded responses, and the policy adapter it registers, with its lineage.
+"""What the two ways `align ppo` trains share (our PPO loop; TRL's RLOO and GRPO): the policy's start and the
+reward model, resolved and checked before anything is registered; the reward, a registry reward model as a
+function of prompts and decoded responses; and the policy adapter it registers, with its lineage.
 
-The reward model is resolved and checked before a run opens; when it is a LoRA adapter on the policy's own base,
-it joins the policy's roles instead of loading that base again.
+When the reward model is a LoRA adapter on the policy's own base, it joins the policy's roles instead of loading
+that base again.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from align.errors import AlignError
+from align.models import ResolvedModel, resolve_model
 from align.ppo_core import RewardFn, SharedBaseRoles, SharedBaseScorer
-from align.registry import Registry
+from align.registry import Artifact, Registry
+
+
+@dataclass(frozen=True)
+class PolicyInputs:
+    """The models of a PPO config: the policy's start (a base model, or an SFT adapter on one), the base model the
+    trained adapter is registered on, and the reward model (None where a reward function stands in for it)."""
+
+    start: ResolvedModel
+    base_ref: str
+    reward_artifact: Artifact | None
+
+
+def policy_inputs(config, registry: Registry, reward_fn: RewardFn | None = None) -> PolicyInputs:
+    """`model` and `reward_model` of a PPO config, resolved; a reference that does not resolve fails here."""
+    reward_artifact = reward_model_artifact(config.reward_model, registry) if reward_fn is None else None
+    start, base_ref = policy_start(config.model, registry)
+    return PolicyInputs(start, base_ref, reward_artifact)
+
+
+def policy_start(model_ref: str, registry: Registry) -> tuple[ResolvedModel, str]:
+    """(the policy's start resolved, the base model reference its trained adapter is registered on)."""
+    resolved = resolve_model(model_ref, registry)
+    if resolved.artifact_kind not in (None, "adapter"):
+        raise AlignError(f"PPO starts from an SFT adapter or a base model, not {model_ref}")
+    base_ref = registry.resolve_artifact(model_ref).base_model if resolved.adapter_path else model_ref
+    return resolved, base_ref
 
 
 def reward_model_artifact(reward_ref: str, registry: Registry):
@@ -45,7 +74,7 @@ def shared_base_reward_model(reward_ref: str, registry: Registry, roles: SharedB
     """The reward model as an adapter on the policy's base, or None when it has another base or adapter type."""
     from safetensors.torch import load_file
 
-    from align.models import load_tokenizer, resolve_model
+    from align.models import load_tokenizer
     from reward.model import DEFAULT_MAX_LENGTH, RewardModel
 
     artifact = registry.resolve_artifact(reward_ref)
@@ -68,21 +97,34 @@ def shared_base_reward_model(reward_ref: str, registry: Registry, roles: SharedB
     return RewardModel(scorer, tokenizer, max_length=max_length, ref=artifact.ref)
 
 
-def register_policy(registry, run, config, output_dir, *, base_model, versions, reward_artifact, from_adapter, metrics):
-    """Register the trained policy adapter (saved in `output_dir`) with its lineage: the prompts it trained on and
-    was evaluated on (`versions`), the starting adapter (its init and reference) and the reward model."""
+def register_policy(registry, run, config, model, tokenizer, *, policy: PolicyInputs, versions, metrics):
+    """Save the trained policy adapter in runs/ID/adapter and register it with its lineage: the prompts it trained
+    on and was evaluated on (`versions`), the registry model it started from (its init and reference) and the
+    reward model."""
+    output_dir = run.dir / "adapter"
+    model.save_pretrained(str(output_dir), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(output_dir))
     train_version, eval_version = versions
     parents = [(train_version, "prompts"), (eval_version, "eval")]
-    if from_adapter:
+    if ":" in config.model:
         parents.append((config.model, "init-and-reference"))
-    if reward_artifact is not None:
-        parents.append((reward_artifact, "reward-model"))
+    if policy.reward_artifact is not None:
+        parents.append((policy.reward_artifact, "reward-model"))
     return registry.register_artifact(
         "adapter",
         config.output_name,
         output_dir,
-        base_model=base_model,
+        base_model=policy.base_ref,
         run=run,
         parents=parents,
         meta={"algo": config.algo, "metrics": metrics},
+    )
+
+
+def finish_policy_run(registry, run, artifact, metrics: dict, *, eval_prompts: int) -> None:
+    """Mark the run completed, and say what it registered and how the mean reward moved."""
+    registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
+    print(
+        f"registered {artifact.ref}: mean reward on {eval_prompts} held-out prompts "
+        f"{metrics['eval_mean_reward_before']:.3f} -> {metrics['eval_mean_reward']:.3f}; report {run.dir / 'report.md'}"
     )

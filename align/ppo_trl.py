@@ -8,17 +8,15 @@ registry reward model is the reward function: completions are decoded text, re-t
 from __future__ import annotations
 
 from align.config import peft_config_for
-from align.models import load_model, resolve_model
+from align.models import load_model
 from align.ppo_core import mean_reward, trainer_arguments
-from align.ppo_shared import register_policy, registry_reward_fn, reward_model_artifact
+from align.ppo_shared import PolicyInputs, finish_policy_run, register_policy, registry_reward_fn
 from align.runs import (
     failures_recorded,
     history_series,
     last_checkpoint,
     live_metrics_callback,
-    open_stage_run,
     plot_series,
-    train_and_eval_versions,
     write_metrics,
     write_report,
 )
@@ -48,27 +46,23 @@ def trl_args(config, output_dir: str):
     )
 
 
-def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, reward_fn=None):
+def run_trl_algo(config, registry, run, policy: PolicyInputs, versions, *, resume: str | None, reward_fn=None):
+    """Train the policy with TRL's RLOOTrainer or GRPOTrainer in the run `align ppo` opened for it (on the inputs it
+    checked and the (train, eval) prompt versions it registered), and register it."""
     import datasets
     import peft
     from trl import GRPOTrainer, RLOOTrainer
 
-    _, train_version, eval_version = train_and_eval_versions(registry, config, kind="prompts")
-    reward_artifact = reward_model_artifact(config.reward_model, registry) if reward_fn is None else None
-    resolved = resolve_model(config.model, registry)
-
-    inputs = [train_version.ref, eval_version.ref, config.model, config.reward_model]
-    run = open_stage_run(registry, "ppo", config, inputs=inputs, recipe=recipe, resume=resume)
+    train_version, eval_version = versions
     print(f"run {run.id}: {config.algo.upper()} (TRL) of {config.model} against {config.reward_model}")
     with failures_recorded(registry, run):
-        base, tokenizer = load_model(resolved.base, registry, dtype=config.torch_dtype)
+        base, tokenizer = load_model(policy.start.base, registry, dtype=config.torch_dtype)
         peft_config = None
-        if resolved.adapter_path is not None:
+        if policy.start.adapter_path is not None:
             # TRL copies a trained "default" adapter into a frozen "ref" adapter on the same base itself.
-            model = peft.PeftModel.from_pretrained(base, str(resolved.adapter_path), is_trainable=True)
-            base_ref = registry.resolve_artifact(config.model).base_model
+            model = peft.PeftModel.from_pretrained(base, str(policy.start.adapter_path), is_trainable=True)
         else:
-            model, peft_config, base_ref = base, peft_config_for(config), config.model
+            model, peft_config = base, peft_config_for(config)
         score = reward_fn or registry_reward_fn(config.reward_model, registry)
 
         def registry_reward(prompts, completions, **kwargs):
@@ -91,20 +85,9 @@ def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, r
         trained = trainer.model
         after = mean_reward(trained, tokenizer, eval_prompts, config, score)
 
-        output_dir = run.dir / "adapter"
-        trained.save_pretrained(str(output_dir), selected_adapters=["default"])
-        tokenizer.save_pretrained(str(output_dir))
         metrics = {"eval_mean_reward_before": before, "eval_mean_reward": after, "updates": trainer.state.global_step}
         artifact = register_policy(
-            registry,
-            run,
-            config,
-            output_dir,
-            base_model=base_ref,
-            versions=(train_version, eval_version),
-            reward_artifact=reward_artifact,
-            from_adapter=resolved.adapter_path is not None,
-            metrics=metrics,
+            registry, run, config, trained, tokenizer, policy=policy, versions=versions, metrics=metrics
         )
         log = trainer.state.log_history
         plots = [
@@ -118,9 +101,5 @@ def run_trl_algo(config, registry, *, recipe: dict | None, resume: str | None, r
             f"Output `{artifact.ref}`."
         )
         write_report(run, f"{config.algo.upper()} report", summary=metrics, sections=[("Setup", setup)], plots=plots)
-        registry.finish_run(run, metrics=metrics, outputs=[artifact.ref])
-        print(
-            f"registered {artifact.ref}: mean reward on {len(eval_prompts)} held-out prompts "
-            f"{before:.3f} -> {after:.3f}; report {run.dir / 'report.md'}"
-        )
+        finish_policy_run(registry, run, artifact, metrics, eval_prompts=len(eval_prompts))
         return artifact

@@ -14,10 +14,12 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from align.config import config_to_dict, parse_overrides, read_yaml
 from align.errors import AlignError
+from align.registry import DatasetVersion
 
 
 def recipe_for(registry, stage: str, config_path: str | None, overrides: list[str], resume: str | bool | None):
@@ -58,16 +60,39 @@ def open_run(
     return run
 
 
-def train_and_eval_versions(registry, config, kind: str):
-    """(dataset, train version, eval version) of a stage config: `eval_dataset` when it names one, else a seeded
-    split of `dataset`. A reference that does not resolve, or holds other rows than `kind`, fails here."""
+@dataclass(frozen=True)
+class StageData:
+    """A stage's data, resolved and checked: `dataset`, and `eval_dataset` when the config names one (else a
+    seeded split of `dataset` is held out). Nothing is registered until `split`."""
+
+    dataset: DatasetVersion
+    eval_dataset: DatasetVersion | None
+    eval_split: float
+    seed: int
+
+    def split(self, registry) -> tuple[DatasetVersion, DatasetVersion]:
+        """(train version, eval version): `dataset` and `eval_dataset`, or the seeded split of `dataset`, registered
+        here (the same rows and seed give the same versions again)."""
+        if self.eval_dataset is not None:
+            return self.dataset, self.eval_dataset
+        return registry.split(self.dataset, test_size=self.eval_split, seed=self.seed)
+
+
+def stage_data(registry, config, kind: str) -> StageData:
+    """The data of a stage config. A reference that does not resolve, holds other rows than `kind`, or has too few
+    rows to hold `eval_split` of them out, fails here; nothing is registered."""
     dataset = registry.resolve(config.dataset, kind=kind)
-    if config.eval_dataset:
-        return dataset, dataset, registry.resolve(config.eval_dataset, kind=kind)
-    if dataset.num_rows < 2:
-        raise AlignError(f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation")
-    train_version, eval_version = registry.split(dataset, test_size=config.eval_split, seed=config.seed)
-    return dataset, train_version, eval_version
+    eval_dataset = registry.resolve(config.eval_dataset, kind=kind) if config.eval_dataset else None
+    if eval_dataset is None:
+        if dataset.num_rows < 2:
+            raise AlignError(f"{dataset.ref} has {dataset.num_rows} row: too few to hold some out for evaluation")
+        held_out = round(dataset.num_rows * config.eval_split)
+        if not 1 <= held_out < dataset.num_rows:
+            raise AlignError(
+                f"eval_split {config.eval_split} of the {dataset.num_rows} rows of {dataset.ref} holds out {held_out}: "
+                "change eval_split, or name an eval_dataset"
+            )
+    return StageData(dataset, eval_dataset, config.eval_split, config.seed)
 
 
 def open_stage_run(registry, stage: str, config, *, inputs: Sequence[str], recipe: dict | None, resume):

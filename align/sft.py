@@ -35,7 +35,7 @@ from align.runs import (
     open_stage_run,
     plot_series,
     recipe_for,
-    train_and_eval_versions,
+    stage_data,
     write_metrics,
     write_report,
 )
@@ -65,23 +65,20 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
 
 
 def run_sft(
-    config: SFTStageConfig,
-    registry: Registry,
-    *,
-    recipe: dict | None = None,
-    resume: str | bool | None = None,
-    callbacks=(),
+    config: SFTStageConfig, registry: Registry, *, recipe: dict | None = None, resume: str | None = None, callbacks=()
 ):
-    """Train, evaluate, save and register. Returns the registered artifact."""
+    """Train, evaluate, save and register. Returns the registered artifact. `resume` is the ID of a run to
+    continue from its last checkpoint."""
     import datasets
 
-    # Everything that can be wrong with the inputs fails here, before any model is loaded.
-    dataset, train_version, eval_version = train_and_eval_versions(registry, config, kind="sft")
+    # Everything that can be wrong with the inputs fails here, before anything is registered or loaded.
+    data = stage_data(registry, config, kind="sft")
     resolve_model(config.model, registry)  # a reference that does not resolve fails now
     if config.model.startswith(("adapter:", "rm:")):
         raise AlignError(f"SFT starts from a base model, not {config.model}: name its base instead")
 
-    inputs = [dataset.ref, train_version.ref, eval_version.ref, config.model]
+    train_version, eval_version = data.split(registry)
+    inputs = [data.dataset.ref, train_version.ref, eval_version.ref, config.model]
     run = open_stage_run(registry, "sft", config, inputs=inputs, recipe=recipe, resume=resume)
     config.output_dir = str(run.dir / "checkpoints")
     print(f"run {run.id}: SFT of {config.model} on {train_version.ref} (eval on {eval_version.ref})")

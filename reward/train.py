@@ -40,7 +40,7 @@ from align.runs import (
     open_stage_run,
     plot_series,
     recipe_for,
-    train_and_eval_versions,
+    stage_data,
     write_metrics,
     write_report,
 )
@@ -122,19 +122,21 @@ def run_rm(
     registry: Registry,
     *,
     recipe: dict | None = None,
-    resume: str | bool | None = None,
+    resume: str | None = None,
     callbacks=(),
 ):
-    """Train, evaluate, save and register. Returns the registered artifact."""
+    """Train, evaluate on the held-out pairs, save and register. Returns the registered rm: artifact. `resume` is
+    the ID of a run to continue from its last checkpoint."""
     import datasets
 
-    # Everything that can be wrong with the inputs fails here, before any model is loaded.
-    dataset, train_version, eval_version = train_and_eval_versions(registry, config, kind="preference")
+    # Everything that can be wrong with the inputs fails here, before anything is registered or loaded.
+    data = stage_data(registry, config, kind="preference")
     if config.model.startswith(("adapter:", "rm:")):
         raise AlignError(f"reward training starts from a base model, not {config.model}: name its base instead")
     resolve_model(config.model, registry)  # a reference that does not resolve fails now
 
-    inputs = [dataset.ref, train_version.ref, eval_version.ref, config.model]
+    train_version, eval_version = data.split(registry)
+    inputs = [data.dataset.ref, train_version.ref, eval_version.ref, config.model]
     run = open_stage_run(registry, "rm", config, inputs=inputs, recipe=recipe, resume=resume)
     config.output_dir = str(run.dir / "checkpoints")
     print(f"run {run.id}: reward model on {config.model} from {train_version.ref} (eval on {eval_version.ref})")

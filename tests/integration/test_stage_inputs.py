@@ -1,0 +1,41 @@
+"""Every training stage resolves all its inputs before it registers anything: a model reference that does not
+resolve exits 2 and leaves the registry as it was (no seeded split of the data, no run)."""
+
+import pytest
+
+from align import cli
+from align.registry import Registry
+
+STAGES = {
+    "sft": ["sft", "--dataset", "chats"],
+    "rm": ["rm", "--dataset", "pairs"],
+    "dpo": ["dpo", "--dataset", "pairs"],
+    "ppo": ["ppo", "--dataset", "prompts", "--reward_model", "rm:tiny-rm"],
+    "rloo": ["ppo", "--algo", "rloo", "--dataset", "prompts", "--reward_model", "rm:tiny-rm"],
+}
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir):
+    registry = Registry(tmp_path / "ws")
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(20)]
+    replies = [[{"role": "assistant", "content": f"answer {i}"}] for i in range(20)]
+    registry.register([{"messages": p + r} for p, r in zip(prompts, replies)], name="chats", kind="sft")
+    registry.register([{"prompt": p} for p in prompts], name="prompts", kind="prompts")
+    pairs = [{"prompt": p, "chosen": r, "rejected": [{"role": "assistant", "content": "no"}]} for p, r in zip(prompts, replies)]
+    registry.register(pairs, name="pairs", kind="preference")
+    registry.register_artifact("rm", "tiny-rm", tiny_model_dir, base_model=str(tiny_model_dir))
+    return tmp_path / "ws"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_model_that_does_not_resolve_registers_nothing(stage, workspace, tmp_path, capsys):
+    registry = Registry(workspace)
+    datasets = [version.ref for version in registry.list_datasets()]
+    nope = tmp_path / "nope"
+    code = cli.main(["--workspace", str(workspace), *STAGES[stage], "--model", str(nope), "--report_to", "none"])
+    assert code == 2
+    assert f"model folder {nope} does not exist" in capsys.readouterr().err
+    registry = Registry(workspace)
+    assert [version.ref for version in registry.list_datasets()] == datasets
+    assert registry.list_runs() == []
