@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.config import load_config  # noqa: E402
 from align.registry import Registry  # noqa: E402
+from align.stats import wilson_interval  # noqa: E402
 from align.truncation import encode_rows  # noqa: E402
 from reward.metrics import expected_calibration_error, pairwise_accuracy, sigmoid  # noqa: E402
 from reward.model import RewardModel  # noqa: E402
@@ -146,6 +147,17 @@ def run_untrained(registry: Registry, test_ref: str, args) -> dict:
     return held_out(rm, registry.rows(test_ref), args.max_length) | {"trained": 0, "dropped": 0, "seconds": 0.0}
 
 
+def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * size**3 / (time.perf_counter() - started) / 1e9
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, body = text.partition(":")
     values = {}
@@ -190,18 +202,20 @@ def main() -> None:
         gc.collect()
 
     print(f"\nworkspace {workspace}; {train_ref} -> {test_ref}, max_length {args.max_length}")
-    columns = ("trained", "dropped", "train s", "pairs/s", "acc<=256", "acc(all)", "ECE")
+    columns = ("trained", "dropped", "train s", "pairs/s", "acc<=256", "acc(all) [95% interval]", "ECE")
     header = f"{'model':<28} " + " ".join(f"{c:>8}" for c in columns)
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         speed = r["trained"] / r["seconds"] if r["seconds"] else float("nan")
+        low, high = wilson_interval(r["acc_all"] * r["all_pairs"], r["all_pairs"])
         print(
             f"{name:<28} {r['trained']:>8} {r['dropped']:>8} {r['seconds']:>8.0f} {speed:>8.2f} "
-            f"{r['acc_fit']:>8.3f} {r['acc_all']:>8.3f} {r['ece']:>8.3f}"
+            f"{r['acc_fit']:>8.3f} {r['acc_all']:>8.3f} [{low:.3f}, {high:.3f}] {r['ece']:>8.3f}"
         )
     some = next(iter(results.values()))
     print(f"(acc<=256 on the {some['fit_pairs']} held-out pairs that fit whole; acc(all) on all {some['all_pairs']})")
+    print(f"matmul speed now: {gemm_gflops():.0f} GFLOP/s fp32 (this machine's speed drifts)")
 
 
 if __name__ == "__main__":
