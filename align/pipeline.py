@@ -228,6 +228,12 @@ class Pipeline:
 
     # The steps. Each returns the references it made.
 
+    def _train(self, stage: str, config_class, run_stage, inputs: dict) -> dict:
+        """A training stage on its recipe block plus the `inputs` the earlier steps made: {stage: artifact}."""
+        values = stage_recipe(self.config, stage, inputs)
+        config = build_config(config_class, values, source=f"pipeline {stage}")
+        return {stage: run_stage(config, self.registry, recipe=values).ref}
+
     def step_import(self) -> dict:
         registry, config = self.registry, self.config
         sft, _ = registry.import_file(config.sft_data, name="pipeline-sft", kind="sft")
@@ -245,9 +251,7 @@ class Pipeline:
         from align.sft import SFTStageConfig, run_sft
 
         inputs = {"model": self.config.base_model, "dataset": self.outputs["sft_data"], "seed": self.config.seed}
-        values = stage_recipe(self.config, "sft", inputs)
-        artifact = run_sft(build_config(SFTStageConfig, values, source="pipeline sft"), self.registry, recipe=values)
-        return {"sft": artifact.ref}
+        return self._train("sft", SFTStageConfig, run_sft, inputs)
 
     def step_generate(self) -> dict:
         from align.generate import SamplingSettings, generate_candidates
@@ -286,9 +290,7 @@ class Pipeline:
             "eval_dataset": self.outputs["test_prefs"],
             "seed": self.config.seed,
         }
-        values = stage_recipe(self.config, "rm", inputs)
-        artifact = run_rm(build_config(RewardStageConfig, values, source="pipeline rm"), self.registry, recipe=values)
-        return {"rm": artifact.ref}
+        return self._train("rm", RewardStageConfig, run_rm, inputs)
 
     def step_dpo(self) -> dict:
         from align.dpo import DPOStageConfig, run_dpo
@@ -299,9 +301,7 @@ class Pipeline:
             "eval_dataset": self.outputs["test_prefs"],
             "seed": self.config.seed,
         }
-        values = stage_recipe(self.config, "dpo", inputs)
-        artifact = run_dpo(build_config(DPOStageConfig, values, source="pipeline dpo"), self.registry, recipe=values)
-        return {"dpo": artifact.ref}
+        return self._train("dpo", DPOStageConfig, run_dpo, inputs)
 
     def step_ppo(self) -> dict:
         from align.ppo import PPOStageConfig, run_ppo
@@ -313,9 +313,7 @@ class Pipeline:
             "dataset": prompts.ref,
             "seed": self.config.seed,
         }
-        values = stage_recipe(self.config, "ppo", inputs)
-        artifact = run_ppo(build_config(PPOStageConfig, values, source="pipeline ppo"), self.registry, recipe=values)
-        return {"ppo": artifact.ref}
+        return self._train("ppo", PPOStageConfig, run_ppo, inputs)
 
     def step_eval(self) -> dict:
         from align.evaluate import EvalOptions, print_summary, run_eval

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.config import AdapterFields, StageFields, build_config, peft_config_for
+from align.config import AdapterFields, StageFields, peft_config_for
 from align.models import load_model
 from align.ppo_core import (
     RewardFn,
@@ -47,19 +47,9 @@ from align.ppo_core import (
 )
 from align.ppo_shared import finish_policy_run, policy_inputs, policy_start, register_policy, registry_reward_fn
 from align.registry import Registry
+from align.reports import plot_series, write_metrics, write_report
 from align.rl_utils import AdaptiveKLController, FixedKLController, RunningMoments
-from align.runs import (
-    LoopLoggers,
-    append_live,
-    checked_report_to,
-    failures_recorded,
-    open_stage_run,
-    plot_series,
-    recipe_for,
-    stage_data,
-    write_metrics,
-    write_report,
-)
+from align.runs import LoopLoggers, append_live, failures_recorded, open_stage_run, run_recipe, stage_data
 
 ALGOS = ("ppo", "rloo", "grpo")
 
@@ -149,7 +139,6 @@ class PPOStageConfig(StageFields, AdapterFields):
             raise ValueError(f"config key 'temperature' must be above 0 (got {self.temperature!r})")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             raise ValueError("config keys 'gamma' and 'lam' must be in [0, 1]")
-        self.report_to = checked_report_to(self.report_to)
 
 
 def run_ppo(
@@ -288,7 +277,4 @@ def main(
     config_path: str | None, overrides: list[str], *, workspace: str | None = None, resume: str | bool | None = None
 ):
     """`align ppo`: the recipe plus overrides, or on --resume the recipe the run started with."""
-    registry = Registry(workspace)
-    recipe, source, run_id = recipe_for(registry, "ppo", config_path, overrides, resume)
-    config = build_config(PPOStageConfig, recipe, source=source)
-    return run_ppo(config, registry, recipe=recipe, resume=run_id)
+    return run_recipe("ppo", PPOStageConfig, run_ppo, config_path, overrides, workspace=workspace, resume=resume)

@@ -11,15 +11,8 @@ from align.config import peft_config_for
 from align.models import load_model
 from align.ppo_core import mean_reward, trainer_arguments
 from align.ppo_shared import PolicyInputs, finish_policy_run, register_policy, registry_reward_fn
-from align.runs import (
-    failures_recorded,
-    history_series,
-    last_checkpoint,
-    live_metrics_callback,
-    plot_series,
-    write_metrics,
-    write_report,
-)
+from align.reports import history_series, plot_series, write_metrics, write_report
+from align.runs import failures_recorded, last_checkpoint, live_metrics_callback
 
 
 def trl_args(config, output_dir: str):

@@ -1,10 +1,8 @@
-"""What every stage does around its training loop: open or resume a run, record its recipe, and write its
-metrics and a short report with plots into runs/ID/.
+"""What every stage does around its training loop: check its inputs, open or resume a run and record its recipe,
+log its steps as they happen, and hand them to the `report_to` loggers. Its metrics and report: align/reports.py.
 
     runs/ID/recipe.yaml     the values the user gave (recipe plus overrides): what `--resume` rebuilds from
     runs/ID/live.jsonl      one line per logged step while the run trains: what `align serve` plots live
-    runs/ID/metrics.json    the final numbers
-    runs/ID/report.md       a short report, with PNG plots beside it
 """
 
 from __future__ import annotations
@@ -17,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.config import config_to_dict, parse_overrides, read_yaml
+from align.config import build_config, config_to_dict, parse_overrides, read_yaml
 from align.errors import AlignError
-from align.registry import DatasetVersion
+from align.registry import DatasetVersion, Registry
 
 
 def recipe_for(registry, stage: str, config_path: str | None, overrides: list[str], resume: str | bool | None):
@@ -38,6 +36,17 @@ def recipe_for(registry, stage: str, config_path: str | None, overrides: list[st
         return yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, str(saved), run.id
     recipe = (read_yaml(config_path) if config_path else {}) | parse_overrides(overrides)
     return recipe, config_path or "command line", None
+
+
+def run_recipe(
+    stage: str, config_class, run_stage, config_path: str | None, overrides: list[str], *, workspace, resume
+):
+    """`align STAGE`: build `config_class` from the recipe plus overrides (on --resume, the recipe the run started
+    with) and call `run_stage(config, registry, recipe=..., resume=RUN_ID or None)`. Returns what it returns."""
+    registry = Registry(workspace)
+    recipe, source, run_id = recipe_for(registry, stage, config_path, overrides, resume)
+    config = build_config(config_class, recipe, source=source)
+    return run_stage(config, registry, recipe=recipe, resume=run_id)
 
 
 def open_run(
@@ -96,8 +105,9 @@ def stage_data(registry, config, kind: str) -> StageData:
 
 
 def open_stage_run(registry, stage: str, config, *, inputs: Sequence[str], recipe: dict | None, resume):
-    """Open (or resume) the run of a stage, recording its config, inputs and seed. TensorBoard writes to
-    runs/ID/logs (its writer would otherwise default to ./runs/ when the first evaluation logs before training)."""
+    """Open (or resume) the run of a stage, recording its config, inputs and seed. A Trainer's config gets
+    runs/ID/checkpoints as its output_dir (what --resume continues from). TensorBoard writes to runs/ID/logs (its
+    writer would otherwise default to ./runs/ when the first evaluation logs before training)."""
     run = open_run(
         registry,
         stage,
@@ -107,6 +117,8 @@ def open_stage_run(registry, stage: str, config, *, inputs: Sequence[str], recip
         seed=config.seed,
         resume=resume,
     )
+    if hasattr(config, "output_dir"):  # TrainingArguments (PPO's own loop writes there itself)
+        config.output_dir = str(run.dir / "checkpoints")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "logs")
     return run
 
@@ -147,101 +159,6 @@ def last_checkpoint(folder: Path) -> str | None:
         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
     )
     return str(checkpoints[-1]) if checkpoints else None
-
-
-def write_metrics(run, metrics: dict) -> Path:
-    path = run.dir / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, default=float) + "\n", encoding="utf-8")
-    return path
-
-
-def plot_series(
-    path: Path, title: str, series: dict[str, list[tuple[float, float]]], xlabel: str = "step"
-) -> Path | None:
-    """One PNG line plot of several (x, y) series; nothing is written when there is nothing to draw."""
-    series = {name: points for name, points in series.items() if points}
-    if not series:
-        return None
-    figure, axis = _new_figure()
-    for name, points in series.items():
-        xs, ys = zip(*points)
-        axis.plot(xs, ys, marker="o" if len(points) < 30 else None, label=name)
-    axis.set_title(title)
-    axis.set_xlabel(xlabel)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    return _save_figure(figure, path)
-
-
-def plot_histogram(path: Path, title: str, values: list[float], xlabel: str) -> Path | None:
-    """One PNG histogram with a line at 0; nothing is written when there are no values."""
-    if not values:
-        return None
-    figure, axis = _new_figure()
-    axis.hist(values, bins=min(30, max(5, len(values) // 4)))
-    axis.axvline(0, color="black", linewidth=1)
-    axis.set_title(title)
-    axis.set_xlabel(xlabel)
-    axis.grid(alpha=0.3)
-    return _save_figure(figure, path)
-
-
-def _new_figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(6, 3.5))
-
-
-def _save_figure(figure, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
-def history_series(log_history: list[dict], key: str) -> list[tuple[float, float]]:
-    """(step, value) pairs of one key in a Trainer's log history."""
-    return [
-        (entry["step"], entry[key])
-        for entry in log_history
-        if key in entry and "step" in entry and isinstance(entry[key], (int, float)) and math.isfinite(entry[key])
-    ]
-
-
-def write_report(
-    run,
-    title: str,
-    *,
-    summary: dict,
-    sections: Sequence[tuple[str, str]] = (),
-    plots: Sequence[Path | None] = (),
-) -> Path:
-    """report.md: a table of the headline numbers, free-form sections, then the plots."""
-    lines = [
-        f"# {title}",
-        "",
-        f"Run `{run.id}` (stage `{run.stage}`).",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-    ]
-    for key, value in summary.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        lines.append(f"| {key} | {shown} |")
-    for heading, body in sections:
-        lines += ["", f"## {heading}", "", body]
-    drawn = [plot for plot in plots if plot]
-    if drawn:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{plot.stem}]({plot.name})" for plot in drawn]
-    path = run.dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 # Live metrics: each logged step is appended to runs/ID/live.jsonl as it happens, so a run can be watched while
@@ -286,26 +203,6 @@ def live_metrics_callback(run):
 
 # Loggers: `report_to` names transformers' logging integrations (tensorboard by default, wandb, mlflow, ...). The
 # Trainer-based stages hand it to their Trainer; a loop of our own (PPO's) feeds the same integrations itself.
-
-
-def tensorboard_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def checked_report_to(report_to: None | str | list[str]) -> None | str | list[str]:
-    """`report_to` as a stage uses it: the default, tensorboard, becomes none where TensorBoard is not installed,
-    and a name with no logging integration is refused at parse time."""
-    if report_to == "tensorboard" and not tensorboard_installed():
-        return "none"
-    from transformers.integrations import get_reporting_integration_callbacks
-
-    try:
-        get_reporting_integration_callbacks(report_to)
-    except ValueError as exc:
-        raise ValueError(f"config key 'report_to': {exc}") from None
-    return report_to
 
 
 class LoopLoggers:

@@ -22,23 +22,12 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
 
-from align.config import AdapterFields, StageFields, build_config, peft_config_for, quantization_config_for
+from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
-from align.runs import (
-    checked_report_to,
-    failures_recorded,
-    history_series,
-    last_checkpoint,
-    live_metrics_callback,
-    open_stage_run,
-    plot_series,
-    recipe_for,
-    stage_data,
-    write_metrics,
-    write_report,
-)
+from align.reports import plot_history, write_metrics, write_report
+from align.runs import failures_recorded, last_checkpoint, live_metrics_callback, open_stage_run, run_recipe, stage_data
 
 
 @dataclass
@@ -49,7 +38,6 @@ class SFTStageConfig(StageFields, AdapterFields, SFTConfig):
     def __post_init__(self):
         self.check_stage_fields()
         self.check_adapter_fields()
-        self.report_to = checked_report_to(self.report_to)
         super().__post_init__()
 
 
@@ -80,7 +68,6 @@ def run_sft(
     train_version, eval_version = data.split(registry)
     inputs = [data.dataset.ref, train_version.ref, eval_version.ref, config.model]
     run = open_stage_run(registry, "sft", config, inputs=inputs, recipe=recipe, resume=resume)
-    config.output_dir = str(run.dir / "checkpoints")
     print(f"run {run.id}: SFT of {config.model} on {train_version.ref} (eval on {eval_version.ref})")
     with failures_recorded(registry, run):
         train_rows = to_prompt_completion(registry.rows(train_version))
@@ -137,19 +124,12 @@ def _perplexity(loss: float) -> float:
 
 
 def _report(run, config, log_history, metrics, artifact) -> None:
-    loss_plot = plot_series(
-        run.dir / "loss.png",
-        "SFT loss",
+    plots = plot_history(
+        run.dir,
+        log_history,
         {
-            "train loss": history_series(log_history, "loss"),
-            "eval loss": history_series(log_history, "eval_loss"),
-        },
-    )
-    lr_plot = plot_series(
-        run.dir / "learning_rate.png",
-        "learning rate",
-        {
-            "learning rate": history_series(log_history, "learning_rate"),
+            "loss": ("SFT loss", {"train loss": "loss", "eval loss": "eval_loss"}),
+            "learning_rate": ("learning rate", {"learning rate": "learning_rate"}),
         },
     )
     write_metrics(run, metrics)
@@ -157,18 +137,11 @@ def _report(run, config, log_history, metrics, artifact) -> None:
         f"Model `{config.model}`, data `{config.dataset}`, PEFT `{config.peft}`, learning rate "
         f"{config.learning_rate}, {metrics['steps']} steps. Output `{artifact.ref}` in `{artifact.path}`."
     )
-    write_report(run, "SFT report", summary=metrics, sections=[("Setup", setup)], plots=[loss_plot, lr_plot])
+    write_report(run, "SFT report", summary=metrics, sections=[("Setup", setup)], plots=plots)
 
 
 def main(
-    config_path: str | None,
-    overrides: list[str],
-    *,
-    workspace: str | None = None,
-    resume: str | bool | None = None,
+    config_path: str | None, overrides: list[str], *, workspace: str | None = None, resume: str | bool | None = None
 ):
     """`align sft`: the recipe plus overrides, or on --resume the recipe the run started with."""
-    registry = Registry(workspace)
-    recipe, source, run_id = recipe_for(registry, "sft", config_path, overrides, resume)
-    config = build_config(SFTStageConfig, recipe, source=source)
-    return run_sft(config, registry, recipe=recipe, resume=run_id)
+    return run_recipe("sft", SFTStageConfig, run_sft, config_path, overrides, workspace=workspace, resume=resume)

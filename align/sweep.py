@@ -40,7 +40,7 @@ from pathlib import Path
 from align.config import build_config, config_to_dict, read_yaml
 from align.errors import AlignError
 from align.registry import Registry
-from align.runs import plot_series, write_metrics, write_report
+from align.reports import plot_series, write_metrics, write_report
 
 STAGES = ("rm", "dpo", "sft")
 DIRECTIONS = ("maximize", "minimize")

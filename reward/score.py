@@ -12,7 +12,7 @@ the version's meta under "scores", with the agreement between the model and the 
 
 from __future__ import annotations
 
-from align.runs import write_metrics, write_report
+from align.reports import write_metrics, write_report
 from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
 from reward.model import RewardModel
 

@@ -27,23 +27,12 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 from trl import RewardConfig
 
-from align.config import AdapterFields, StageFields, build_config, peft_config_for
+from align.config import AdapterFields, StageFields, peft_config_for
 from align.errors import AlignError
 from align.models import resolve_model
 from align.registry import Registry
-from align.runs import (
-    checked_report_to,
-    failures_recorded,
-    history_series,
-    last_checkpoint,
-    live_metrics_callback,
-    open_stage_run,
-    plot_series,
-    recipe_for,
-    stage_data,
-    write_metrics,
-    write_report,
-)
+from align.reports import plot_history, write_metrics, write_report
+from align.runs import failures_recorded, last_checkpoint, live_metrics_callback, open_stage_run, run_recipe, stage_data
 from align.stats import against_chance
 from align.truncation import encode_rows
 from reward.features import frozen_states, top_layers_only
@@ -113,7 +102,6 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
             raise ValueError("config key 'cache_frozen_layers' needs lora_top_layers: the layers below them are cached")
         if self.cache_frozen_layers and self.peft != "lora":
             raise ValueError(f"config key 'cache_frozen_layers' needs peft: lora (got {self.peft!r})")
-        self.report_to = checked_report_to(self.report_to)
         super().__post_init__()
 
 
@@ -138,7 +126,6 @@ def run_rm(
     train_version, eval_version = data.split(registry)
     inputs = [data.dataset.ref, train_version.ref, eval_version.ref, config.model]
     run = open_stage_run(registry, "rm", config, inputs=inputs, recipe=recipe, resume=resume)
-    config.output_dir = str(run.dir / "checkpoints")
     print(f"run {run.id}: reward model on {config.model} from {train_version.ref} (eval on {eval_version.ref})")
     with failures_recorded(registry, run):
         model, tokenizer, _ = load_scorer(config.model, registry, seed=config.seed, dtype=config.torch_dtype)
@@ -272,13 +259,12 @@ def _train_runtime(log_history: list[dict]) -> float | None:
 
 
 def _report(run, config, log_history, metrics, evaluation, train_stats, artifact) -> None:
+    trained = {
+        "loss": ("reward-model loss", {"train loss": "loss"}),
+        "train_accuracy": ("pairwise accuracy on training batches", {"train accuracy": "accuracy"}),
+    }
     plots = [
-        plot_series(run.dir / "loss.png", "reward-model loss", {"train loss": history_series(log_history, "loss")}),
-        plot_series(
-            run.dir / "train_accuracy.png",
-            "pairwise accuracy on training batches",
-            {"train accuracy": history_series(log_history, "accuracy")},
-        ),
+        *plot_history(run.dir, log_history, trained),
         plot_reliability(evaluation, run.dir / "reliability.png", "reliability on the held-out pairs"),
         plot_length_bias(evaluation, run.dir / "length_bias.png"),
     ]
@@ -308,14 +294,7 @@ def _report(run, config, log_history, metrics, evaluation, train_stats, artifact
 
 
 def main(
-    config_path: str | None,
-    overrides: list[str],
-    *,
-    workspace: str | None = None,
-    resume: str | bool | None = None,
+    config_path: str | None, overrides: list[str], *, workspace: str | None = None, resume: str | bool | None = None
 ):
     """`align rm`: the recipe plus overrides, or on --resume the recipe the run started with."""
-    registry = Registry(workspace)
-    recipe, source, run_id = recipe_for(registry, "rm", config_path, overrides, resume)
-    config = build_config(RewardStageConfig, recipe, source=source)
-    return run_rm(config, registry, recipe=recipe, resume=run_id)
+    return run_recipe("rm", RewardStageConfig, run_rm, config_path, overrides, workspace=workspace, resume=resume)

@@ -626,22 +626,10 @@ def leaderboard_panel(board, tab) -> None:
     tab.select(on_board, None, [board_summary, board_table, board_plot])
 
 
-def create_app(
-    registry: Registry,
-    models: list[str],
-    *,
-    arena: str = DEFAULT_ARENA,
-    open_access: bool = False,
-    defaults: ChatSettings | None = None,
-    seed: int | None = None,
-    bootstrap: int = 1000,
-):
-    """(the FastAPI app serving the UI at /, the desk behind it)."""
+def create_app(desk: CompareDesk):
+    """The FastAPI app serving the desk's UI at /."""
     from fastapi import FastAPI
 
-    desk = CompareDesk(
-        registry, models, arena=arena, open_access=open_access, defaults=defaults, seed=seed, bootstrap=bootstrap
-    )
     # Gradio's own event analytics trip pandas 3 deprecation warnings on every event: not ours to fix, only noise.
     warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
     blocks = build_blocks(desk)
@@ -655,7 +643,7 @@ def create_app(
         css=CSS,
         footer_links=["gradio"],
     )
-    return app, desk
+    return app
 
 
 def run_compare(
@@ -674,9 +662,8 @@ def run_compare(
 
     check_port(host, port)
     registry = Registry(workspace)
-    app, desk = create_app(
-        registry, models, arena=arena, open_access=open_access, defaults=defaults, bootstrap=bootstrap
-    )
+    desk = CompareDesk(registry, models, arena=arena, open_access=open_access, defaults=defaults, bootstrap=bootstrap)
+    app = create_app(desk)
     votes = dict(arenas(registry)).get(arena, 0)
     print(f"comparing {', '.join(desk.refs)}; battle votes go to arena '{arena}' ({votes} so far)")
     if open_access:

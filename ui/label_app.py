@@ -481,19 +481,8 @@ def build_api(desk: LabelDesk):
     return app
 
 
-def create_app(
-    registry: Registry,
-    candidates: str,
-    *,
-    mode: str = "pairwise",
-    overlap: int = 2,
-    open_access: bool = False,
-    lease_seconds: float = 600.0,
-):
-    """(the FastAPI app serving the UI at / and the API at /label-api/, the desk behind both)."""
-    desk = LabelDesk(
-        registry, candidates, mode=mode, overlap=overlap, open_access=open_access, lease_seconds=lease_seconds
-    )
+def create_app(desk: LabelDesk):
+    """The FastAPI app serving the desk's UI at / and its API at /label-api/."""
     # Gradio's own event analytics trip pandas 3 deprecation warnings on every event: not ours to fix, only noise.
     warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
     blocks = build_blocks(desk)
@@ -508,7 +497,7 @@ def create_app(
         head=SHORTCUTS,
         footer_links=["gradio"],
     )
-    return app, desk
+    return app
 
 
 def run_label(
@@ -526,9 +515,10 @@ def run_label(
     from ui.serving import check_port, serve, url_for
 
     registry = Registry(workspace)
-    app, desk = create_app(
+    desk = LabelDesk(
         registry, candidates, mode=mode, overlap=overlap, open_access=open_access, lease_seconds=lease_minutes * 60
     )
+    app = create_app(desk)
     check_port(host, port)
     store = desk.store
     done = asdict(store.progress(""))

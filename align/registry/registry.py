@@ -27,6 +27,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from align.errors import AlignError, DataError
+from align.processes import pid_alive
 from align.registry.arena import ArenaTables
 from align.registry.catalog import Connections, open_catalog, transaction, utc_now
 from align.registry.labels import LabelTables
@@ -130,19 +131,9 @@ class Run:
     @property
     def shown_status(self) -> str:
         """A run still marked running whose process is gone was killed: say so (it can be resumed)."""
-        if self.status == "running" and self.pid and not _alive(self.pid):
+        if self.status == "running" and self.pid and not pid_alive(self.pid):
             return "interrupted"
         return self.status
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from align.registry import Registry
-from ui.compare_app import ChatSettings, create_app
+from ui.compare_app import ChatSettings, CompareDesk, create_app
 from ui.serving import BackgroundServer
 
 WAIT = 60_000  # ms for each expectation: generous, since the CPU may be shared (Playwright's default is 5 s)
@@ -67,7 +67,8 @@ def test_a_battle_streams_both_replies_then_the_vote_reveals_the_names(registry,
     models = [str(tiny_model_dir), "adapter:tuned"]
     # Greedy decoding of 40 tokens: the tiny random model never stops early, so each reply streams a while.
     defaults = ChatSettings(max_new_tokens=40, temperature=0.0)
-    app, desk = create_app(registry, models, open_access=True, defaults=defaults, bootstrap=50)
+    desk = CompareDesk(registry, models, open_access=True, defaults=defaults, bootstrap=50)
+    app = create_app(desk)
     assert desk.refs == [str(tiny_model_dir), "adapter:tuned@1"]
     status = page.locator("#battle-status")
 
@@ -151,11 +152,11 @@ def test_the_desk_without_a_browser(registry, tiny_model_dir):
         ([tiny, "adapter:tuned"], {"open_access": True, "arena": "../x"}, "invalid arena name"),
     ):
         with pytest.raises(AlignError, match=message):
-            create_app(registry, models, **options)
+            CompareDesk(registry, models, **options)
     add_annotator(registry, "alice", "alice-pw")
     with pytest.raises(AlignError, match="--open is refused"):
-        create_app(registry, [tiny, "adapter:tuned"], open_access=True)
-    _, desk = create_app(registry, [tiny, "adapter:tuned"], seed=1)
+        CompareDesk(registry, [tiny, "adapter:tuned"], open_access=True)
+    desk = CompareDesk(registry, [tiny, "adapter:tuned"], seed=1)
     assert desk.login_required
     assert desk.check_login("alice", "alice-pw") and not desk.check_login("alice", "wrong")
 

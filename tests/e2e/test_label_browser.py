@@ -12,7 +12,7 @@ import pytest
 
 from align.labels import add_annotator
 from align.registry import Registry
-from ui.label_app import create_app
+from ui.label_app import LabelDesk, create_app
 from ui.serving import BackgroundServer
 
 INJECTION = '<script>window.__pwned = true</script><img src=x onerror="window.__pwned = true"> & <b>not bold</b>'
@@ -70,7 +70,7 @@ def test_pairwise_votes_in_the_browser(tmp_path, page):
     registry = Registry(tmp_path / "ws")
     registry.register(candidates(6, 2), name="cands", kind="candidates")
     add_annotator(registry, "alice", "alice-pw", admin=True)
-    app, _ = create_app(registry, "cands", overlap=1)
+    app = create_app(LabelDesk(registry, "cands", overlap=1))
     prompt, status, progress = page.locator("#prompt"), page.locator("#status"), page.locator("#progress")
 
     with BackgroundServer(app) as url:
@@ -150,7 +150,7 @@ def test_rank_mode_in_the_browser(tmp_path, page):
 
     registry = Registry(tmp_path / "ws")
     registry.register(candidates(2, 3), name="three", kind="candidates")
-    app, _ = create_app(registry, "three", mode="rank", overlap=1, open_access=True)
+    app = create_app(LabelDesk(registry, "three", mode="rank", overlap=1, open_access=True))
 
     with BackgroundServer(app) as url:
         page.goto(url)  # --open: no login, the local user

@@ -10,7 +10,8 @@ import pytest
 
 from align.labels import LabelStore, from_labels
 from align.registry import Registry
-from align.runs import append_live, plot_series, write_report
+from align.reports import plot_series, write_report
+from align.runs import append_live
 from ui.compare_app import ChatSettings
 from ui.serve_app import create_app
 from ui.serving import BackgroundServer

@@ -19,7 +19,7 @@ import pytest
 from align.cli import main
 from align.labels import add_annotator
 from align.registry import Registry
-from ui.label_app import create_app
+from ui.label_app import LabelDesk, create_app
 from ui.serving import BackgroundServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def test_twenty_annotators_vote_at_once(workspace):
     for name in people:
         add_annotator(workspace, name, f"pw-{name}")
     overlap = 3
-    app, _ = create_app(workspace, "cands", overlap=overlap)
+    app = create_app(LabelDesk(workspace, "cands", overlap=overlap))
     acknowledged: list[tuple[int, str, int, str]] = []
     first_items: list[int] = []
     retried: list[int] = []
@@ -120,7 +120,7 @@ def test_twenty_annotators_vote_at_once(workspace):
 def test_refusals_and_login(workspace):
     add_annotator(workspace, "alice", "alice-pw")
     add_annotator(workspace, "bob", "bob-pw")
-    app, _ = create_app(workspace, "cands", overlap=1)
+    app = create_app(LabelDesk(workspace, "cands", overlap=1))
     with BackgroundServer(app) as url:
         assert httpx.get(url + "label-api/item").status_code == 401
         assert httpx.get(url + "label-api/item", auth=("alice", "wrong")).status_code == 401

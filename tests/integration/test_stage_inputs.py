@@ -22,7 +22,8 @@ def workspace(tmp_path, tiny_model_dir):
     replies = [[{"role": "assistant", "content": f"answer {i}"}] for i in range(20)]
     registry.register([{"messages": p + r} for p, r in zip(prompts, replies)], name="chats", kind="sft")
     registry.register([{"prompt": p} for p in prompts], name="prompts", kind="prompts")
-    pairs = [{"prompt": p, "chosen": r, "rejected": [{"role": "assistant", "content": "no"}]} for p, r in zip(prompts, replies)]
+    refusal = [{"role": "assistant", "content": "no"}]
+    pairs = [{"prompt": p, "chosen": r, "rejected": refusal} for p, r in zip(prompts, replies)]
     registry.register(pairs, name="pairs", kind="preference")
     registry.register_artifact("rm", "tiny-rm", tiny_model_dir, base_model=str(tiny_model_dir))
     return tmp_path / "ws"

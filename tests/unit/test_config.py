@@ -144,12 +144,12 @@ def test_bf16_defaults_to_what_the_hardware_supports(monkeypatch):
 
 
 def test_report_to_is_checked_at_parse_time_and_tensorboard_falls_back_to_none(monkeypatch):
-    import align.runs
+    import align.config
     from align.ppo import PPOStageConfig
     from align.sft import SFTStageConfig
 
     with pytest.raises(AlignError, match="r.yaml: config key 'report_to': nowhere is not supported"):
         build_config(SFTStageConfig, {"dataset": "d", "report_to": "nowhere"}, source="r.yaml")
-    monkeypatch.setattr(align.runs, "tensorboard_installed", lambda: False)
+    monkeypatch.setattr(align.config, "tensorboard_installed", lambda: False)
     assert build_config(SFTStageConfig, {"dataset": "d"}).report_to == []  # none, as TrainingArguments spells it
     assert build_config(PPOStageConfig, {"dataset": "d", "reward_model": "rm:r"}).report_to == "none"
