@@ -94,3 +94,55 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
     final norm bound every logit near 0, so a LoRA policy can barely shift its token distribution; RL
     tests need a policy that can learn in a few updates."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-policy"), initializer_range=0.2)
+
+
+@pytest.fixture
+def stop_after():
+    """stop_after(step): a Trainer callback that kills the run once the checkpoint at `step` is on disk, as a crash
+    would (tests of --resume)."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= self.step:
+                raise KeyboardInterrupt
+
+    return StopAfter
+
+
+@pytest.fixture
+def assert_same_adapter():
+    """assert_same_adapter(a, b): two adapter artifacts hold the same tensors, within float noise (a resumed run
+    against a straight one)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def check(a, b) -> None:
+        first = load_file(a.path / "adapter_model.safetensors")
+        second = load_file(b.path / "adapter_model.safetensors")
+        assert first.keys() == second.keys()
+        for name in first:
+            torch.testing.assert_close(first[name], second[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    return check
+
+
+@pytest.fixture
+def assert_base_unchanged():
+    """assert_base_unchanged(model, folder): every base weight of a PEFT model is the one saved in `folder`."""
+    import torch
+    from safetensors.torch import load_file
+
+    def check(model, folder: Path) -> None:
+        after = {
+            name.replace("base_model.model.", "").replace(".base_layer", ""): parameter
+            for name, parameter in model.named_parameters()
+            if "lora_" not in name
+        }
+        for name, weight in load_file(folder / "model.safetensors").items():
+            assert torch.equal(weight, after[name]), f"base weight {name} moved"
+
+    return check

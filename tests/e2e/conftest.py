@@ -29,3 +29,13 @@ def browser():
         )
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page (its own context) that waits up to 30 s for what a test expects."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.set_default_timeout(30_000)
+    page = context.new_page()
+    yield page
+    context.close()

@@ -35,15 +35,6 @@ WATCH = """
 
 
 @pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    context.set_default_timeout(30_000)
-    page = context.new_page()
-    yield page
-    context.close()
-
-
-@pytest.fixture
 def registry(tmp_path, tiny_model_dir):
     import peft
     import torch

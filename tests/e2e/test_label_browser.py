@@ -8,23 +8,12 @@ import json
 import re
 import sqlite3
 
-import pytest
-
 from align.labels import add_annotator
 from align.registry import Registry
 from ui.label_app import LabelDesk, create_app
 from ui.serving import BackgroundServer
 
 INJECTION = '<script>window.__pwned = true</script><img src=x onerror="window.__pwned = true"> & <b>not bold</b>'
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    context.set_default_timeout(20_000)
-    page = context.new_page()
-    yield page
-    context.close()
 
 
 def candidates(rows: int, completions: int) -> list[dict]:

@@ -8,7 +8,6 @@ learned, not the pairs.
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl.trainer.utils import use_adapter
 
@@ -89,7 +88,7 @@ def logps_of(model, batch):
         return torch.cat(pair_logps(model, batch))
 
 
-def test_dpo_from_the_sft_adapter(registry, tiny_model_dir, monkeypatch):
+def test_dpo_from_the_sft_adapter(registry, tiny_model_dir, monkeypatch, assert_base_unchanged):
     loads = {"base": 0, "adapter": 0}
     base_load, adapter_load = AutoModelForCausalLM.from_pretrained, PeftModel.load_adapter
 
@@ -133,14 +132,7 @@ def test_dpo_from_the_sft_adapter(registry, tiny_model_dir, monkeypatch):
     assert not torch.allclose(logps_of(model, batch), reference_after, atol=1e-3)  # the policy moved
 
     # Base weights did not move.
-    base_before = load_file(tiny_model_dir / "model.safetensors")
-    base_after = {
-        name.replace("base_model.model.", "").replace(".base_layer", ""): parameter
-        for name, parameter in model.named_parameters()
-        if "lora_" not in name
-    }
-    for name, weight in base_before.items():
-        assert torch.equal(weight, base_after[name]), f"base weight {name} moved"
+    assert_base_unchanged(model, tiny_model_dir)
 
     # The output: the policy adapter alone, on the SFT adapter's base, with lineage to both inputs.
     assert artifact.ref == "adapter:dpo@1" and artifact.base_model == str(tiny_model_dir)
@@ -273,18 +265,9 @@ def test_label_smoothing_auto_reads_the_agreement_in_the_lineage(registry):
     assert value == 0.0 and "no pair was judged by two annotators" in note
 
 
-class StopAfter(TrainerCallback):
-    """Kill the run once the checkpoint at `step` is on disk, as a crash would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            raise KeyboardInterrupt
-
-
-def test_a_killed_run_resumes_from_its_checkpoint_and_matches_a_straight_run(registry, tiny_model_dir):
+def test_a_killed_run_resumes_from_its_checkpoint_and_matches_a_straight_run(
+    registry, tiny_model_dir, stop_after, assert_same_adapter
+):
     recipe = {
         "model": "adapter:sft",
         "dataset": "prefs",
@@ -302,17 +285,13 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches_a_straight_run(reg
     }
     straight = run_dpo(build_config(DPOStageConfig, recipe | {"output_name": "straight"}), registry)
     with pytest.raises(KeyboardInterrupt):
-        run_dpo(build_config(DPOStageConfig, recipe), registry, recipe=recipe, callbacks=[StopAfter(2)])
+        run_dpo(build_config(DPOStageConfig, recipe), registry, recipe=recipe, callbacks=[stop_after(2)])
     killed = registry.list_runs()[-1]
     assert killed.status == "failed" and (killed.dir / "checkpoints" / "checkpoint-2").is_dir()
 
     resumed = main(None, [], workspace=str(registry.root), resume=True)
     assert resumed.run_id == killed.id and registry.get_run(killed.id).status == "completed"
-    a = load_file(straight.path / "adapter_model.safetensors")
-    b = load_file(resumed.path / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    assert_same_adapter(straight, resumed)
 
 
 def test_bad_inputs_fail_before_training_and_start_no_run(registry, tiny_model_dir, tmp_path):

@@ -139,7 +139,7 @@ def test_bf16_autocast_runs_the_update_and_keeps_lr_zero_exact(registry, tiny_po
     assert all(tensor.dtype == torch.float32 for tensor in after.values())  # the weights stay fp32
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, registry, tiny_policy_dir):
+def test_resume_matches_an_uninterrupted_run(tmp_path, registry, tiny_policy_dir, assert_same_adapter):
     straight = run_ppo(build_config(PPOStageConfig, recipe(tiny_policy_dir)), registry, reward_fn=lowercase_letters)
 
     values = recipe(tiny_policy_dir, output_name="resumed")
@@ -151,13 +151,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, registry, tiny_policy_dir
     assert killed.status == "failed" and (killed.dir / "checkpoints" / "update-2").is_dir()
     config = build_config(PPOStageConfig, values)
     resumed = run_ppo(config, registry, recipe=values, resume=killed.id, reward_fn=lowercase_letters)
-    a = load_file(straight.path / "adapter_model.safetensors")
-    b = load_file(resumed.path / "adapter_model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    assert_same_adapter(straight, resumed)
 
 
-def test_the_base_model_is_loaded_once(registry, tiny_policy_dir, monkeypatch):
+@pytest.fixture
+def model_loads(monkeypatch) -> list:
+    """What from_pretrained loads during the test, in order."""
     from transformers import PreTrainedModel
 
     loads = []
@@ -168,8 +167,12 @@ def test_the_base_model_is_loaded_once(registry, tiny_policy_dir, monkeypatch):
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting))
+    return loads
+
+
+def test_the_base_model_is_loaded_once(registry, tiny_policy_dir, model_loads):
     run_ppo(build_config(PPOStageConfig, recipe(tiny_policy_dir, num_updates=1)), registry, reward_fn=lowercase_letters)
-    assert loads == [str(tiny_policy_dir)], loads
+    assert model_loads == [str(tiny_policy_dir)], model_loads
 
 
 def test_bad_inputs_fail_before_any_model_loads(registry, tiny_policy_dir):
@@ -236,21 +239,11 @@ def test_a_reward_model_on_the_same_base_is_an_adapter_with_identical_scores(
     assert not any(p.requires_grad for n, p in roles.model.named_parameters() if ".reward." in n)
 
 
-def test_ppo_with_a_registry_reward_model_loads_the_base_once(registry, tiny_policy_dir, reward_artifact, monkeypatch):
-    from transformers import PreTrainedModel
-
-    loads = []
-    original = PreTrainedModel.from_pretrained.__func__
-
-    def counting(cls, *args, **kwargs):
-        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting))
+def test_ppo_with_a_registry_reward_model_loads_the_base_once(registry, tiny_policy_dir, reward_artifact, model_loads):
     artifact = run_ppo(
         build_config(PPOStageConfig, recipe(tiny_policy_dir, reward_model="rm:tiny-rm", num_updates=1)), registry
     )
-    assert loads == [str(tiny_policy_dir)], loads
+    assert model_loads == [str(tiny_policy_dir)], model_loads
     roles = {role: parent for role, parent in registry.parents(artifact)}
     assert roles["reward-model"].ref == "rm:tiny-rm@1"
 

@@ -226,34 +226,21 @@ def test_long_pairs_are_truncated_not_dropped_unless_a_reply_alone_is_too_long(t
     assert "1 dropped because a reply alone is longer than 64 tokens" in (run.dir / "report.md").read_text()
 
 
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            raise KeyboardInterrupt
-
-
-def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+def test_a_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, stop_after, assert_same_adapter):
     values = recipe(tiny_model_dir, max_steps=4, save_steps=2, train_sampling_strategy="random")
     straight_registry = new_registry(tmp_path / "straight")
     straight = run_rm(build_config(RewardStageConfig, values), straight_registry)
 
     registry = new_registry(tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
-        run_rm(build_config(RewardStageConfig, values), registry, recipe=values, callbacks=[StopAfter(2)])
+        run_rm(build_config(RewardStageConfig, values), registry, recipe=values, callbacks=[stop_after(2)])
     [killed] = registry.list_runs()
     assert killed.status == "failed" and (killed.dir / "checkpoints" / "checkpoint-2").is_dir()
     assert registry.list_artifacts() == []  # nothing half-done is registered
 
     resumed = main(None, [], workspace=str(registry.root), resume=True)
     assert resumed.run_id == killed.id and registry.get_run(killed.id).status == "completed"
-    a = load_file(straight.path / "adapter_model.safetensors")
-    b = load_file(resumed.path / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    assert_same_adapter(straight, resumed)
 
 
 def test_bad_inputs_fail_before_training_and_start_no_run(tmp_path, tiny_model_dir):
@@ -295,18 +282,16 @@ def test_lora_on_the_top_layers_only_and_a_longer_scoring_length(tmp_path, tiny_
         config(tiny_model_dir, lora_top_layers=0)
 
 
-def test_cached_frozen_layers_train_the_same_model(tmp_path, tiny_model_dir):
+def test_cached_frozen_layers_train_the_same_model(tmp_path, tiny_model_dir, assert_same_adapter):
     """The lower layer runs once per pair; the top one trains on its cached states: same adapter, same scores."""
     values = recipe(tiny_model_dir, max_steps=6, lora_top_layers=1, train_sampling_strategy="random")
     plain_registry = new_registry(tmp_path / "plain")
     plain = run_rm(build_config(RewardStageConfig, values), plain_registry)
     registry = new_registry(tmp_path / "cached")
     cached = run_rm(build_config(RewardStageConfig, values | {"cache_frozen_layers": True}), registry)
-    a = load_file(plain.path / "adapter_model.safetensors")
-    b = load_file(cached.path / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and any(".layers.1." in name for name in a)  # saved under the real layer index
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_adapter(plain, cached)
+    saved = load_file(cached.path / "adapter_model.safetensors")
+    assert any(".layers.1." in name for name in saved)  # saved under the real layer index
     metrics = registry.get_run(cached.run_id).metrics
     assert metrics["eval_accuracy"] == plain_registry.get_run(plain.run_id).metrics["eval_accuracy"]
     with pytest.raises(AlignError, match="'cache_frozen_layers' needs lora_top_layers"):

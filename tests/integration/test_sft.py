@@ -28,7 +28,8 @@ def registry(tmp_path):
     return registry
 
 
-def config(tiny_model_dir, **values):
+def recipe(tiny_model_dir, **values) -> dict:
+    """A short LoRA run on the tiny model, evaluated on its training rows; `values` override."""
     base = {
         "model": str(tiny_model_dir),
         "dataset": "words",
@@ -44,7 +45,11 @@ def config(tiny_model_dir, **values):
         "gradient_checkpointing": False,
         "seed": 0,
     }
-    return build_config(SFTStageConfig, base | values)
+    return base | values
+
+
+def config(tiny_model_dir, **values):
+    return build_config(SFTStageConfig, recipe(tiny_model_dir, **values))
 
 
 def test_multi_turn_rows_give_one_example_per_assistant_turn():
@@ -78,20 +83,13 @@ def test_loss_is_on_assistant_tokens_only(registry, tiny_model_dir):
     assert not any("say" in text or "user" in text for text in trained)
 
 
-def test_lora_moves_adapter_weights_not_base_weights_and_loss_falls(registry, tiny_model_dir):
+def test_lora_moves_adapter_weights_not_base_weights_and_loss_falls(registry, tiny_model_dir, assert_base_unchanged):
     artifact = run_sft(config(tiny_model_dir, max_steps=30), registry)
     assert artifact.ref == "adapter:sft@1"
     assert (artifact.path / "adapter_model.safetensors").is_file()
 
     model, _ = load_model(artifact.ref, registry)
-    base_before = load_file(tiny_model_dir / "model.safetensors")
-    base_after = {
-        name.replace("base_model.model.", "").replace(".base_layer", ""): param
-        for name, param in model.named_parameters()
-        if "lora_" not in name
-    }
-    for name, weight in base_before.items():
-        assert torch.equal(weight, base_after[name]), f"base weight {name} moved"
+    assert_base_unchanged(model, tiny_model_dir)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA B starts at zero and must have moved"
 
@@ -106,51 +104,24 @@ def test_lora_moves_adapter_weights_not_base_weights_and_loss_falls(registry, ti
     assert roles["train"].ref == "words@1" and roles["base-model"] == str(tiny_model_dir)
 
 
-class StopAfter(TrainerCallback):
-    """Kill the run once the checkpoint at `step` is on disk, as a crash would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            raise KeyboardInterrupt
-
-
-def test_resume_continues_from_the_last_checkpoint_and_matches_a_straight_run(tmp_path, tiny_model_dir):
+def test_resume_continues_from_the_last_checkpoint_and_matches_a_straight_run(
+    tmp_path, tiny_model_dir, stop_after, assert_same_adapter
+):
     straight_registry = Registry(tmp_path / "straight")
     straight_registry.register(word_rows(), name="words", kind="sft")
     straight = run_sft(config(tiny_model_dir), straight_registry)
 
     registry = Registry(tmp_path / "resumed")
     registry.register(word_rows(), name="words", kind="sft")
-    recipe = {
-        "model": str(tiny_model_dir),
-        "dataset": "words",
-        "eval_dataset": "words",
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "max_steps": 4,
-        "logging_steps": 1,
-        "save_steps": 2,
-        "report_to": "none",
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "gradient_checkpointing": False,
-        "seed": 0,
-    }
+    values = recipe(tiny_model_dir)
     with pytest.raises(KeyboardInterrupt):
-        run_sft(build_config(SFTStageConfig, recipe), registry, recipe=recipe, callbacks=[StopAfter(2)])
+        run_sft(build_config(SFTStageConfig, values), registry, recipe=values, callbacks=[stop_after(2)])
     [killed] = registry.list_runs()
     assert killed.status == "failed" and (killed.dir / "checkpoints" / "checkpoint-2").is_dir()
 
     resumed = main(None, [], workspace=str(registry.root), resume=True)
     assert registry.get_run(resumed.run_id).id == killed.id
-    a = load_file(straight.path / "adapter_model.safetensors")
-    b = load_file(resumed.path / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    assert_same_adapter(straight, resumed)
 
 
 def test_full_fine_tuning_registers_a_loadable_model(registry, tiny_model_dir):

@@ -19,6 +19,13 @@ HH_FILE = DATA / "hh-rlhf-harmless-dev.jsonl.gz"
 SEED_FILE = DATA / "self-instruct-seed-tasks.jsonl"
 
 
+def refusal(read, *args, **kwargs) -> DataError:
+    """The DataError `read(*args, **kwargs)` raises (the test fails when it raises none)."""
+    with pytest.raises(DataError) as info:
+        read(*args, **kwargs)
+    return info.value
+
+
 def user(text):
     return {"role": "user", "content": text}
 
@@ -106,9 +113,8 @@ def test_trl_candidates_conversational_with_sources_and_gold(tmp_path):
 
 
 def test_trl_candidates_need_two_completions(tmp_path):
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [{"prompt": "Say hi", "completions": ["hi"]}])
-    assert "line 1: field 'completions' must be a list of at least two completions" in str(info.value)
+    error = refusal(import_rows, tmp_path, [{"prompt": "Say hi", "completions": ["hi"]}])
+    assert "line 1: field 'completions' must be a list of at least two completions" in str(error)
 
 
 # TRL formats: preference
@@ -165,9 +171,7 @@ def test_trl_preference_bad_weight_and_tie(tmp_path):
         {"prompt": "p", "chosen": "a", "rejected": "b", "weight": -1},
         {"prompt": "p", "chosen": "a", "rejected": "b", "tie": "yes"},
     ]
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, rows)
-    message = str(info.value)
+    message = str(refusal(import_rows, tmp_path, rows))
     assert "line 1: field 'weight' must be at least 0.0 (got -1)" in message
     assert "line 2: field 'tie' must be true or false (got 'yes')" in message
 
@@ -204,9 +208,8 @@ def test_alpaca_with_input_system_and_history(tmp_path):
 
 
 def test_alpaca_missing_output(tmp_path):
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [{"instruction": "Say hi.", "input": ""}])
-    assert "data.jsonl line 1: field 'output' is required" in str(info.value)
+    error = refusal(import_rows, tmp_path, [{"instruction": "Say hi.", "input": ""}])
+    assert "data.jsonl line 1: field 'output' is required" in str(error)
 
 
 def test_self_instruct_one_row_per_instance(tmp_path):
@@ -262,10 +265,9 @@ def test_sharegpt_roles_and_system(tmp_path):
 
 def test_sharegpt_unknown_speaker(tmp_path):
     row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]}
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [row])
-    assert "line 1: field 'conversations[1].from' must be one of" in str(info.value)
-    assert "(got 'robot')" in str(info.value)
+    error = refusal(import_rows, tmp_path, [row])
+    assert "line 1: field 'conversations[1].from' must be one of" in str(error)
+    assert "(got 'robot')" in str(error)
 
 
 def test_hh_synthetic_multi_turn(tmp_path):
@@ -404,9 +406,8 @@ def test_reader_jsonl_gz(tmp_path):
 def test_reader_jsonl_skips_blank_lines_and_keeps_line_numbers(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(PREFERENCE_ROWS[0]) + "\n\n" + '{"prompt": "x", "chosen": 7, "rejected": "y"}\n')
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert f"{path} line 3: field 'chosen' must be a list of messages (got 7)" in str(info.value)
+    error = refusal(import_file, path)
+    assert f"{path} line 3: field 'chosen' must be a list of messages (got 7)" in str(error)
 
 
 def test_reader_jsonl_keeps_unicode_line_separators(tmp_path):
@@ -431,22 +432,19 @@ def test_reader_json_array_keeps_line_numbers(tmp_path):
         '[\n  {"prompt": "one?", "chosen": "1", "rejected": "2"},\n\n'
         '  {"prompt": "two?",\n   "chosen": "2", "rejected": {"no": 1}}\n]'
     )
-    with pytest.raises(DataError) as info:
-        import_file(bad)
-    assert f"{bad} line 4: field 'rejected' must be a list of messages" in str(info.value)
+    error = refusal(import_file, bad)
+    assert f"{bad} line 4: field 'rejected' must be a list of messages" in str(error)
 
 
 def test_reader_json_array_malformed_and_trailing_data(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n  {"prompt": "one?", "completion": "1"},\n  {"prompt": "two?" "completion": "2"}\n]')
-    with pytest.raises(DataError) as info:
-        import_file(broken)
-    assert f"{broken} line 3: malformed JSON" in str(info.value)
+    error = refusal(import_file, broken)
+    assert f"{broken} line 3: malformed JSON" in str(error)
     trailing = tmp_path / "trailing.json"
     trailing.write_text('[{"prompt": "one?", "completion": "1"}]\n{"prompt": "two?", "completion": "2"}\n')
-    with pytest.raises(DataError) as info:
-        import_file(trailing)
-    assert f"{trailing} line 2: malformed JSON" in str(info.value)
+    error = refusal(import_file, trailing)
+    assert f"{trailing} line 2: malformed JSON" in str(error)
 
 
 def test_reader_parquet(tmp_path):
@@ -466,9 +464,8 @@ def test_reader_parquet_names_the_row(tmp_path):
     pq.write_table(
         pa.Table.from_pylist([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]), path
     )
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert f"{path} row 2: field 'completion'" in str(info.value)
+    error = refusal(import_file, path)
+    assert f"{path} row 2: field 'completion'" in str(error)
 
 
 def test_reader_csv_json_cells_and_numbers(tmp_path):
@@ -488,9 +485,8 @@ def test_reader_csv_json_cells_and_numbers(tmp_path):
 def test_reader_csv_bad_number_names_line(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,chosen,rejected,margin\nq,a,b,1\nq,a,b,lots\n")
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert f"{path} line 3: field 'margin' must be a finite number (got 'lots')" in str(info.value)
+    error = refusal(import_file, path)
+    assert f"{path} line 3: field 'margin' must be a finite number (got 'lots')" in str(error)
 
 
 def test_reader_saved_dataset_folder(tmp_path):
@@ -555,17 +551,15 @@ def test_kind_impossible_conversion(tmp_path):
 def test_malformed_json_names_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": }\n')
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert f"{path} line 2: malformed JSON: Expecting value at column 31" in str(info.value)
-    assert "nothing was registered" in str(info.value)
+    error = refusal(import_file, path)
+    assert f"{path} line 2: malformed JSON: Expecting value at column 31" in str(error)
+    assert "nothing was registered" in str(error)
 
 
 def test_missing_field(tmp_path):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, rows)
-    assert info.value.problems == [
+    error = refusal(import_rows, tmp_path, rows)
+    assert error.problems == [
         f"{tmp_path / 'data.jsonl'} line 2: field 'rejected' is required for a 'preference' row (got None)"
     ]
 
@@ -576,37 +570,31 @@ def test_mistyped_fields_all_reported(tmp_path):
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": [{"role": "robot", "content": "beep"}], "chosen": "a", "rejected": "b"},
     ]
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, rows)
+    error = refusal(import_rows, tmp_path, rows)
     path = tmp_path / "data.jsonl"
-    assert info.value.path == str(path)
-    assert info.value.problems == [
+    assert error.path == str(path)
+    assert error.problems == [
         f"{path} line 1: field 'chosen' must be a list of messages (got 3)",
         f"{path} line 3: field 'prompt[0].role' must be one of system, user, assistant, tool (got 'robot')",
     ]
 
 
 def test_messages_role_robot(tmp_path):
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [{"messages": [user("hi"), {"role": "robot", "content": "beep"}]}])
-    assert "line 1: field 'messages[1].role' must be one of system, user, assistant, tool (got 'robot')" in str(
-        info.value
-    )
+    error = refusal(import_rows, tmp_path, [{"messages": [user("hi"), {"role": "robot", "content": "beep"}]}])
+    assert "line 1: field 'messages[1].role' must be one of system, user, assistant, tool (got 'robot')" in str(error)
 
 
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert f"{path} is empty: it holds no rows" in str(info.value)
+    error = refusal(import_file, path)
+    assert f"{path} is empty: it holds no rows" in str(error)
 
 
 def test_file_of_only_skipped_rows(tmp_path):
     row = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [row, row])
-    assert "is empty: all 2 rows were skipped" in str(info.value)
+    error = refusal(import_rows, tmp_path, [row, row])
+    assert "is empty: all 2 rows were skipped" in str(error)
 
 
 def test_unknown_format(tmp_path):
@@ -618,18 +606,16 @@ def test_unknown_format(tmp_path):
 def test_non_utf8_names_line_and_byte(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
-    with pytest.raises(DataError) as info:
-        import_file(path)
+    error = refusal(import_file, path)
     # 'caf' starts at column 13 of line 2, so the 0xe9 byte is at column 16.
-    assert f"{path} line 2: text is not UTF-8 (byte 0xe9 at column 16)" in str(info.value)
+    assert f"{path} line 2: text is not UTF-8 (byte 0xe9 at column 16)" in str(error)
 
 
 def test_json_value_not_an_object(tmp_path):
     path = tmp_path / "values.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n42\n"text"\n')
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert info.value.problems == [
+    error = refusal(import_file, path)
+    assert error.problems == [
         f"{path} line 2: expected a JSON object per row, got int (42)",
         f"{path} line 3: expected a JSON object per row, got str ('text')",
     ]
@@ -645,9 +631,8 @@ def test_undetectable_fields(tmp_path):
 
 
 def test_forced_format_mismatch_names_field(tmp_path):
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [{"prompt": "p", "completion": "c"}], fmt="alpaca")
-    assert "line 1: field 'instruction' is required (got None)" in str(info.value)
+    error = refusal(import_rows, tmp_path, [{"prompt": "p", "completion": "c"}], fmt="alpaca")
+    assert "line 1: field 'instruction' is required (got None)" in str(error)
 
 
 def test_ignored_columns_reported(tmp_path):
@@ -666,19 +651,15 @@ def test_ignored_columns_reported(tmp_path):
 def test_deeply_nested_line_names_the_line(tmp_path):
     path = tmp_path / "deep.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"messages": ' + "[" * 100_000 + "\n")
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert info.value.problems == [
-        f"{path} line 2: JSON nested too deeply to read (over the 1,000 levels Python allows)"
-    ]
+    error = refusal(import_file, path)
+    assert error.problems == [f"{path} line 2: JSON nested too deeply to read (over the 1,000 levels Python allows)"]
 
 
 def test_deeply_nested_array_file_names_the_line(tmp_path):
     path = tmp_path / "deep.json"  # starts with '[': read as a JSON array
     path.write_text("[" * 100_000)
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert info.value.problems[0].startswith(f"{path} line 1: JSON nested too deeply to read")
+    error = refusal(import_file, path)
+    assert error.problems[0].startswith(f"{path} line 1: JSON nested too deeply to read")
 
 
 def test_huge_integer_names_the_field(tmp_path):
@@ -689,9 +670,8 @@ def test_huge_integer_names_the_field(tmp_path):
         '{"prompt": "p", "chosen": "a", "rejected": "b", "id": ' + digits + "}\n"  # an ignored field: fine
         '{"prompt": "p", "chosen": [{"role": "assistant", "content": -' + digits + '}], "rejected": "b"}\n'
     )
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert info.value.problems == [
+    error = refusal(import_file, path)
+    assert error.problems == [
         f"{path} line 1: field 'margin' must be a finite number (got <an integer of 5000 digits>)",
         f"{path} line 3: field 'chosen[0].content' must be a string (got <an integer of 5000 digits>)",
     ]
@@ -700,9 +680,8 @@ def test_huge_integer_names_the_field(tmp_path):
 def test_huge_integer_in_csv_names_the_field(tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text(f"prompt,chosen,rejected,margin\nq,a,b,{'9' * 5000}\n")
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert info.value.problems == [
+    error = refusal(import_file, path)
+    assert error.problems == [
         f"{path} line 2: field 'margin' must be a finite number (got <an integer of 5000 digits>)"
     ]
 
@@ -715,9 +694,8 @@ def test_limit_rows(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(sft_line(n) for n in range(6)))
     assert len(import_file(path, limits=Limits(max_rows=6)).rows) == 6
-    with pytest.raises(DataError) as info:
-        import_file(path, limits=Limits(max_rows=5))
-    assert info.value.problems == [f"{path}: more than 5 rows, the limit max_rows; raise it with --max-rows"]
+    error = refusal(import_file, path, limits=Limits(max_rows=5))
+    assert error.problems == [f"{path}: more than 5 rows, the limit max_rows; raise it with --max-rows"]
 
 
 def test_limit_row_bytes_per_line_and_per_csv_record(tmp_path):
@@ -726,18 +704,16 @@ def test_limit_row_bytes_per_line_and_per_csv_record(tmp_path):
     path.write_text(sft_line(1) + line)
     limit = len(line) - 1  # the newline does not count
     assert len(import_file(path, limits=Limits(max_row_bytes=limit)).rows) == 2
-    with pytest.raises(DataError) as info:
-        import_file(path, limits=Limits(max_row_bytes=limit - 1))
-    assert info.value.problems == [
+    error = refusal(import_file, path, limits=Limits(max_row_bytes=limit - 1))
+    assert error.problems == [
         f"{path} line 2: a row longer than {limit - 1} bytes, the limit max_row_bytes; raise it with --max-row-bytes"
     ]
     # A CSV record may span lines (a quoted cell holding newlines): its size is the whole record's.
     table = tmp_path / "long.csv"
     table.write_text('prompt,completion\nq,"' + "a\n" * 40 + '"\nq2,b\n')
     assert len(import_file(table, limits=Limits(max_row_bytes=90)).rows) == 2
-    with pytest.raises(DataError) as info:
-        import_file(table, limits=Limits(max_row_bytes=60))
-    assert info.value.problems[0].startswith(f"{table} line 42: a row longer than 60 bytes")
+    error = refusal(import_file, table, limits=Limits(max_row_bytes=60))
+    assert error.problems[0].startswith(f"{table} line 42: a row longer than 60 bytes")
 
 
 def test_csv_cell_larger_than_the_csv_module_default(tmp_path):
@@ -753,9 +729,8 @@ def test_limit_bytes_stops_a_gzip_bomb_early(tmp_path, monkeypatch):
     parsed = []
     real_decode = importers._DECODER.decode
     monkeypatch.setattr(importers._DECODER, "decode", lambda text: parsed.append(1) or real_decode(text))
-    with pytest.raises(DataError) as info:
-        import_file(path, limits=Limits(max_bytes=1_000_000))
-    assert info.value.problems == [
+    error = refusal(import_file, path, limits=Limits(max_bytes=1_000_000))
+    assert error.problems == [
         f"{path}: more than 1 MB once decompressed (stopped at line 100), the limit max_bytes; "
         "raise it with --max-bytes"
     ]
@@ -766,12 +741,10 @@ def test_limit_bytes_stops_a_gzip_bomb_early(tmp_path, monkeypatch):
 def test_limit_bytes_of_a_json_array(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"prompt": "q", "completion": "a" * 5000}]))
-    with pytest.raises(DataError) as info:
-        import_file(path, limits=Limits(max_bytes=4000))
-    assert "more than 4 KB, the limit max_bytes" in info.value.problems[0]
-    with pytest.raises(DataError) as info:
-        import_file(path, limits=Limits(max_row_bytes=4000))
-    assert info.value.problems[0].startswith(f"{path} line 1: a row longer than 4 KB")
+    error = refusal(import_file, path, limits=Limits(max_bytes=4000))
+    assert "more than 4 KB, the limit max_bytes" in error.problems[0]
+    error = refusal(import_file, path, limits=Limits(max_row_bytes=4000))
+    assert error.problems[0].startswith(f"{path} line 1: a row longer than 4 KB")
 
 
 def test_limits_of_parquet_and_saved_datasets(tmp_path):
@@ -786,13 +759,11 @@ def test_limits_of_parquet_and_saved_datasets(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
     for source in (path, folder):  # rows: from the metadata, before reading
         assert len(import_file(source).rows) == 20
-        with pytest.raises(DataError) as info:
-            import_file(source, limits=Limits(max_rows=19))
-        assert info.value.problems == [f"{source}: 20 rows, more than 19, the limit max_rows; raise it with --max-rows"]
-    with pytest.raises(DataError) as info:  # about 20 kB of data (10 kB for the digits 0 to 9)
-        import_file(folder, limits=Limits(max_bytes=15_000))
-    assert info.value.problems[0].startswith(f"{folder}: ")
-    assert info.value.problems[0].endswith(" of data, more than 15 KB, the limit max_bytes; raise it with --max-bytes")
+        error = refusal(import_file, source, limits=Limits(max_rows=19))
+        assert error.problems == [f"{source}: 20 rows, more than 19, the limit max_rows; raise it with --max-rows"]
+    error = refusal(import_file, folder, limits=Limits(max_bytes=15_000))  # about 20 kB (10 kB for the digits)
+    assert error.problems[0].startswith(f"{folder}: ")
+    assert error.problems[0].endswith(" of data, more than 15 KB, the limit max_bytes; raise it with --max-bytes")
 
 
 def test_limits_of_a_parquet_file_count_decoded_bytes(tmp_path):
@@ -804,16 +775,14 @@ def test_limits_of_a_parquet_file_count_decoded_bytes(tmp_path):
     path = tmp_path / "repeated.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     assert pq.ParquetFile(path).metadata.row_group(0).total_byte_size < 200_000
-    with pytest.raises(DataError) as info:
-        import_file(path, limits=Limits(max_bytes=1_000_000))
-    assert info.value.problems == [
+    error = refusal(import_file, path, limits=Limits(max_bytes=1_000_000))
+    assert error.problems == [
         f"{path}: more than 1 MB once decoded (stopped at row 64), the limit max_bytes; raise it with --max-bytes"
     ]
     rows[5]["completion"] += "b"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    with pytest.raises(DataError) as info:
-        import_file(path, limits=Limits(max_row_bytes=100_000))
-    assert info.value.problems == [
+    error = refusal(import_file, path, limits=Limits(max_row_bytes=100_000))
+    assert error.problems == [
         f"{path} row 1: a row longer than 100 KB, the limit max_row_bytes; raise it with --max-row-bytes"
     ]
     assert len(import_file(path, limits=Limits(max_row_bytes=100_100)).rows) == 64
@@ -822,9 +791,8 @@ def test_limits_of_a_parquet_file_count_decoded_bytes(tmp_path):
 def test_damaged_gzip(tmp_path):
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(gzip.compress(("".join(sft_line(n) for n in range(1000))).encode())[:-200])
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert info.value.problems == [
+    error = refusal(import_file, path)
+    assert error.problems == [
         f"{path}: not a valid gzip file, or a damaged one: Compressed file ended before the end-of-stream marker "
         "was reached"
     ]
@@ -933,20 +901,17 @@ def test_exact_duplicates_are_dropped_and_counted(tmp_path):
 
 def test_kind_conversion_of_a_bad_row_names_the_field(tmp_path):
     path = tmp_path / "data.jsonl"
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [{"messages": 7}], kind="prompts")
-    assert info.value.problems == [f"{path} line 1: field 'messages' must be a list of messages (got 7)"]
-    with pytest.raises(DataError) as info:
-        import_rows(tmp_path, [{"prompt": "p", "rejected": "r"}], kind="sft")
-    assert info.value.problems == [f"{path} line 1: field 'chosen' is required for a 'preference' row (got None)"]
+    error = refusal(import_rows, tmp_path, [{"messages": 7}], kind="prompts")
+    assert error.problems == [f"{path} line 1: field 'messages' must be a list of messages (got 7)"]
+    error = refusal(import_rows, tmp_path, [{"prompt": "p", "rejected": "r"}], kind="sft")
+    assert error.problems == [f"{path} line 1: field 'chosen' is required for a 'preference' row (got None)"]
 
 
 def test_malformed_json_at_the_end_of_a_line_names_its_column(tmp_path):
     path = tmp_path / "cut.jsonl"
     path.write_text('{"prompt": "a", \n')
-    with pytest.raises(DataError) as info:
-        import_file(path)
-    assert info.value.problems == [
+    error = refusal(import_file, path)
+    assert error.problems == [
         f"{path} line 1: malformed JSON: Expecting property name enclosed in double quotes at column 17 "
         """('{"prompt": "a", ')"""
     ]
