@@ -392,6 +392,21 @@ def build_blocks(desk: CompareDesk) -> gr.Blocks:
     return blocks
 
 
+def chat_area(tab: str, third: str, third_id: str) -> tuple:
+    """A tab's two reply panels, its message box, and its Send, Regenerate and `third` buttons (elem_ids TAB-a,
+    TAB-b, TAB-input, TAB-send, TAB-regenerate, TAB-THIRD_ID), built in the current Blocks context."""
+    with gr.Row(equal_height=True):
+        panels = [gr.HTML(elem_id=f"{tab}-{s}", js_on_load=None) for s in SIDES]
+    box = gr.Textbox(label="Your message", elem_id=f"{tab}-input", lines=2, max_lines=8)
+    with gr.Row():
+        buttons = (
+            gr.Button("Send", variant="primary", elem_id=f"{tab}-send"),
+            gr.Button("Regenerate", elem_id=f"{tab}-regenerate"),
+            gr.Button(third, elem_id=f"{tab}-{third_id}"),
+        )
+    return panels, box, buttons
+
+
 def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
     """The generation settings and the Side by side and Battle tabs (and Leaderboard), built in the current Blocks
     context. Returns (load function, its outputs) to run on page load."""
@@ -412,26 +427,16 @@ def compare_panel(desk: CompareDesk, *, leaderboard: bool) -> tuple:
                     gr.Dropdown(desk.refs, value=desk.refs[i], label=f"Model {label}", elem_id=f"side-model-{s}")
                     for i, (s, label) in enumerate(zip(SIDES, "AB"))
                 ]
-            with gr.Row(equal_height=True):
-                side_panels = [gr.HTML(elem_id=f"side-{s}", js_on_load=None) for s in SIDES]
-            side_input = gr.Textbox(label="Your message", elem_id="side-input", lines=2, max_lines=8)
-            with gr.Row():
-                side_send = gr.Button("Send", variant="primary", elem_id="side-send")
-                side_regen = gr.Button("Regenerate", elem_id="side-regenerate")
-                side_clear = gr.Button("Clear", elem_id="side-clear")
+            side_panels, side_input, (side_send, side_regen, side_clear) = chat_area("side", "Clear", "clear")
             side_status = gr.Markdown(elem_id="side-status")
         with gr.Tab("Battle", id="battle"):
             gr.Markdown(
                 "Two models, drawn at random and kept anonymous. Chat, then vote: the names are revealed after "
                 "the vote, which ends the battle."
             )
-            with gr.Row(equal_height=True):
-                battle_panels = [gr.HTML(elem_id=f"battle-{s}", js_on_load=None) for s in SIDES]
-            battle_input = gr.Textbox(label="Your message", elem_id="battle-input", lines=2, max_lines=8)
-            with gr.Row():
-                battle_send = gr.Button("Send", variant="primary", elem_id="battle-send")
-                battle_regen = gr.Button("Regenerate", elem_id="battle-regenerate")
-                battle_new = gr.Button("New battle", elem_id="battle-new")
+            battle_panels, battle_input, (battle_send, battle_regen, battle_new) = chat_area(
+                "battle", "New battle", "new"
+            )
             with gr.Row():
                 vote_buttons = [gr.Button(label, elem_id=elem) for _, label, elem in VOTES]
             battle_status = gr.Markdown(elem_id="battle-status")
