@@ -40,3 +40,19 @@ def test_a_model_that_does_not_resolve_registers_nothing(stage, workspace, tmp_p
     registry = Registry(workspace)
     assert [version.ref for version in registry.list_datasets()] == datasets
     assert registry.list_runs() == []
+
+
+def test_too_few_rows_to_hold_out_are_refused_before_anything_is_registered(workspace, tiny_model_dir, capsys):
+    registry = Registry(workspace)
+    few = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(3)
+    ]
+    registry.register(few, name="few", kind="sft")
+    datasets = [version.ref for version in registry.list_datasets()]
+    code = cli.main(["--workspace", str(workspace), "sft", "--dataset", "few", "--model", str(tiny_model_dir)])
+    assert code == 2
+    assert "eval_split 0.1 of the 3 rows of few@1 holds out 0: change eval_split, or name an eval_dataset" in (
+        capsys.readouterr().err
+    )
+    assert [version.ref for version in Registry(workspace).list_datasets()] == datasets
+    assert Registry(workspace).list_runs() == []
