@@ -8,7 +8,8 @@ import pytest
 
 from align.cli import main
 from align.errors import AlignError
-from align.evaluate import EvalOptions, run_eval, win_outcomes
+from align.eval_metrics import win_outcomes
+from align.evaluate import EvalOptions, run_eval
 from align.generate import SamplingSettings
 from align.registry import Registry
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from align.errors import AlignError
-from align.evaluate import (
+from align.eval_metrics import (
     DEBIAN_WORDNET,
     MetricUnavailable,
     choose_examples,
