@@ -83,6 +83,8 @@ def shared_base_reward_model(reward_ref: str, registry: Registry, roles: SharedB
     adapter_config = json.loads((artifact.path / "adapter_config.json").read_text(encoding="utf-8"))
     if str(resolved.base) != str(policy_base) or adapter_config.get("peft_type") != "LORA":
         return None
+    if artifact.meta.get("num_layers") or artifact.meta.get("pooling", "last") != "last":
+        return None  # it reads other states than the policy's last layer at the last token: a model of its own
     weights = load_file(str(artifact.path / "adapter_model.safetensors"))
     score = [tensor for name, tensor in weights.items() if name.endswith("score.weight")]
     if len(score) != 1:

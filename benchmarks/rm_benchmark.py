@@ -18,7 +18,8 @@ The floor: TRL's RewardTrainer as documented, on the conversational rows (TRL to
 longer than max_length), SmolLM2 + LoRA r16 (PEFT's default targets, q_proj and v_proj), lr 2e-4, one epoch,
 batch 8, TRL's defaults otherwise (gradient checkpointing on), fp32. Ours: recipes/rm/smollm2-135m-lora.yaml
 (its own training max_length; every model is scored at --max-length). Speed is training pairs per second of
-training time (the trainer's train_runtime), and "train s" the whole training time.
+training time (the trainer's train_runtime), "train s" the whole training time, and "stage s" the whole
+`align rm` stage for ours (loading, caching frozen layers, training, saving, its own evaluation).
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ def run_ours(registry: Registry, train_ref: str, test_ref: str, args, name: str,
         "eval_max_length": args.max_length,  # training length is the recipe's; scoring is the same for everyone
     } | overrides
     config = load_config(RewardStageConfig, RECIPE, values)
+    started = time.perf_counter()
     artifact = run_rm(config, registry)
+    wall = time.perf_counter() - started  # loading, any caching of frozen layers, training, the stage's own eval
     metrics = registry.get_run(artifact.run_id).metrics
     rm = RewardModel.load(artifact.ref, registry, batch_size=16)  # the saved artifact, reloaded
     figures = held_out(rm, registry.rows(test_ref), args.max_length)
@@ -139,6 +142,7 @@ def run_ours(registry: Registry, train_ref: str, test_ref: str, args, name: str,
         "trained": metrics["train_pairs"],
         "dropped": metrics["train_dropped"],
         "seconds": metrics["train_runtime_s"],
+        "wall": wall,
     }
 
 
@@ -202,7 +206,7 @@ def main() -> None:
         gc.collect()
 
     print(f"\nworkspace {workspace}; {train_ref} -> {test_ref}, max_length {args.max_length}")
-    columns = ("trained", "dropped", "train s", "pairs/s", "acc<=256", "acc(all) [95% interval]", "ECE")
+    columns = ("trained", "dropped", "train s", "stage s", "pairs/s", "acc<=256", "acc(all) [95% interval]", "ECE")
     header = f"{'model':<28} " + " ".join(f"{c:>8}" for c in columns)
     print(header)
     print("-" * len(header))
@@ -210,7 +214,8 @@ def main() -> None:
         speed = r["trained"] / r["seconds"] if r["seconds"] else float("nan")
         low, high = wilson_interval(r["acc_all"] * r["all_pairs"], r["all_pairs"])
         print(
-            f"{name:<28} {r['trained']:>8} {r['dropped']:>8} {r['seconds']:>8.0f} {speed:>8.2f} "
+            f"{name:<28} {r['trained']:>8} {r['dropped']:>8} {r['seconds']:>8.0f} {r.get('wall', 0):>8.0f} "
+            f"{speed:>8.2f} "
             f"{r['acc_fit']:>8.3f} {r['acc_all']:>8.3f} [{low:.3f}, {high:.3f}] {r['ece']:>8.3f}"
         )
     some = next(iter(results.values()))

@@ -10,6 +10,11 @@ depends on padding), so the trained adapter is an ordinary one, saved and scored
     with top_layers_only(model, cut=20):                     # the model now holds layers 20.. only
         scores = score_states(model, batch_states, attention_mask)
 
+Two more choices about what the score head reads, used by the rm stage and by every scorer of its artifacts:
+
+    keep_layers(model, 24)                    # the decoder keeps its bottom 24 layers: the head reads layer 24
+    pooled_scores(model, input_ids, attention_mask, reply_starts)   # the head on the mean of the reply's states
+
 The model is a sequence classifier (`AutoModelForSequenceClassification`, optionally wrapped by PEFT) whose
 decoder stack has `layers` and a final `norm`, as Llama-style models do (SmolLM2, Llama, Mistral, Qwen2).
 This module knows nothing of the registry.
@@ -30,16 +35,17 @@ def classifier(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def decoder_stack(model):
-    """The decoder stack (e.g. LlamaModel): the module holding `layers` and the final `norm`."""
+def decoder_stack(model, *, uniform: bool = True):
+    """The decoder stack (e.g. LlamaModel): the module holding `layers` and the final `norm`. `uniform`: refuse
+    a stack that mixes attention types (cached states assume every layer sees the same mask)."""
     stack = classifier(model).base_model
     if not isinstance(getattr(stack, "layers", None), torch.nn.ModuleList) or not hasattr(stack, "norm"):
         raise AlignError(
-            f"cached frozen-layer features need a decoder with `layers` and a final `norm` "
-            f"({type(stack).__name__} has not); set cache_frozen_layers: false"
+            f"cached frozen-layer features, num_layers and reply_mean pooling need a decoder with `layers` and a "
+            f"final `norm` ({type(stack).__name__} has not)"
         )
     layer_types = getattr(stack.config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
+    if uniform and layer_types and len(set(layer_types)) > 1:
         raise AlignError(
             f"{type(stack).__name__} mixes attention types across layers ({sorted(set(layer_types))}); "
             "cached frozen-layer features support uniform layers only: set cache_frozen_layers: false"
@@ -90,14 +96,63 @@ def frozen_states(
     return states
 
 
-def score_states(model, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score_states(
+    model, states: torch.Tensor, attention_mask: torch.Tensor, reply_starts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scores of right-padded cached states [batch, width, hidden]: the top layers, the norm, the head on the
-    last real token. Call it inside `top_layers_only(model, cut)`."""
+    last real token (or, given `reply_starts`, on the mean of the reply's tokens). Call it inside
+    `top_layers_only(model, cut)`."""
     stack = decoder_stack(model)
     hidden = stack(inputs_embeds=states, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    if reply_starts is not None:
+        return classifier(model).score(reply_mean(hidden, attention_mask, reply_starts)).squeeze(-1)
     last = attention_mask.sum(dim=1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return classifier(model).score(pooled).squeeze(-1)
+
+
+# What the head reads
+
+
+POOLINGS = ("last", "reply_mean")
+
+
+def reply_mean(hidden: torch.Tensor, attention_mask: torch.Tensor, reply_starts: torch.Tensor) -> torch.Tensor:
+    """The mean of each row's states from its reply's first token to its last real one: [batch, hidden].
+
+    A causal model's prompt states are the same for every reply to a prompt, so only the reply tells two replies
+    apart; averaging its tokens reads all of it instead of the last token only."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    mask = (positions[None, :] >= reply_starts[:, None].to(hidden.device)) & attention_mask.bool()
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def pooled_scores(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, reply_starts: torch.Tensor
+) -> torch.Tensor:
+    """Scores [batch] of right-padded token ids with the head on the mean of each reply's final states."""
+    stack = decoder_stack(model, uniform=False)
+    hidden = stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    head = classifier(model).score
+    return head(reply_mean(hidden, attention_mask, reply_starts).to(head.weight.dtype)).squeeze(-1)
+
+
+def keep_layers(model, count: int):
+    """Keep the decoder's bottom `count` layers (the final norm stays): the score head then reads layer `count`'s
+    states. Middle layers often carry more of what separates two replies than the last one, which is tuned to
+    predict the next token, and a shorter stack costs less. Returns the model, changed in place."""
+    stack = decoder_stack(model, uniform=False)
+    total = len(stack.layers)
+    if not 0 < count <= total:
+        raise AlignError(f"config key 'num_layers' must be between 1 and the model's {total} layers (got {count})")
+    if count < total:
+        stack.layers = torch.nn.ModuleList(list(stack.layers)[:count])
+        for config in {id(c): c for c in (stack.config, classifier(model).config)}.values():
+            config.num_hidden_layers = count
+            if getattr(config, "layer_types", None):
+                config.layer_types = config.layer_types[:count]
+    return model
 
 
 def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

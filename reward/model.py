@@ -10,6 +10,10 @@ is the reply: a list of assistant messages, or a plain string (with a conversati
 assistant message). The reward model renders each pair with its own chat template and tokenizer, so a policy
 with another tokenizer works: what passes between them is text, never token ids.
 
+A reward model trained with `num_layers` keeps that many of its base's layers and one trained with
+`pooling: reply_mean` reads the mean of the reply's tokens (reward/features.py); both are in the artifact's
+meta, so every scorer reads the artifact the way it was trained.
+
 Long pairs are cut from the left of the prompt to the model's `max_length` (the one it was trained with), as in
 training; a reply longer than that keeps its end. Batches are sorted by length, so little compute goes to pads.
 """
@@ -22,6 +26,7 @@ from typing import Any
 
 from align.errors import AlignError
 from align.truncation import TruncationStats, encode_rows
+from reward.features import POOLINGS, keep_layers, pooled_scores
 
 DEFAULT_MAX_LENGTH = 256  # the rm stage's default, so an untrained head reads the same text as a trained model
 SCORING_BATCH = 8  # sequences per forward pass: `rm eval`, `rm score` and the rm stage's own held-out evaluation
@@ -45,6 +50,8 @@ def load_scorer(ref: str, registry: Any = None, *, seed: int = 0, dtype: Any = N
         with suppress_seqcls_warning():  # the head is missing from the base checkpoint: the adapter holds it
             model, tokenizer = load_model(ref, registry, dtype=dtype, device_map=device_map)
         artifact = (registry or _default_registry()).resolve_artifact(ref)
+        if artifact.meta.get("num_layers"):
+            keep_layers(model, artifact.meta["num_layers"])
     elif ref.startswith("adapter:"):
         raise AlignError(
             f"{ref} is a policy adapter, not a reward model: name a reward model (rm:NAME) or a base model "
@@ -68,7 +75,7 @@ def load_scorer(ref: str, registry: Any = None, *, seed: int = 0, dtype: Any = N
     return model, tokenizer, artifact
 
 
-def load_saved_scorer(base_ref: str, folder, registry: Any = None, *, dtype: Any = None):
+def load_saved_scorer(base_ref: str, folder, registry: Any = None, *, dtype: Any = None, num_layers: int | None = None):
     """(model, tokenizer) of a reward model saved in `folder` (adapter + score head) on `base_ref`, loaded exactly
     as a registered `rm:` artifact is: what the rm stage evaluates before it registers the artifact."""
     from pathlib import Path
@@ -81,6 +88,8 @@ def load_saved_scorer(base_ref: str, folder, registry: Any = None, *, dtype: Any
     resolved = ResolvedModel(f"{base_ref} + {folder}", base.base, Path(folder), "rm")
     with suppress_seqcls_warning():
         model, tokenizer = load_model(resolved, registry, dtype=dtype)
+    if num_layers:
+        keep_layers(model, num_layers)
     return model, tokenizer
 
 
@@ -112,8 +121,12 @@ class RewardModel:
         max_length: int = DEFAULT_MAX_LENGTH,
         batch_size: int = SCORING_BATCH,
         ref: str = "model",
+        pooling: str = "last",
     ):
+        if pooling not in POOLINGS:
+            raise AlignError(f"pooling must be one of {', '.join(POOLINGS)} (got {pooling!r})")
         self.model = model
+        self.pooling = pooling
         self.ref = ref
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -142,6 +155,7 @@ class RewardModel:
             max_length=max_length or trained_length or DEFAULT_MAX_LENGTH,
             batch_size=batch_size,
             ref=artifact.ref if artifact is not None else ref,
+            pooling=artifact.meta.get("pooling", "last") if artifact is not None else "last",
         )
 
     def score(
@@ -158,13 +172,15 @@ class RewardModel:
         encoded, self.last_stats = encode_rows(
             self.tokenizer, rows, self.max_length, reply_fields=("reply",), overflow="cut"
         )
-        return self.score_ids([item.sequence(0) for item in encoded], progress=progress)
+        starts = [len(item.prompt_ids) for item in encoded]
+        return self.score_ids([item.sequence(0) for item in encoded], progress=progress, reply_starts=starts)
 
     def score_pairs(self, rows: Sequence[dict], *, progress: bool = False) -> PairScores:
         """Scores of preference rows' chosen and rejected replies; the pair shares its (cut) prompt."""
         encoded, stats = encode_rows(self.tokenizer, rows, self.max_length, overflow="cut", progress=progress)
         sequences = [item.sequence(0) for item in encoded] + [item.sequence(1) for item in encoded]
-        scores = self.score_ids(sequences, progress=progress)
+        starts = [len(item.prompt_ids) for item in encoded] * 2
+        scores = self.score_ids(sequences, progress=progress, reply_starts=starts)
         n = len(rows)
         return PairScores(
             chosen=scores[:n],
@@ -186,11 +202,16 @@ class RewardModel:
         metrics["truncation"] = scores.stats.summary()
         return metrics, scores
 
-    def score_ids(self, sequences: Sequence[list[int]], *, progress: bool = False) -> list[float]:
-        """Scores of token-id sequences (this model's tokenizer), batched longest first, returned in order."""
+    def score_ids(
+        self, sequences: Sequence[list[int]], *, progress: bool = False, reply_starts: Sequence[int] | None = None
+    ) -> list[float]:
+        """Scores of token-id sequences (this model's tokenizer), batched longest first, returned in order.
+        `reply_starts`: where each sequence's reply begins, which reply_mean pooling needs."""
         import torch
         from tqdm.auto import tqdm
 
+        if self.pooling == "reply_mean" and reply_starts is None:
+            raise AlignError(f"{self.ref} reads the mean of the reply's tokens: score_ids needs reply_starts")
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
         scores = [0.0] * len(sequences)
         pad = self.tokenizer.pad_token_id
@@ -208,11 +229,15 @@ class RewardModel:
                         ids = sequences[index]
                         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                         attention_mask[row, : len(ids)] = 1
-                    logits = self.model(
-                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-                    ).logits
+                    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                    if self.pooling == "reply_mean":
+                        starts = torch.tensor([reply_starts[index] for index in batch], dtype=torch.long)
+                        batch_scores = pooled_scores(self.model, input_ids, attention_mask, starts)
+                    else:
+                        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                        batch_scores = logits[:, 0]
                     for row, index in enumerate(batch):
-                        scores[index] = float(logits[row, 0])
+                        scores[index] = float(batch_scores[row])
         finally:
             self.model.train(was_training)
         return scores

@@ -35,7 +35,7 @@ from align.reports import plot_history, write_metrics, write_report
 from align.runs import failures_recorded, last_checkpoint, live_metrics_callback, open_stage_run, run_recipe, stage_data
 from align.stats import against_chance
 from align.truncation import encode_rows
-from reward.features import frozen_states, top_layers_only
+from reward.features import POOLINGS, frozen_states, keep_layers, top_layers_only
 from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
 from reward.model import DEFAULT_MAX_LENGTH, RewardModel, load_saved_scorer, load_scorer
 from reward.trainer import (
@@ -70,6 +70,20 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
         default=None,
         metadata={"help": "LoRA on the top N transformer layers only: backward stops below them; null = all"},
     )
+    num_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep the base's bottom N transformer layers (then its final norm): the head reads layer N's "
+            "states, which a middle layer may separate better than the last; null = all"
+        },
+    )
+    pooling: str = field(
+        default="last",
+        metadata={
+            "help": "what the head reads: last (the last token, as transformers does) | reply_mean (the mean "
+            "of the reply's tokens)"
+        },
+    )
     cache_frozen_layers: bool = field(
         default=False,
         metadata={
@@ -92,6 +106,14 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
             raise ValueError("config key 'load_in_4bit' is not supported for reward models yet")
         if self.ties not in TIE_MODES:
             raise ValueError(f"config key 'ties' must be one of {', '.join(TIE_MODES)} (got {self.ties!r})")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"config key 'pooling' must be one of {', '.join(POOLINGS)} (got {self.pooling!r})")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"config key 'num_layers' must be at least 1 (got {self.num_layers!r})")
+        if self.num_layers and self.lora_top_layers and self.lora_top_layers > self.num_layers:
+            raise ValueError(
+                f"config key 'lora_top_layers' ({self.lora_top_layers}) must not exceed num_layers ({self.num_layers})"
+            )
         if self.lora_top_layers is not None and self.lora_top_layers < 1:
             raise ValueError(f"config key 'lora_top_layers' must be at least 1 (got {self.lora_top_layers!r})")
         for key in ("max_length", "eval_max_length"):
@@ -129,6 +151,8 @@ def run_rm(
     print(f"run {run.id}: reward model on {config.model} from {train_version.ref} (eval on {eval_version.ref})")
     with failures_recorded(registry, run):
         model, tokenizer, _ = load_scorer(config.model, registry, seed=config.seed, dtype=config.torch_dtype)
+        if config.num_layers:
+            keep_layers(model, config.num_layers)
         train_rows = registry.rows(train_version)
         encoded, train_stats = encode_rows(tokenizer, train_rows, config.max_length, progress=True)
         examples, ties_dropped = training_examples(
@@ -154,7 +178,9 @@ def run_rm(
             eval_examples, _ = training_examples(
                 eval_rows, eval_encoded, use_margins=False, use_weights=False, ties="drop"
             )
-        collator, layers = PairCollator(pad_token_id=tokenizer.pad_token_id), nullcontext()
+        reply_starts = config.pooling == "reply_mean"
+        collator = PairCollator(pad_token_id=tokenizer.pad_token_id, reply_starts=reply_starts)
+        layers = nullcontext()
         set_seed(config.seed)  # LoRA's initial weights: the same whether PEFT is applied here or by TRL
         if config.cache_frozen_layers:
             from peft import get_peft_model
@@ -163,7 +189,7 @@ def run_rm(
             peft_config = None  # applied already: the frozen layers run before the trainer exists
             cut = model.config.num_hidden_layers - config.lora_top_layers
             cached = examples + (eval_examples or [])
-            collator = CachedStateCollator(cache_states(model, cached, cut, tokenizer, config))
+            collator = CachedStateCollator(cache_states(model, cached, cut, tokenizer, config), reply_starts)
             for index, example in enumerate(cached):
                 example["index"] = index
             layers = top_layers_only(model, cut)
@@ -189,8 +215,10 @@ def run_rm(
         eval_length = config.eval_max_length or config.max_length
         # Scored as `align rm eval` scores the registered artifact: reloaded from disk in the same precision and
         # batches, so the two report the same accuracy (the trainer's model runs under its autocast wrapper).
-        saved, _ = load_saved_scorer(config.model, output_dir, registry, dtype=config.torch_dtype)
-        scorer = RewardModel(saved, tokenizer, max_length=eval_length)
+        saved, _ = load_saved_scorer(
+            config.model, output_dir, registry, dtype=config.torch_dtype, num_layers=config.num_layers
+        )
+        scorer = RewardModel(saved, tokenizer, max_length=eval_length, pooling=config.pooling)
         evaluation, _ = scorer.evaluate(registry.rows(eval_version), progress=True)
         metrics = {
             **{f"eval_{key}": value for key, value in headline(evaluation).items()},
@@ -214,6 +242,8 @@ def run_rm(
                 "peft": config.peft,
                 "max_length": eval_length,  # what scoring cuts pairs to (align rm eval / score, RewardModel.load)
                 "train_max_length": config.max_length,
+                "num_layers": config.num_layers,  # every scorer keeps these layers and pools this way
+                "pooling": config.pooling,
                 "metrics": metrics,
                 "truncation": train_stats.summary(),
             },
@@ -270,9 +300,12 @@ def _report(run, config, log_history, metrics, evaluation, train_stats, artifact
     ]
     write_metrics(run, metrics | {"eval_length_buckets": evaluation["length_buckets"]})
     pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    layers_text = f" (its bottom {config.num_layers} layers)" if config.num_layers else ""
+    pooling_text = "the mean of the reply's tokens" if config.pooling == "reply_mean" else "the last token"
     setup = (
-        f"Base `{config.model}` with a one-output score head, PEFT `{config.peft}` (r={config.lora_r}), data "
-        f"`{config.dataset}`, learning rate {config.learning_rate}, {metrics['steps']} steps of "
+        f"Base `{config.model}`{layers_text} with a one-output score head reading {pooling_text}, "
+        f"PEFT `{config.peft}` (r={config.lora_r}), data `{config.dataset}`, "
+        f"learning rate {config.learning_rate}, {metrics['steps']} steps of "
         f"{pairs_per_step} pairs, max_length {config.max_length}, ties `{config.ties}`. "
         f"Output `{artifact.ref}` in `{artifact.path}`."
     )

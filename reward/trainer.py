@@ -17,7 +17,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from align.errors import AlignError
-from reward.features import pad_states, score_states
+from reward.features import pad_states, pooled_scores, score_states
 from reward.loss import preference_loss
 
 
@@ -65,7 +65,12 @@ def training_examples(
             ties_dropped += 1
             continue
         chosen, rejected = item.sequence(0), item.sequence(1)
-        example = {"chosen_ids": chosen, "rejected_ids": rejected, "length": max(len(chosen), len(rejected))}
+        example = {
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "length": max(len(chosen), len(rejected)),
+            "reply_start": len(item.prompt_ids),  # both replies follow the same (cut) prompt
+        }
         if has_margin:
             example["margin"] = float(row.get("margin", 0.0))
         if has_weight:
@@ -78,14 +83,20 @@ def training_examples(
 
 @dataclass
 class PairCollator(DataCollatorForPreference):
-    """TRL's collator (chosen then rejected, right-padded, margins) plus per-pair weights and tie flags."""
+    """TRL's collator (chosen then rejected, right-padded, margins) plus per-pair weights and tie flags, and with
+    `reply_starts` (reply_mean pooling) where each reply begins."""
+
+    reply_starts: bool = False
 
     def torch_call(self, examples: list[dict]) -> dict:
         batch = super().torch_call(examples)  # margins as TRL has them
-        return _label_columns(batch, examples, margin=False)
+        return _label_columns(batch, examples, margin=False, reply_starts=self.reply_starts)
 
 
-def _label_columns(batch: dict, examples: list[dict], *, margin: bool = True) -> dict:
+def _label_columns(batch: dict, examples: list[dict], *, margin: bool = True, reply_starts: bool = False) -> dict:
+    if reply_starts:  # chosen then rejected, as the sequences are
+        starts = [e["reply_start"] for e in examples]
+        batch["reply_start"] = torch.tensor(starts + starts, dtype=torch.long)
     if margin and "margin" in examples[0]:
         batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
     if "weight" in examples[0]:
@@ -101,11 +112,13 @@ class CachedStateCollator:
     A batch holds the chosen states then the rejected ones, right-padded, plus the label columns in use."""
 
     states: list
+    reply_starts: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
         pairs = [self.states[e["index"]] for e in examples]
         states, attention_mask = pad_states([c for c, _ in pairs] + [r for _, r in pairs])
-        return _label_columns({"states": states, "attention_mask": attention_mask}, examples)
+        batch = {"states": states, "attention_mask": attention_mask}
+        return _label_columns(batch, examples, reply_starts=self.reply_starts)
 
 
 class PreferenceRewardTrainer(RewardTrainer):
@@ -114,13 +127,25 @@ class PreferenceRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:  # keep our label columns, and `length` for grouped batches
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "weight", "tie", "length", "index"]
+            self._signature_columns = [
+                "chosen_ids",
+                "rejected_ids",
+                "margin",
+                "weight",
+                "tie",
+                "length",
+                "index",
+                "reply_start",
+            ]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         if "states" in inputs:  # cached frozen-layer states: only the top layers run (inside top_layers_only)
             with self.accelerator.autocast():
-                scores = score_states(model, inputs["states"], inputs["attention_mask"])
+                scores = score_states(model, inputs["states"], inputs["attention_mask"], inputs.get("reply_start"))
+            outputs = {"logits": scores.unsqueeze(-1)}
+        elif "reply_start" in inputs:  # the head reads the mean of each reply's tokens
+            scores = pooled_scores(model, inputs["input_ids"], inputs["attention_mask"], inputs["reply_start"])
             outputs = {"logits": scores.unsqueeze(-1)}
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)

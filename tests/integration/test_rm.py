@@ -315,3 +315,35 @@ def test_the_stage_and_rm_eval_agree_under_bf16_autocast(tmp_path, tiny_model_di
     _, evaluated = evaluate_rm(registry, artifact.ref, "marker-test")
     assert evaluated["accuracy"] == stage["eval_accuracy"]
     assert evaluated["mean_margin"] == stage["eval_mean_margin"]
+
+
+def test_a_middle_layer_and_reply_mean_pooling_train_and_reload_alike(tmp_path, tiny_model_dir):
+    """num_layers: 1 keeps the tiny model's bottom layer; the head reads the mean of the reply's tokens. Every
+    scorer of the artifact reads it the way it was trained."""
+    plain_registry = new_registry(tmp_path / "ws")
+    plain = run_rm(config(tiny_model_dir, num_layers=1, pooling="reply_mean"), plain_registry)
+    assert plain.meta["num_layers"] == 1 and plain.meta["pooling"] == "reply_mean"
+    metrics = plain_registry.get_run(plain.run_id).metrics
+    assert metrics["eval_accuracy"] >= 0.9, metrics  # the marker sits anywhere in the reply: the mean finds it
+
+    rm = RewardModel.load(plain.ref, plain_registry)
+    assert rm.pooling == "reply_mean" and len(rm.model.get_base_model().model.layers) == 1
+    reloaded, _ = rm.evaluate(plain_registry.rows("marker-test"))
+    assert reloaded["accuracy"] == metrics["eval_accuracy"]
+    assert reloaded["mean_margin"] == pytest.approx(metrics["eval_mean_margin"], abs=1e-6)
+    with pytest.raises(AlignError, match="needs reply_starts"):
+        rm.score_ids([[1, 2, 3]])
+    with pytest.raises(AlignError, match="'pooling' must be one of last, reply_mean"):
+        config(tiny_model_dir, pooling="mean")
+    with pytest.raises(AlignError, match="'lora_top_layers' \\(2\\) must not exceed num_layers \\(1\\)"):
+        config(tiny_model_dir, num_layers=1, lora_top_layers=2)
+
+
+def test_reply_mean_with_cached_frozen_layers_trains_the_same_model(tmp_path, tiny_model_dir, assert_same_adapter):
+    values = recipe(tiny_model_dir, max_steps=6, lora_top_layers=1, pooling="reply_mean")
+    values["train_sampling_strategy"] = "random"
+    plain = run_rm(build_config(RewardStageConfig, values), new_registry(tmp_path / "plain"))
+    cached = run_rm(
+        build_config(RewardStageConfig, values | {"cache_frozen_layers": True}), new_registry(tmp_path / "cached")
+    )
+    assert_same_adapter(plain, cached)

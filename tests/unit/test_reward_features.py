@@ -6,7 +6,16 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from align.errors import AlignError
-from reward.features import frozen_states, pad_states, score_states, top_layers_only
+from reward.features import (
+    _right_padded,
+    frozen_states,
+    keep_layers,
+    pad_states,
+    pooled_scores,
+    reply_mean,
+    score_states,
+    top_layers_only,
+)
 
 CUT = 2
 
@@ -79,3 +88,44 @@ def test_cached_gradients_equal_the_whole_model():
 def test_the_cut_must_fall_inside_the_model():
     with pytest.raises(AlignError, match="inside the model's 4 layers"):
         frozen_states(tiny_rm(), SEQUENCES, 4, pad_token_id=0)
+
+
+def test_reply_mean_averages_the_reply_tokens_only():
+    hidden = torch.tensor(
+        [[[1.0, 0.0], [2.0, 2.0], [4.0, 6.0], [8.0, 10.0]], [[1.0, 1.0], [3.0, 5.0], [9.0, 9.0], [7.0, 7.0]]]
+    )
+    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # the second row is padded after 2 tokens
+    pooled = reply_mean(hidden, attention_mask, torch.tensor([2, 1]))
+    # row 0: tokens 2 and 3 -> ([4, 6] + [8, 10]) / 2; row 1: token 1 only (tokens 2, 3 are padding)
+    torch.testing.assert_close(pooled, torch.tensor([[6.0, 8.0], [3.0, 5.0]]))
+
+
+def test_pooled_scores_read_the_reply_mean_of_the_kept_layers():
+    """keep_layers(model, 3) + reply_mean = the head on the mean of norm(layer 3's states) over the reply."""
+    model = tiny_rm()
+    ids, start = SEQUENCES[2], 4
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[3]
+        stack = model.get_base_model().model
+        expected = model.get_base_model().score(stack.norm(hidden)[0, start:].mean(dim=0))[0]
+        keep_layers(model, 3)
+        assert len(stack.layers) == 3 and model.get_base_model().config.num_hidden_layers == 3
+        # padded in a batch with a longer and a shorter sequence: the same score
+        batch = [ids, SEQUENCES[0], SEQUENCES[1]]
+        input_ids, mask = _right_padded(batch, 0)
+        got = pooled_scores(model, input_ids, mask, torch.tensor([start, 2, 1]))
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AlignError, match="'num_layers' must be between 1 and the model's 3 layers"):
+        keep_layers(model, 4)
+
+
+def test_cached_reply_mean_scores_equal_the_whole_model():
+    model = tiny_rm()
+    starts = torch.tensor([3, 1, 5, 0])
+    input_ids, mask = _right_padded(SEQUENCES, 0)
+    with torch.no_grad():
+        expected = pooled_scores(model, input_ids, mask, starts)
+    batch, mask = pad_states(frozen_states(model, SEQUENCES, CUT, pad_token_id=0))
+    with top_layers_only(model, CUT), torch.no_grad():
+        cached = score_states(model, batch, mask, starts)
+    torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
