@@ -12,7 +12,9 @@ The steps, in order:
     preferences   `labels`: the votes cast in the ranking UI on those candidates (align data from-labels);
                   `import`: the imported preference set, for unattended runs
     rm            a reward model on the train preferences (align rm)
-    dpo           DPO of the SFT adapter on the train preferences (align dpo)
+    dpo           DPO of the SFT adapter on the train preferences (align dpo); with `dpo_pairs: rm`, on pairs of
+                  its own replies instead: it answers the train prompts n times (align generate), the reward
+                  model ranks each prompt's replies best against worst (align rm score), DPO trains on those
     ppo           PPO of the SFT adapter against the reward model, on prompts of the train preferences (align ppo)
     eval          base, SFT, DPO and PPO on held-out prompts, judged by the reward model (align eval)
 
@@ -49,6 +51,20 @@ class PipelineConfig:
     preference_test_size: float = field(default=0.1, metadata={"help": "held-out preference pairs (count or share)"})
     seed: int = 0
     preferences: str = field(default="import", metadata={"help": "import | labels (votes from the ranking UI)"})
+    dpo_pairs: str = field(
+        default="preferences",
+        metadata={
+            "help": "what DPO trains on: preferences (the train pairs, written by other models) | rm (on-policy "
+            "pairs: the SFT adapter's own replies to the train prompts, ranked by the reward model)"
+        },
+    )
+    on_policy: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "with dpo_pairs: rm, how the SFT adapter answers: n (replies per prompt, default 4), limit "
+            "(train prompts, default all), max_new_tokens, temperature, top_p, batch_size, dtype"
+        },
+    )
     steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": "the steps to run, in order"})
     # Each stage block: `recipe: PATH` plus any keys of that stage's config, which override the recipe.
     sft: dict = field(default_factory=dict)
@@ -61,15 +77,20 @@ class PipelineConfig:
     def __post_init__(self):
         if self.preferences not in ("import", "labels"):
             raise ValueError(f"config key 'preferences' must be import or labels (got {self.preferences!r})")
+        if self.dpo_pairs not in ("preferences", "rm"):
+            raise ValueError(f"config key 'dpo_pairs' must be preferences or rm (got {self.dpo_pairs!r})")
+        if self.dpo_pairs == "rm" and "dpo" in self.steps and "rm" not in self.steps:
+            raise ValueError("config key 'dpo_pairs' is rm: the reward model ranks DPO's pairs, so add rm to steps")
         unknown = [step for step in self.steps if step not in STEPS]
         if unknown:
             raise ValueError(f"config key 'steps': unknown step {unknown[0]!r}; the steps are {', '.join(STEPS)}")
-        for key in ("sft", "generate", "rm", "dpo", "ppo", "eval"):
+        for key in ("sft", "generate", "rm", "dpo", "ppo", "eval", "on_policy"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"config key '{key}' must be a mapping of settings")
         allowed = {
             "generate": {"n", "limit", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype"},
             "eval": {"limit", "max_new_tokens", "bootstrap", "few_shot", "batch_size", "dtype"},
+            "on_policy": {"n", "limit", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype"},
         }
         for key, keys in allowed.items():
             extra = set(getattr(self, key)) - keys
@@ -77,7 +98,9 @@ class PipelineConfig:
                 raise ValueError(
                     f"config key '{key}.{sorted(extra)[0]}' is not a setting; use {', '.join(sorted(keys))}"
                 )
-        for key in ("generate", "eval"):
+        if self.on_policy.get("n", 4) < 2:
+            raise ValueError(f"config key 'on_policy.n' must be at least 2 (got {self.on_policy['n']!r})")
+        for key in ("generate", "eval", "on_policy"):
             dtype = getattr(self, key).get("dtype")
             if dtype is not None and dtype not in DTYPE_NAMES:
                 raise ValueError(f"config key '{key}.dtype' must be one of {', '.join(DTYPE_NAMES)} (got {dtype!r})")
@@ -198,7 +221,8 @@ class Pipeline:
             "generate": {"sft": "sft", "sft_test": "sft_test"},
             "preferences": {"candidates": "candidates", "prefs_train": "prefs_train"},
             "rm": {"train_prefs": "train_prefs", "test_prefs": "test_prefs"},
-            "dpo": {"sft": "sft", "train_prefs": "train_prefs", "test_prefs": "test_prefs"},
+            "dpo": {"sft": "sft", "train_prefs": "train_prefs", "test_prefs": "test_prefs"}
+            | ({"rm": "rm"} if config.dpo_pairs == "rm" else {}),
             "ppo": {"sft": "sft", "rm": "rm", "train_prefs": "train_prefs"},
             "eval": {"sft": "sft", "dpo": "dpo", "ppo": "ppo", "rm": "rm", "test_prefs": "test_prefs"},
         }[step]
@@ -224,6 +248,7 @@ class Pipeline:
             "test_sizes": [config.sft_test_size, config.preference_test_size],
             "preferences": config.preferences if step == "preferences" else None,
             "votes": votes,
+            "on_policy": {"dpo_pairs": config.dpo_pairs, **config.on_policy} if step == "dpo" else None,
         }
 
     # The steps. Each returns the references it made.
@@ -295,13 +320,38 @@ class Pipeline:
     def step_dpo(self) -> dict:
         from align.dpo import DPOStageConfig, run_dpo
 
+        made = {} if self.config.dpo_pairs == "preferences" else {"dpo_pairs": self._on_policy_pairs()}
         inputs = {
             "model": self.outputs["sft"],
-            "dataset": self.outputs["train_prefs"],
-            "eval_dataset": self.outputs["test_prefs"],
+            "dataset": made.get("dpo_pairs", self.outputs["train_prefs"]),
+            "eval_dataset": self.outputs["test_prefs"],  # held-out human pairs, whatever DPO trains on
             "seed": self.config.seed,
         }
-        return self._train("dpo", DPOStageConfig, run_dpo, inputs)
+        return made | self._train("dpo", DPOStageConfig, run_dpo, inputs)
+
+    def _on_policy_pairs(self) -> str:
+        """The SFT adapter answers the train prompts n times; the reward model picks each prompt's best reply
+        against its worst. DPO on such pairs moves what the policy writes, where off-policy pairs may only move
+        its implicit reward."""
+        from align.generate import SamplingSettings, generate_candidates
+        from reward.score import score_dataset
+
+        block = dict(self.config.on_policy)
+        prompts = self.registry.convert(self.outputs["train_prefs"], name="pipeline-dpo-prompts", kind="prompts")
+        settings = SamplingSettings(
+            seed=self.config.seed, **{k: v for k, v in block.items() if k not in ("n", "limit")}
+        )
+        candidates = generate_candidates(
+            self.registry,
+            [self.outputs["sft"]],
+            prompts.ref,
+            n=block.get("n", 4),
+            name="pipeline-on-policy",
+            limit=block.get("limit"),
+            settings=settings,
+        )
+        pairs, _ = score_dataset(self.registry, self.outputs["rm"], candidates.ref, "pipeline-on-policy-pairs")
+        return pairs.ref
 
     def step_ppo(self) -> dict:
         from align.ppo import PPOStageConfig, run_ppo

@@ -87,3 +87,34 @@ def test_a_bad_stage_setting_fails_before_any_step(tmp_path, pipeline_recipe):
     with pytest.raises(AlignError, match="unknown config key 'lerning_rate'"):
         main(str(pipeline_recipe), workspace=str(tmp_path / "ws"))
     assert not (tmp_path / "ws").exists()
+
+
+def test_on_policy_dpo_trains_on_the_sft_adapters_replies_ranked_by_the_reward_model(tmp_path, pipeline_recipe):
+    from align.registry import Registry
+
+    recipe = yaml.safe_load(pipeline_recipe.read_text())
+    recipe |= {"steps": ["import", "sft", "preferences", "rm", "dpo"], "dpo_pairs": "rm"}
+    recipe["on_policy"] = {"n": 3, "limit": 4, "max_new_tokens": 4}
+    pipeline_recipe.write_text(yaml.safe_dump(recipe))
+    outputs = main(str(pipeline_recipe), workspace=str(tmp_path / "ws"))
+
+    registry = Registry(tmp_path / "ws")
+    pairs = registry.resolve(outputs["dpo_pairs"])
+    assert pairs.ref == "pipeline-on-policy-pairs@1" and pairs.kind == "preference" and pairs.num_rows == 4
+    roles = {role: getattr(parent, "ref", None) for role, parent in registry.parents(pairs)}
+    assert roles["scored"] == "pipeline-on-policy@1" and roles["reward-model"] == outputs["rm"]
+    candidates = registry.rows("pipeline-on-policy@1")
+    assert all(len(row["completions"]) == 3 for row in candidates)
+    assert {source for row in candidates for source in row["sources"]} == {outputs["sft"]}
+    # each pair is the reward model's best reply against its worst, with the gap as the margin
+    scores = pairs.meta["scores"]
+    for row, candidate, score in zip(registry.rows(pairs), candidates, scores):
+        assert row["chosen"] == candidate["completions"][score.index(max(score))]
+        assert row["margin"] == pytest.approx(max(score) - min(score))
+    dpo = registry.resolve_artifact(outputs["dpo"])
+    assert ("train", pairs.ref) in [(role, getattr(parent, "ref", None)) for role, parent in registry.parents(dpo)]
+
+    recipe["steps"] = ["import", "sft", "preferences", "dpo"]
+    pipeline_recipe.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(AlignError, match="'dpo_pairs' is rm: the reward model ranks DPO's pairs, so add rm"):
+        main(str(pipeline_recipe), workspace=str(tmp_path / "ws"))
