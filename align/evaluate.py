@@ -12,6 +12,12 @@ dataset, or prompts with references), the same K for every prompt; without it, t
 answers, K from the other prompts (never the prompt's own). Every row samples one reply per prompt with the
 same settings and seed (align/generate.py).
 
+With `--best-of N` (and --rm), one more row: the baseline's model samples N replies per prompt (at
+--best-of-temperature) and the reward model keeps the one it scores highest. This is what plain reranking buys
+without any training, the row every RLHF comparison needs beside DPO and PPO. The judge is the reranker, so the
+row is an upper estimate by that judge: judge with another reward model for an unbiased one (run eval again with
+--rm set to it, on this row's saved replies: they are in the registered candidates).
+
 Metrics, each with a 95% interval from the percentile bootstrap over prompts (seeded, the resamples shared by
 every row): mean reward by the reward model (--rm; a base model reference gives an untrained head, as in `align
 rm`), which reads the prompt without the few-shot examples, so every row answers the same question; win rate and
@@ -30,27 +36,24 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from align.errors import AlignError
 from align.eval_metrics import (
     choose_examples,
-    eval_plots,
     example_pairs,
     few_shot_prompt,
-    format_interval,
     kl_terms,
     reference_metrics,
-    results_table,
     same_vocabulary,
     win_rate_with_ci,
 )
+from align.eval_report import write_eval_report
 from align.generate import SamplingSettings
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS, check_name
-from align.reports import write_metrics, write_report
-from align.stats import mean_with_ci, verdict
+from align.stats import mean_with_ci
 
 
 @dataclass
@@ -68,6 +71,8 @@ class EvalOptions:
     name: str | None = None
     bootstrap: int = 1000
     rm_max_length: int | None = None
+    best_of: int = 0
+    best_of_temperature: float = 0.8
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
@@ -76,6 +81,7 @@ class Row:
     name: str  # as shown in the report and in the candidates' sources
     model: str  # the model reference that generates
     shots: int = 0
+    best_of: int = 0  # N: sample N replies per prompt and keep the reward model's best
 
 
 @dataclass
@@ -151,6 +157,15 @@ def plan(registry: Registry, options: EvalOptions) -> dict:
             raise AlignError(f"--baseline {baseline!r} is none of the rows: {', '.join(names)}")
         baseline = pinned
     rm = options.rm
+    if options.best_of:
+        if options.best_of < 2 or rm is None:
+            raise AlignError(f"--best-of N reranks N >= 2 samples with --rm (got N={options.best_of}, --rm {rm})")
+        if options.best_of_temperature <= 0:
+            raise AlignError(f"--best-of-temperature must be above 0 (got {options.best_of_temperature})")
+        model = next(row["model"] for row in plan_rows if row["name"] == baseline)
+        plan_rows.append(
+            asdict(Row(name=f"{baseline} best-of-{options.best_of}", model=model, best_of=options.best_of))
+        )
     if rm is not None:
         if rm.startswith("adapter:"):
             raise AlignError(f"--rm {rm} is a policy adapter: give a reward model (rm:NAME) or a base model")
@@ -175,6 +190,7 @@ def plan(registry: Registry, options: EvalOptions) -> dict:
         "few_shot": few_shot,
         "name": name,
         "bootstrap": options.bootstrap,
+        "best_of_temperature": options.best_of_temperature,
         "sampling": asdict(options.sampling.resolved()),
     }
 
@@ -261,7 +277,7 @@ def _evaluate(registry: Registry, run, config: dict) -> EvalResult:
 
     version = _register(registry, run, config, prompts_version, rows, prompts, generations, rewards)
     metrics["candidates"] = version.ref
-    _report(run, config, metrics, rows, generations, rewards)
+    write_eval_report(run, config, metrics, rows, generations, rewards)
     registry.finish_run(run, metrics=metrics, outputs=[version.ref])
     return EvalResult(run=registry.get_run(run.id), version=version, metrics=metrics)
 
@@ -299,10 +315,17 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
         asked = [few_shot_prompt(p, shots[i]) for i, p in enumerate(prompts)] if row.shots else prompts
         model, tokenizer = load_model(row.model, registry, dtype=settings.dtype)
         model = merged_for_inference(model)
+        n, row_settings = 1, settings
+        if row.best_of:
+            n, row_settings = row.best_of, replace(settings, temperature=config["best_of_temperature"])
         with tqdm(total=len(prompts), unit="prompt", desc=f"generating with {row.name}") as progress:
-            replies = [r[0] for r in sample(model, tokenizer, asked, 1, settings, progress)]
-        made = {
-            "name": row.name,
+            options = sample(model, tokenizer, asked, n, row_settings, progress)
+        made = {"name": row.name}
+        if row.best_of:  # the reward model keeps each prompt's best sample
+            made["samples"], made["sample_scores"] = options, _rerank(registry, config, prompts, options)
+            options = [[o[max(range(n), key=scores.__getitem__)]] for o, scores in zip(options, made["sample_scores"])]
+        replies = [r[0] for r in options]
+        made |= {
             "replies": replies,
             "lengths": [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies],
         }
@@ -327,6 +350,16 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
         out.append(made)
         del model
     return out
+
+
+def _rerank(registry, config, prompts, samples: list[list[str]]) -> list[list[float]]:
+    """The reward model's score of every sample, per prompt."""
+    from reward.model import RewardModel
+
+    rm = RewardModel.load(config["rm"], registry, max_length=config["rm_max_length"], seed=config["sampling"]["seed"])
+    flat = rm.score([p for p, options in zip(prompts, samples) for _ in options], [o for s in samples for o in s])
+    n = len(samples[0])
+    return [flat[i * n : (i + 1) * n] for i in range(len(samples))]
 
 
 def _write_json(path: Path, value) -> None:
@@ -367,81 +400,3 @@ def _register(registry, run, config, prompts_version, rows, prompts, generations
         meta["rewards"] = [[rewards[r][i] for r in range(len(rows))] for i in range(len(prompts))]
         meta["rm"] = config["rm"]
     return registry.register(out, name=config["name"], kind="candidates", parents=parents, run=run, meta=meta)
-
-
-# The report
-
-
-def _report(run, config, metrics, rows, generations, rewards) -> None:
-    baseline = config["baseline"]
-    notes = []
-    if not config["rm"]:
-        notes.append("No reward model (--rm): no rewards and no win rates.")
-    if config["references"]:
-        errors = {
-            why["error"]
-            for entry in metrics["rows"].values()
-            for why in entry["references"].values()
-            if isinstance(why, dict) and "error" in why
-        }
-        notes += sorted(errors)
-        notes.append(
-            f"Reference metrics on the {metrics['reference_answers']} prompts with a reference answer: ROUGE mean F1 "
-            "(rouge-score), corpus BLEU 0-100 (sacrebleu), METEOR (NLTK)."
-        )
-    method = (
-        "Intervals: 95% percentile bootstrap over prompts "
-        f"({config['bootstrap']} resamples, seed {config['sampling']['seed']}, shared by every row). "
-        "Win rate: reward above the baseline's = 1, equal = 0.5. LC win rate: logistic regression of the win on "
-        "tanh(length difference / its standard deviation), in characters, read at equal length. "
-        "KL: mean over prompts of the summed per-token log-ratio on the row's own reply."
-    )
-    sampling = config["sampling"]
-    setup = (
-        f"`{metrics['dataset']}`: {metrics['prompts']} prompts. Each row samples one reply per prompt "
-        f"(max_new_tokens {sampling['max_new_tokens']}, temperature {sampling['temperature']}, top_p "
-        f"{sampling['top_p']}, seed {sampling['seed']}, weights in {sampling.get('dtype') or 'fp32'}). Reward model: "
-        f"{'`' + config['rm'] + '`' if config['rm'] else 'none'}. Generations: `{metrics['candidates']}`."
-    )
-    if config["few_shot"]:
-        few = config["few_shot"]
-        setup += f" Few-shot baseline: `{few['model']}` with {few['k']} examples from `{few['from']}`."
-    names = [row.name for row in rows]
-    table = results_table(
-        metrics, names, baseline, kl_reference=config["kl_reference"], references=config["references"]
-    )
-    plots = eval_plots(run.dir, names, [made["lengths"] for made in generations], rewards, metrics, baseline)
-    write_metrics(run, metrics)
-    summary = {"prompts": metrics["prompts"], "rows": len(rows), "baseline": baseline}
-    for row in rows:
-        entry = metrics["rows"][row.name]
-        if "win_rate" in entry:
-            summary[f"win rate of {row.name}"] = entry["win_rate"]["value"]
-    write_report(
-        run,
-        "Evaluation",
-        summary=summary,
-        sections=[("Setup", setup), ("Results", table), ("Method", method)]
-        + ([("Notes", "\n".join(f"- {note}" for note in notes))] if notes else []),
-        plots=plots,
-    )
-
-
-def print_summary(result: EvalResult) -> None:
-    """One line per row: mean reward, the win rate against the baseline with its 95% interval and what that
-    interval says (better, worse or no detectable difference), the length-controlled win rate, length, KL."""
-    print(f"{result.version.ref}  {result.version.num_rows} rows  kind=candidates")
-    baseline = result.metrics.get("baseline")
-    for name, entry in result.metrics["rows"].items():
-        parts = [f"reward {format_interval(entry['reward'])}"] if "reward" in entry else []
-        if "win_rate" in entry:
-            win, lc = entry["win_rate"], entry["lc_win_rate"]
-            parts.append(
-                f"win rate vs {baseline} {format_interval(win)}: {verdict(win['low'], win['high'])} "
-                f"(length-controlled {format_interval(lc)}: {verdict(lc['low'], lc['high'])})"
-            )
-        parts.append(f"{entry['length_tokens']['value']:.1f} tokens")
-        if "kl" in entry and "value" in entry["kl"]:
-            parts.append(f"KL {entry['kl']['value']:.3f}")
-        print(f"  {name}: " + ", ".join(parts))
-    print(f"report: {result.run.dir / 'report.md'}")

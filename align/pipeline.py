@@ -366,7 +366,8 @@ class Pipeline:
         return self._train("ppo", PPOStageConfig, run_ppo, inputs)
 
     def step_eval(self) -> dict:
-        from align.evaluate import EvalOptions, print_summary, run_eval
+        from align.eval_report import print_summary
+        from align.evaluate import EvalOptions, run_eval
         from align.generate import SamplingSettings
 
         block = dict(self.config.eval)

@@ -143,6 +143,10 @@ def add_eval(commands, common) -> None:
     _add_sampling(p, seed_help="sampling and bootstrap seed (default: 0)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default: 1000)")
     p.add_argument("--rm-max-length", type=int, help="tokens per scored reply (default: the reward model's own)")
+    p.add_argument("--best-of", type=int, default=0, metavar="N", help="add a row: the baseline's model samples N "
+                   "replies per prompt and --rm keeps its best (reranking without training)")  # fmt: skip
+    p.add_argument("--best-of-temperature", type=float, default=0.8, help="sampling temperature of the best-of-N "
+                   "row (default: 0.8)")  # fmt: skip
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
                    help="continue the last interrupted eval run (or RUN_ID); finished models are kept")  # fmt: skip
     p.set_defaults(handler=cmd_eval)
@@ -282,7 +286,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from align.evaluate import EvalOptions, print_summary, run_eval
+    from align.eval_report import print_summary
+    from align.evaluate import EvalOptions, run_eval
 
     if args.resume:
         result = run_eval(open_registry(args), resume=args.resume)
@@ -303,6 +308,8 @@ def cmd_eval(args) -> int:
             name=args.name,
             bootstrap=args.bootstrap,
             rm_max_length=args.rm_max_length,
+            best_of=args.best_of,
+            best_of_temperature=args.best_of_temperature,
             sampling=_sampling(args),
         )
         result = run_eval(open_registry(args), options)

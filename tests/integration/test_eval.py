@@ -151,13 +151,40 @@ def test_a_killed_eval_resumes_without_redoing_finished_rows(registry, tiny_mode
         ({"rm": "adapter:tuned"}, "is a policy adapter"),
         ({"name": "bad/name"}, "invalid dataset name"),
         ({"prompts": "nope"}, "no dataset 'nope'"),
+        ({"best_of": 4}, "reranks N >= 2 samples with --rm"),
+        ({"best_of": 1, "rm": "TINY"}, "reranks N >= 2 samples"),
+        ({"best_of": 2, "rm": "TINY", "best_of_temperature": 0.0}, "--best-of-temperature must be above 0"),
     ],
 )
 def test_refusals_before_any_model_loads(registry, tiny_model_dir, change, message):
     values = {"models": ["TINY", "adapter:tuned"], "prompts": "qs"} | change
     values["models"] = [str(tiny_model_dir) if m == "TINY" else m for m in values["models"]]
+    if values.get("rm") == "TINY":
+        values["rm"] = str(tiny_model_dir)
     if values.get("baseline", "").startswith("TINY"):
         values["baseline"] = values["baseline"].replace("TINY", str(tiny_model_dir))
     with pytest.raises(AlignError, match=message):
         run_eval(registry, EvalOptions(**values))
     assert registry.list_runs() == []
+
+
+def test_best_of_n_keeps_the_reward_models_best_sample_per_prompt(registry, tiny_model_dir):
+    """The best-of-4 row: the baseline's model samples 4 replies per prompt; the reward model's best is kept, so
+    its mean reward is at least that of a plain sample, prompt by prompt, under the same judge."""
+    tiny = str(tiny_model_dir)
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0, seed=1, batch_size=6)
+    options = EvalOptions(
+        models=[tiny, "adapter:tuned"], prompts="bare", rm=tiny, best_of=4, bootstrap=50, sampling=settings
+    )
+    result = run_eval(registry, options)
+    name = f"{tiny} best-of-4"
+    assert list(result.metrics["rows"]) == [tiny, "adapter:tuned@1", name]
+    saved = json.loads((result.run.dir / "generations" / "02.json").read_text())
+    rewards = np.array(result.version.meta["rewards"])  # [prompt][row]
+    for index, (samples, scores) in enumerate(zip(saved["samples"], saved["sample_scores"])):
+        assert len(samples) == 4 and len(set(samples)) > 1  # sampled, not greedy
+        best = int(np.argmax(scores))
+        assert saved["replies"][index] == samples[best]
+        assert rewards[index, 2] == pytest.approx(max(scores), abs=1e-5)  # the judge is the reranker
+    assert result.metrics["rows"][name]["win_rate"]["value"] >= 0.5  # the max of 4 draws vs one draw
+    assert "samples per prompt at temperature 0.8" in (result.run.dir / "report.md").read_text()

@@ -186,7 +186,8 @@ def test_reply_logprobs_match_a_forward_pass_and_padding_does_not_matter(tiny_mo
 def test_the_summary_says_what_each_interval_shows(capsys):
     from types import SimpleNamespace
 
-    from align.evaluate import EvalResult, print_summary
+    from align.eval_report import print_summary
+    from align.evaluate import EvalResult
 
     def ci(value, low, high):
         return {"value": value, "low": low, "high": high}
