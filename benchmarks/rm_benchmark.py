@@ -6,6 +6,11 @@
     .venv/bin/python benchmarks/rm_benchmark.py --pairs 400 --eval-pairs 160
     # also measure variants of our recipe (NAME:key=value,key=value; any config key)
     .venv/bin/python benchmarks/rm_benchmark.py --pairs 400 --variant lr3e-4:learning_rate=3e-4
+    # a learning curve: our recipe on the first N pairs of one shuffle of the train split, same held-out pairs
+    .venv/bin/python benchmarks/rm_benchmark.py --skip-floor --skip-untrained --skip-ours --curve 200,400,800,1437
+
+Variants and the curve are for reporting, not for choosing: they are scored on the held-out test pairs. Choose
+recipes on validation pairs carved from the training pairs (`align sweep`).
 
 Data: the shared HH-harmless dev file (1,600 pairs, 1,597 valid), imported into a fresh workspace and split with
 a fixed seed into train and test (`--test-size`, default 10%). Only these pairs are public here, so "unseen
@@ -151,6 +156,47 @@ def run_untrained(registry: Registry, test_ref: str, args) -> dict:
     return held_out(rm, registry.rows(test_ref), args.max_length) | {"trained": 0, "dropped": 0, "seconds": 0.0}
 
 
+def learning_curve(registry: Registry, train_ref: str, test_ref: str, args) -> dict:
+    """Ours on nested training sets (the first N pairs of one shuffle), each scored on the same held-out pairs."""
+    rows = registry.rows(train_ref)
+    random.Random(args.seed).shuffle(rows)
+    sizes = [min(int(n), len(rows)) for n in args.curve.split(",")]
+    results = {}
+    for n in sizes:
+        ref = registry.register(rows[:n], name=f"bench-train-{n}", kind="preference").ref
+        results[f"ours, {n} pairs"] = run_ours(registry, ref, test_ref, args, f"curve-{n}", {})
+        print(f"ours, {n} pairs: {results[f'ours, {n} pairs']}", flush=True)
+        gc.collect()
+    plot_curve(sizes, [results[f"ours, {n} pairs"] for n in sizes], args.plot)
+    return results
+
+
+def plot_curve(sizes: list[int], results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = [r["acc_all"] for r in results]
+    intervals = [wilson_interval(r["acc_all"] * r["all_pairs"], r["all_pairs"]) for r in results]
+    low = [a - lo for a, (lo, _) in zip(accuracy, intervals)]
+    high = [hi - a for a, (_, hi) in zip(accuracy, intervals)]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.errorbar(sizes, accuracy, yerr=[low, high], marker="o", capsize=4, label="reward model (95% interval)")
+    ax.axhline(0.5, color="grey", linestyle="--", label="chance")
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("training pairs")
+    ax.set_ylabel(f"held-out accuracy ({results[0]['all_pairs']} pairs)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"learning curve: {path}")
+
+
 def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
     import torch
 
@@ -185,6 +231,9 @@ def main() -> None:
     parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--skip-untrained", action="store_true")
     parser.add_argument("--skip-ours", action="store_true", help="only the --variant runs")
+    parser.add_argument("--curve", metavar="N,N,...", help="train ours on the first N pairs of one shuffle of the "
+                        "train split for each N (a learning curve); plotted to --plot")  # fmt: skip
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "rm-learning-curve.png")
     parser.add_argument("--workspace", type=Path, help="default: a temporary folder")
     args = parser.parse_args()
 
@@ -204,6 +253,8 @@ def main() -> None:
         results[name] = run_ours(registry, train_ref, test_ref, args, name, overrides)
         print(f"{name}: {results[name]} ({time.perf_counter() - started:.0f} s with evaluation)", flush=True)
         gc.collect()
+    if args.curve:
+        results |= learning_curve(registry, train_ref, test_ref, args)
 
     print(f"\nworkspace {workspace}; {train_ref} -> {test_ref}, max_length {args.max_length}")
     columns = ("trained", "dropped", "train s", "stage s", "pairs/s", "acc<=256", "acc(all) [95% interval]", "ECE")
