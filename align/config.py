@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -268,12 +269,44 @@ class AdapterFields:
                 raise ValueError(f"config key '{key}' must be at least 1 (got {getattr(self, key)!r})")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"config key 'lora_dropout' must be in [0, 1) (got {self.lora_dropout!r})")
+        self.lora_target_modules = checked_target_modules(self.lora_target_modules)
         if self.torch_dtype not in DTYPE_NAMES:
             raise ValueError(f"config key 'torch_dtype' must be auto, fp32, bf16 or fp16 (got {self.torch_dtype!r})")
         if self.load_in_4bit:
             if self.peft != "lora":
                 raise ValueError("config key 'load_in_4bit' (QLoRA) needs peft: lora")
             check_qlora_available()
+
+
+MODULE_NAMES = re.compile(r"[\w.,\s]+")  # q_proj or q_proj,v_proj (the command line's list): no regex
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)*")  # q_proj, self_attn.q_proj, layers.0.mlp.down_proj
+
+
+def checked_target_modules(value):
+    """`lora_target_modules` as PEFT takes it: 'all-linear'; module names, matched against the end of each
+    module's full name (a list, or comma-separated on the command line: q_proj,v_proj); or a regular expression
+    matched against full module names (anything else that is a string). Refused here, naming the value, rather
+    than minutes later when the adapter is built: a number, a name no module can have, a broken expression."""
+    wanted = (
+        "config key 'lora_target_modules' must be 'all-linear', module names (a list, or q_proj,v_proj on the "
+        "command line) or a regular expression over full module names"
+    )
+    if value == "all-linear":
+        return value
+    if isinstance(value, str) and not MODULE_NAMES.fullmatch(value.strip()):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{wanted} (got {value!r}, not a valid regular expression: {exc})") from None
+        return value
+    names = [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"{wanted} (got {value!r})")
+    for name in names:
+        # a module name starts with a letter; a numbered entry (layers.5) is a block of layers, not a linear layer
+        if not isinstance(name, str) or not MODULE_NAME.fullmatch(name) or name.rsplit(".", 1)[-1].isdigit():
+            raise ValueError(f"{wanted} (got {value!r}: {name!r} is not the name of a layer)")
+    return names
 
 
 def check_qlora_available() -> None:

@@ -40,6 +40,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import random
 import secrets
 import statistics
@@ -61,6 +62,7 @@ OUTCOMES = ("first", "second", "tie", "both-bad")  # a judgment on completions (
 TIES = ("drop", "keep")
 OPEN_USER = "local"  # `align label --open`: the one local user, an admin
 DEFAULT_LEASE_SECONDS = 600.0
+INTEGER_RANGE = (-(2**63), 2**63 - 1)  # what an SQLite INTEGER holds (a lease is a row id)
 
 
 class LabelError(AlignError):
@@ -435,6 +437,8 @@ class LabelStore:
 
     def lease_shown(self, lease: int) -> tuple[int, ...] | None:
         """The completions a lease shows, in order (None for an unknown lease)."""
+        if not _is_integer(lease):
+            return None
         found = self.tables.lease(lease)
         return found.shown if found and found.dataset_id == self.version.id else None
 
@@ -483,13 +487,16 @@ class LabelStore:
     ) -> Receipt:
         """Record one vote on a leased item. `ranking` (rank mode): the rank of each completion in the order shown.
         Refused (LabelError) unless the lease is this annotator's and still stands."""
+        if not _is_integer(lease):
+            low, high = INTEGER_RANGE
+            raise LabelError(f"field 'lease' must be a whole number from {low} to {high} (got {lease!r})")
         choices = PAIRWISE_CHOICES if self.mode == "pairwise" else RANK_CHOICES
         if choice not in choices:
             raise LabelError(f"choice {choice!r} is not one of {', '.join(choices)} ({self.mode} mode)")
         if (choice == "rank") != (ranking is not None):
             raise LabelError("a rank vote gives a ranking, and only a rank vote does")
         if scores is not None and not _is_scores(scores):
-            raise LabelError(f"rubric scores are a mapping of name to number (got {scores!r})")
+            raise LabelError(f"field 'scores' must map rubric names to finite numbers (got {scores!r})")
         reason = (reason or "").strip() or None
         now = self.clock()
         tables = self.tables
@@ -578,9 +585,15 @@ class LabelStore:
         return self.tables.add_lease(self.version.id, self.mode, item, annotator, shown, now, now + self.lease_seconds)
 
 
+def _is_integer(value) -> bool:
+    """A whole number an SQLite INTEGER holds."""
+    return isinstance(value, int) and not isinstance(value, bool) and INTEGER_RANGE[0] <= value <= INTEGER_RANGE[1]
+
+
 def _is_scores(scores) -> bool:
+    """A mapping of name to finite number (a JSON number the registry stores and reads back as it was)."""
     return isinstance(scores, dict) and all(
-        isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        isinstance(key, str) and (_is_integer(value) or isinstance(value, float) and math.isfinite(value))
         for key, value in scores.items()
     )
 

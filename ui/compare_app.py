@@ -21,7 +21,8 @@ Model output and user text are escaped and shown as text: a reply holding <scrip
 Each model loads once, when the app starts (an adapter is folded into its own copy of the base for speed).
 
 Login follows the ranking app: required whenever an annotator exists (`align annotators add`), and --open (one
-local user, 'local') is then refused; without annotators the app starts only with --open.
+local user, 'local') is then refused; without annotators the app starts only with --open. Like `align serve`,
+it binds to 127.0.0.1 unless --expose is given, which needs login (ui.serving.check_host_access).
 """
 
 import html
@@ -42,7 +43,7 @@ from align.errors import AlignError
 from align.labels import OPEN_USER
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS, check_name
-from ui.serving import Logins, check_access, request_user
+from ui.serving import ClientAddress, Logins, check_access, check_host_access, login_message, request_user
 
 SIDES = ("a", "b")  # left, right
 VOTES = (
@@ -644,10 +645,11 @@ def create_app(desk: CompareDesk):
         blocks,
         path="/",
         auth=desk.check_login if desk.login_required else None,
-        auth_message=f"Log in to compare models (arena {desk.arena}).",
+        auth_message=login_message(f"Log in to compare models (arena {desk.arena})."),
         css=CSS,
         footer_links=["gradio"],
     )
+    app.add_middleware(ClientAddress)  # the login check's view of the client address
     return app
 
 
@@ -661,12 +663,14 @@ def run_compare(
     open_access: bool,
     defaults: ChatSettings,
     bootstrap: int,
+    expose: bool = False,
 ) -> None:
     """`align compare`: serve until Ctrl-C."""
     from ui.serving import check_port, serve, url_for
 
-    check_port(host, port)
     registry = Registry(workspace)
+    check_host_access(registry, host, expose, open_access)  # before any model is loaded
+    check_port(host, port)
     desk = CompareDesk(registry, models, arena=arena, open_access=open_access, defaults=defaults, bootstrap=bootstrap)
     app = create_app(desk)
     votes = dict(arenas(registry)).get(arena, 0)

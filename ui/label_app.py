@@ -17,13 +17,21 @@ a rank (1 = best, equal ranks = a tie); r = submit the ranking.
 Everything shown from the candidates is escaped and shown as text: a completion holding <script> shows the
 tag, it never runs.
 
-The HTTP API makes the same calls the buttons make (LabelDesk below), as JSON. Auth: HTTP Basic with an
-annotator's name and password (none with --open).
+The app binds to 127.0.0.1 unless --expose is given (ui.serving.check_host_access, the rule of `align serve`):
+another --host needs --expose, and --expose needs login, so an app reachable from other machines never runs
+with --open.
 
-    GET  /label-api/health                 {"candidates", "mode", "overlap", "items", "login"}
+The HTTP API makes the same calls the buttons make (LabelDesk below), as JSON. Auth: HTTP Basic with an
+annotator's name and password (none with --open); after too many failed logins the answer is 429 with the wait
+(ui.serving.Throttle).
+
+    GET  /label-api/health                 {"status": "ok"}; logged in (or with --open) also "candidates", "mode",
+                                           "overlap", "items", "login"
     GET  /label-api/item                   the item to label now: the same one until it is voted on
     POST /label-api/vote                   {"lease", "choice", "ranking"?, "reason"?, "scores"?}
-                                           -> {"vote", "item", "duplicate", "next"}; 409 when refused
+                                           -> {"vote", "item", "duplicate", "next"}; 409 when refused, 422 for
+                                           a field of the wrong type or out of range (a lease is a 64-bit
+                                           integer, scores are finite numbers)
     POST /label-api/undo                   -> {"undone", "next"}
 
 An item is {"status": "item" | "wait" | "done", "lease", "item", "shown": [completion indices], "labels": ["A",
@@ -38,14 +46,24 @@ from dataclasses import asdict
 from typing import Annotated
 
 import gradio as gr
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, FiniteFloat
 
 from align.errors import AlignError
-from align.labels import OPEN_USER, LabelError, LabelStore, quality
+from align.labels import INTEGER_RANGE, OPEN_USER, LabelError, LabelStore, quality
 from align.registry import Registry
-from ui.serving import Logins, check_access, request_user
+from ui.serving import (
+    ClientAddress,
+    LoginLocked,
+    Logins,
+    check_access,
+    check_host_access,
+    login_message,
+    request_user,
+)
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PAIRWISE_BUTTONS = (
@@ -92,11 +110,11 @@ CSS = """
 
 
 class VoteBody(BaseModel):
-    lease: int
+    lease: int = Field(ge=INTEGER_RANGE[0], le=INTEGER_RANGE[1])  # an SQLite integer
     choice: str
     ranking: list[int] | None = None
     reason: str | None = None
-    scores: dict[str, float] | None = None
+    scores: dict[str, FiniteFloat] | None = None
 
 
 class LabelDesk:
@@ -329,14 +347,16 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
         def on_vote(request: gr.Request, ref: str, lease_value: str, reason_text: str, *rank_values):
             desk = desk_for(ref)
             user = request_user(request, desk.open_access)
-            ranking = None
-            if choice == "rank":
-                shown = desk.store.lease_shown(int(lease_value or 0)) or ()
-                ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
-                if len(ranking) < len(shown):
-                    return render(desk, desk.current(user), "Not saved: give every completion a rank.", reason_text)
             try:
-                result = desk.vote(user, int(lease_value or 0), choice, ranking=ranking, reason=reason_text)
+                lease = lease_number(lease_value)
+                ranking = None
+                if choice == "rank":
+                    shown = desk.store.lease_shown(lease) or ()
+                    ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
+                    if len(ranking) < len(shown):
+                        message = "Not saved: give every completion a rank."
+                        return render(desk, desk.current(user), message, reason_text)
+                result = desk.vote(user, lease, choice, ranking=ranking, reason=reason_text)
             except LabelError as exc:
                 return render(desk, desk.current(user), f"Not saved: {exc}", reason_text)
             verb = "Already saved" if result["duplicate"] else "Saved"
@@ -372,6 +392,14 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
     refresh.click(on_quality, [chosen], [summary, people, kappas])
     quality_tab.select(on_quality, [chosen], [summary, people, kappas])
     return on_load, [*screen, quality_tab]
+
+
+def lease_number(text: str) -> int:
+    """The lease the page sent back with a vote (a hidden box; empty: no lease)."""
+    try:
+        return int(text or 0)
+    except ValueError:
+        raise LabelError(f"field 'lease' must be a whole number (got {text!r})") from None
 
 
 def plural(count: int, word: str) -> str:
@@ -438,22 +466,48 @@ def build_api(desk: LabelDesk):
     app = FastAPI(title="align label", docs_url=None, redoc_url=None, openapi_url=None)
     basic = HTTPBasic(auto_error=False)
 
-    def annotator(credentials: Annotated[HTTPBasicCredentials | None, Depends(basic)]) -> str:
+    Credentials = Annotated[HTTPBasicCredentials | None, Depends(basic)]
+
+    def annotator(request: Request, credentials: Credentials) -> str:
         if desk.open_access:
             return OPEN_USER
-        if credentials is not None and desk.check_login(credentials.username, credentials.password):
-            return credentials.username
+        if credentials is not None:
+            address = request.client.host if request.client else "unknown"
+            try:
+                if desk.logins.verify(credentials.username, credentials.password, address):
+                    return credentials.username
+            except LoginLocked as exc:
+                raise HTTPException(429, str(exc), {"Retry-After": str(exc.wait)}) from None
         raise HTTPException(401, "log in with an annotator's name and password", {"WWW-Authenticate": "Basic"})
+
+    def caller(request: Request, credentials: Credentials) -> str | None:
+        """The annotator, or None for a caller without credentials when login is required."""
+        if credentials is None and not desk.open_access:
+            return None
+        return annotator(request, credentials)
 
     User = Annotated[str, Depends(annotator)]
 
     def refused(exc: LabelError) -> HTTPException:
         return HTTPException(409, str(exc))
 
+    @app.exception_handler(RequestValidationError)
+    def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with one line per bad field, naming it and the value sent (FastAPI's own answer echoes the value as
+        JSON, which fails for a number JSON cannot hold, such as 1e999)."""
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
+            lines.append(f"field '{field}': {error['msg']} (got {error.get('input')!r})")
+        return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+
     @app.get("/label-api/health")
-    def health() -> dict:
+    def health(user: Annotated[str | None, Depends(caller)]) -> dict:
+        if user is None:
+            return {"status": "ok"}  # anonymous: nothing about the data
         store = desk.store
         return {
+            "status": "ok",
             "candidates": store.version.ref,
             "mode": store.mode,
             "overlap": store.overlap,
@@ -492,11 +546,12 @@ def create_app(desk: LabelDesk):
         blocks,
         path="/",
         auth=desk.check_login if desk.login_required else None,
-        auth_message=f"Log in to label {desk.store.version.ref}.",
+        auth_message=login_message(f"Log in to label {desk.store.version.ref}."),
         css=CSS,
         head=SHORTCUTS,
         footer_links=["gradio"],
     )
+    app.add_middleware(ClientAddress)  # the login check's view of the client address
     return app
 
 
@@ -510,11 +565,13 @@ def run_label(
     port: int,
     open_access: bool,
     lease_minutes: float,
+    expose: bool = False,
 ) -> None:
     """`align label`: serve until Ctrl-C."""
     from ui.serving import check_port, serve, url_for
 
     registry = Registry(workspace)
+    check_host_access(registry, host, expose, open_access)
     desk = LabelDesk(
         registry, candidates, mode=mode, overlap=overlap, open_access=open_access, lease_seconds=lease_minutes * 60
     )

@@ -21,7 +21,6 @@ Access: the app binds to 127.0.0.1 unless --expose is given. Login is required w
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import threading
 import warnings
@@ -35,37 +34,13 @@ from align.labels import OPEN_USER
 from align.registry import Registry
 from align.runs import read_live
 from ui import compare_app, label_app
-from ui.serving import Logins
+from ui.serving import ClientAddress, Logins, check_exposure, login_message
 
 MAX_DEFAULT_MODELS = 6  # each served model is loaded in full: the default list stops here
 RUN_COLUMNS = ["run", "stage", "status", "started", "finished", "outputs"]
 DATASET_COLUMNS = ["version", "kind", "rows", "created", "made by run"]
 ARTIFACT_COLUMNS = ["artifact", "base model", "made by run", "created"]
 CSS = label_app.CSS + compare_app.CSS + ".report img { max-width: 100%; }"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: assume it is reachable from elsewhere
-
-
-def check_exposure(host: str, expose: bool, annotators: int, root) -> bool:
-    """Whether login is required; refuses a non-loopback host without --expose, and --expose without annotators."""
-    if not is_loopback(host) and not expose:
-        raise AlignError(
-            f"--host {host} would make the app reachable from other machines: add --expose to mean it "
-            "(login is then required), or leave --host at 127.0.0.1"
-        )
-    if expose and not annotators:
-        raise AlignError(
-            f"--expose needs login, and there are no annotators in {root} yet: add one with "
-            "`align annotators add NAME --admin` (it asks for a password)"
-        )
-    return annotators > 0
 
 
 def default_models(registry: Registry) -> list[str]:
@@ -421,12 +396,13 @@ def create_app(
         blocks,
         path="/",
         auth=logins.check if login else None,
-        auth_message=f"Log in to {registry.root.name}: an annotator's name and password.",
+        auth_message=login_message(f"Log in to {registry.root.name}: an annotator's name and password."),
         css=CSS,
         head=label_app.SHORTCUTS,
         footer_links=["gradio"],
         allowed_paths=[str(registry.root / "runs")],  # the report plots shown in the Runs tab
     )
+    app.add_middleware(ClientAddress)  # the login check's view of the client address
     served = {"login": login, "models": compare.refs if compare else [], "candidates": desks.refs(), "first": first}
     return app, served
 

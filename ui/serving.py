@@ -1,16 +1,66 @@
-"""Serving the Gradio apps: who may come in (annotator logins, or one local user with --open), check the port
-before starting, run in the foreground (the CLI) or in a background thread (tests), and stop cleanly."""
+"""Serving the Gradio apps: who may come in (annotator logins, or one local user with --open), from where (loopback
+only unless --expose), check the port before starting, run in the foreground (the CLI) or in a background thread
+(tests), and stop cleanly.
+
+Logins. Passwords are checked against the registry's salted scrypt hashes; an unknown name is checked against a
+dummy hash, so that it costs as long as a known one (the answer time does not tell which names exist). Failed
+logins are counted per name and per client address (in memory, for the life of the server): after
+`NAME_LIMIT` failures for a name, or `ADDRESS_LIMIT` from an address, with no `QUIET_SECONDS` pause between them,
+that name or address is refused for `LOCK_SECONDS`, doubling with each further failure up to `MAX_LOCK_SECONDS`
+("too many failed logins for NAME; try again in N s"), whatever the password. Every failed or refused login is
+logged (name, address, time) to the server's log.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import hmac
+import ipaddress
+import logging
+import math
 import secrets
 import socket
 import threading
 import time
+from collections import OrderedDict
+from datetime import datetime, timezone
 
 from align.errors import AlignError
+
+log = logging.getLogger(__name__)
+
+NAME_LIMIT = 5  # failed logins for one name before it waits
+ADDRESS_LIMIT = 20  # failed logins from one address (several annotators may share one) before it waits
+QUIET_SECONDS = 15 * 60  # a pause this long without a failure forgets the failures before it
+LOCK_SECONDS = 30.0  # the first wait; it doubles with each failure after it
+MAX_LOCK_SECONDS = 15 * 60.0
+MAX_TRACKED = 10_000  # names and addresses remembered at most (the quietest are forgotten first)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+def check_exposure(host: str, expose: bool, annotators: int, root) -> bool:
+    """Whether login is required; refuses a non-loopback host without --expose, and --expose without annotators."""
+    if not is_loopback(host) and not expose:
+        raise AlignError(
+            f"--host {host} would make the app reachable from other machines: add --expose to mean it "
+            "(login is then required), or leave --host at 127.0.0.1"
+        )
+    if expose and not annotators:
+        raise AlignError(
+            f"--expose needs login, and there are no annotators in {root} yet: add one with "
+            "`align annotators add NAME --admin` (it asks for a password)"
+        )
+    return annotators > 0
 
 
 def check_access(registry, open_access: bool) -> None:
@@ -28,21 +78,142 @@ def check_access(registry, open_access: bool) -> None:
         )
 
 
-class Logins:
-    """Checks a name and password against the registry's salted scrypt hashes; scrypt runs once per password,
-    not on every request (a verified login is remembered as a keyed hash, never as the password)."""
+def check_host_access(registry, host: str, expose: bool, open_access: bool) -> None:
+    """`align label` and `align compare`: the host rule of `align serve` (check_exposure: a non-loopback host
+    needs --expose, and --expose needs login), then the --open rule (check_access)."""
+    if open_access and expose:
+        raise AlignError("--open and --expose do not go together: an exposed app requires login (drop --open)")
+    check_exposure(host, expose, registry.labels.count_annotators(), registry.root)
+    check_access(registry, open_access)
 
-    def __init__(self, labels):
+
+# Logins
+
+
+CLIENT = contextvars.ContextVar("client_address", default="unknown")  # set for each request by ClientAddress
+
+
+class ClientAddress:
+    """ASGI middleware that puts each request's client address in CLIENT, for the login check Gradio calls with
+    a name and a password only."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        client = scope.get("client") if scope["type"] in ("http", "websocket") else None
+        if not client:
+            return await self.app(scope, receive, send)
+        token = CLIENT.set(str(client[0]))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CLIENT.reset(token)
+
+
+class LoginLocked(AlignError):
+    """A login refused before its password is checked: too many failed logins for its name or from its address."""
+
+    def __init__(self, message: str, wait: int):
+        super().__init__(message)
+        self.wait = wait  # seconds until it may try again
+
+
+class Throttle:
+    """Failed logins per name and per address, on `clock` (seconds; tests pass a fake one). See the module
+    docstring for the rule."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._failures: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # key -> [count, last, until]
+        self._lock = threading.Lock()
+
+    def check(self, name: str, address: str) -> None:
+        """Raise LoginLocked while the name or the address must wait."""
+        now = self.clock()
+        with self._lock:
+            for key, said in ((("name", name), f"for {name}"), (("address", address), f"from {address}")):
+                until = self._failures[key][2] if key in self._failures else 0.0
+                if until > now:
+                    wait = math.ceil(until - now)
+                    raise LoginLocked(f"too many failed logins {said}; try again in {wait} s", wait)
+
+    def failed(self, name: str, address: str) -> int:
+        """Count a failure for the name and the address; returns the name's failures in a row."""
+        now = self.clock()
+        counts = []
+        with self._lock:
+            for key, limit in ((("name", name), NAME_LIMIT), (("address", address), ADDRESS_LIMIT)):
+                count, last, until = self._failures.pop(key, (0, now, 0.0))
+                count = 1 if now - last >= QUIET_SECONDS else count + 1
+                if count >= limit:
+                    until = now + min(MAX_LOCK_SECONDS, LOCK_SECONDS * 2 ** min(count - limit, 20))
+                self._failures[key] = [count, now, until]  # the newest last: the oldest are forgotten first
+                counts.append(count)
+            while len(self._failures) > MAX_TRACKED:
+                self._failures.popitem(last=False)
+        return counts[0]
+
+    def succeeded(self, name: str) -> None:
+        """A right password forgets the name's failures (not the address's: one good account must not reset it)."""
+        with self._lock:
+            self._failures.pop(("name", name), None)
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """The hash an unknown name's password is checked against: a random password's, made once per process."""
+    from align.labels import hash_password
+
+    return hash_password(secrets.token_hex(16))
+
+
+class Logins:
+    """Checks a name and password against the registry's salted scrypt hashes, behind the failed-login throttle.
+    scrypt runs once per password, not on every request (a verified login is remembered as a keyed hash, never as
+    the password)."""
+
+    def __init__(self, labels, *, clock=time.monotonic):
         self._labels = labels  # the registry's label tables (registry.labels): a connection per thread
         self._secret = secrets.token_bytes(32)
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
+        self._dummy = dummy_hash()
+        self.throttle = Throttle(clock)
 
     def check(self, name: str, password: str) -> bool:
+        """Gradio's login check (the address comes from ClientAddress). A locked-out login is answered HTTP 400,
+        what Gradio's login page shows as a failed login, with the reason as its detail."""
+        try:
+            return self.verify(name, password, CLIENT.get())
+        except LoginLocked as exc:
+            from fastapi import HTTPException
+
+            raise HTTPException(400, str(exc)) from None
+
+    def verify(self, name: str, password: str, address: str) -> bool:
+        """Whether the password is the name's; raises LoginLocked while the name or the address must wait.
+        Every failed or refused login is logged."""
+        try:
+            self.throttle.check(name, address)
+        except LoginLocked as exc:
+            log.warning("refused login for %r from %s at %s: %s", name, address, _utc_now(), exc)
+            raise
+        if self._password_ok(name, password):
+            self.throttle.succeeded(name)
+            return True
+        count = self.throttle.failed(name, address)
+        log.warning("failed login for %r from %s at %s (%d in a row for the name)", name, address, _utc_now(), count)
+        return False
+
+    def _password_ok(self, name: str, password: str) -> bool:
         from align.labels import verify_password
 
+        if not password:
+            return False
         found = self._labels.annotator(name)
-        if found is None or not password:
+        if found is None:
+            verify_password(password, self._dummy)  # as long as a known name takes
             return False
         key = hmac.new(self._secret, f"{name}\0{password}\0{found['password']}".encode(), hashlib.sha256).digest()
         with self._lock:
@@ -53,6 +224,16 @@ class Logins:
         with self._lock:
             self._verified.add(key)
         return True
+
+
+def login_message(what: str) -> str:
+    """The text over Gradio's login form: what to log in to, and the lockout rule (the form itself says only
+    "Incorrect credentials", even while a name is locked out)."""
+    return f"{what} After {NAME_LIMIT} failed logins, a name waits {LOCK_SECONDS:.0f} s or more before it tries again."
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def request_user(request, open_access: bool) -> str:

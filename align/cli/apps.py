@@ -39,7 +39,8 @@ def add_label(commands, common) -> None:
         parents=[common],
         help="the ranking app: people compare candidates, every vote goes to the registry",
         description="A Gradio app (and a JSON API under /label-api/) on a candidates version. Login is required "
-        "whenever an annotator exists (`align annotators add`); --open runs with one local user instead.",
+        "whenever an annotator exists (`align annotators add`); --open runs with one local user instead. It binds "
+        "to 127.0.0.1; --expose makes a non-loopback --host possible and then requires login.",
     )
     p.add_argument("--candidates", required=True, metavar="CANDS[@V]", help="a candidates dataset")
     p.add_argument(
@@ -52,7 +53,9 @@ def add_label(commands, common) -> None:
         "--overlap", type=int, help="distinct annotators per item (default: 2; 1 with --open, its single user)"
     )
     _add_address(p)
-    p.add_argument("--open", action="store_true", help="no login: a single local user ('local', an admin)")
+    p.add_argument(
+        "--open", action="store_true", help="no login: a single local user ('local', an admin), loopback only"
+    )
     p.add_argument(
         "--lease-minutes",
         type=float,
@@ -69,14 +72,15 @@ def add_compare(commands, common) -> None:
         help="side-by-side chat, blind battles whose votes go to the registry, and the arena leaderboard",
         description="A Gradio app: two models answer side by side, streaming; battle mode hides the names until "
         "the vote; the leaderboard shows Bradley-Terry ratings with bootstrap intervals, Elo and win rates. "
-        "Login is required whenever an annotator exists; --open runs with one local user instead. With "
-        "--leaderboard, print the arena's leaderboard and exit. `align data from-labels arena:NAME` turns the "
-        "votes into preference data.",
+        "Login is required whenever an annotator exists; --open runs with one local user instead. It binds to "
+        "127.0.0.1; --expose makes a non-loopback --host possible and then requires login. With --leaderboard, "
+        "print the arena's leaderboard and exit. `align data from-labels arena:NAME` turns the votes into "
+        "preference data.",
     )
     add_model_list(p, alias="--model", metavar="REF1,REF2[,...]", help="two or more model references, comma-separated")
     p.add_argument("--arena", default="default", metavar="NAME", help="the arena the votes go to (default: default)")
     _add_address(p)
-    p.add_argument("--open", action="store_true", help="no login: a single local user ('local')")
+    p.add_argument("--open", action="store_true", help="no login: a single local user ('local'), loopback only")
     p.add_argument("--system", default="", help="the default system prompt (editable in the app)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256 (editable in the app)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7, editable in the app)")
@@ -98,7 +102,6 @@ def add_serve(commands, common) -> None:
         "loopback, login is required whenever an annotator exists, and otherwise one local user is served.",
     )
     _add_address(p)
-    p.add_argument("--expose", action="store_true", help="allow a non-loopback --host (login required)")
     add_model_list(
         p,
         alias="--model",
@@ -176,9 +179,10 @@ def add_chat(commands, common) -> None:
 
 
 def _add_address(p) -> None:
-    """Where an app listens."""
+    """Where an app listens, and --expose, which lets it listen beyond this machine (ui.serving.check_exposure)."""
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--expose", action="store_true", help="allow a non-loopback --host (login required)")
 
 
 def _add_sampling(p, *, seed_help: str | None) -> None:
@@ -237,6 +241,7 @@ def cmd_label(args) -> int:
         port=args.port,
         open_access=args.open,
         lease_minutes=args.lease_minutes,
+        expose=args.expose,
     )
     return 0
 
@@ -261,6 +266,7 @@ def cmd_compare(args) -> int:
         open_access=args.open,
         defaults=defaults,
         bootstrap=args.bootstrap,
+        expose=args.expose,
     )
     return 0
 

@@ -2,6 +2,7 @@
 refusals, and the votes aggregated into a preference version."""
 
 import io
+import logging
 import os
 import random
 import signal
@@ -17,9 +18,9 @@ import httpx
 import pytest
 
 from align.cli import main
-from align.labels import add_annotator
+from align.labels import OPEN_USER, LabelError, add_annotator
 from align.registry import Registry
-from ui.label_app import LabelDesk, create_app
+from ui.label_app import LabelDesk, create_app, lease_number
 from ui.serving import BackgroundServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,12 +136,78 @@ def test_refusals_and_login(workspace):
         assert alice.post("/label-api/vote", json={"lease": lease, "choice": "A"}).status_code == 200
         undone = alice.post("/label-api/undo").json()
         assert undone["undone"]["choice"] == "A" and undone["next"]["item"] == 0
-        health = httpx.get(url + "label-api/health").json()
-        assert health == {"candidates": "cands@1", "mode": "pairwise", "overlap": 1, "items": 30, "login": True}
+        assert httpx.get(url + "label-api/health").json() == {"status": "ok"}  # anonymous: nothing about the data
+        health = alice.get("/label-api/health").json()
+        assert health == {
+            "status": "ok",
+            "candidates": "cands@1",
+            "mode": "pairwise",
+            "overlap": 1,
+            "items": 30,
+            "login": True,
+        }
+        assert httpx.get(url + "label-api/health", auth=("alice", "wrong")).status_code == 401
         alice.close()
         bob.close()
     rows = workspace.db.execute("SELECT annotator, choice, undoes FROM comparisons ORDER BY id").fetchall()
     assert [tuple(row) for row in rows] == [("alice", "A", None), ("alice", "undo", 1)]
+
+
+def test_failed_logins_lock_out_the_api_and_the_login_page(workspace, caplog):
+    """After NAME_LIMIT failures, even the right password waits: 429 with the wait on the API, and Gradio's login
+    page (which only reacts to 400) gets the reason; every failure is logged with the client's address."""
+    from ui.serving import NAME_LIMIT
+
+    add_annotator(workspace, "alice", "alice-pw")
+    caplog.set_level(logging.WARNING, logger="ui.serving")
+    app = create_app(LabelDesk(workspace, "cands", overlap=1))
+    with BackgroundServer(app) as url, httpx.Client(base_url=url) as client:
+        for _ in range(NAME_LIMIT):
+            failed = client.post("/login", data={"username": "alice", "password": "guess"})
+            assert failed.status_code == 400 and failed.json()["detail"] == "Incorrect credentials."
+        locked = client.post("/login", data={"username": "alice", "password": "alice-pw"})
+        assert locked.status_code == 400
+        assert locked.json()["detail"] == "too many failed logins for alice; try again in 30 s"
+        api = client.get("/label-api/item", auth=("alice", "alice-pw"))
+        assert api.status_code == 429 and api.headers["retry-after"] == "30"
+        assert api.json()["detail"] == "too many failed logins for alice; try again in 30 s"
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("failed login")]
+    assert len(failed) == NAME_LIMIT and all("for 'alice' from 127.0.0.1 at " in line for line in failed)
+
+
+def test_numbers_out_of_range_are_refused_naming_the_field(workspace):
+    """A lease SQLite cannot hold, or a score that is not a finite number: 422 naming the field and the value,
+    never a 500; the desk (what the buttons call) refuses them too."""
+    desk = LabelDesk(workspace, "cands", overlap=1, open_access=True)
+    with BackgroundServer(create_app(desk)) as url, httpx.Client(base_url=url) as client:
+        lease = client.get("/label-api/item").json()["lease"]
+        for lease_sent in (10**23, -(10**23), 2**63):
+            refused = client.post("/label-api/vote", json={"lease": lease_sent, "choice": "A"})
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["detail"].startswith("field 'lease': Input should be ")
+            assert refused.json()["detail"].endswith(f"(got {lease_sent})")
+        for number, shown in (("1e999", "inf"), ("-Infinity", "-inf"), ("NaN", "nan")):  # JSON readers take them
+            refused = client.post(
+                "/label-api/vote",
+                content=f'{{"lease": {lease}, "choice": "A", "scores": {{"clarity": {number}}}}}',
+                headers={"content-type": "application/json"},
+            )
+            assert refused.status_code == 422, (number, refused.text)
+            assert refused.json()["detail"] == f"field 'scores.clarity': Input should be a finite number (got {shown})"
+        refused = client.post("/label-api/vote", json={"lease": "x", "choice": "A"})
+        assert refused.json()["detail"] == (
+            "field 'lease': Input should be a valid integer, unable to parse string as an integer (got 'x')"
+        )
+        assert client.post("/label-api/vote", json={"lease": lease, "choice": "A"}).status_code == 200
+        health = client.get("/label-api/health").json()  # --open: loopback only, so the details are shown
+        assert health["status"] == "ok" and health["items"] == 30
+    with pytest.raises(LabelError, match=r"field 'lease' must be a whole number .* \(got 100000000000000000000000\)"):
+        desk.vote(OPEN_USER, 10**23, "A")
+    assert desk.store.lease_shown(10**23) is None
+    with pytest.raises(LabelError, match=r"field 'scores' must map rubric names to finite numbers \(got \{'x': inf\}"):
+        desk.vote(OPEN_USER, lease + 1, "A", scores={"x": float("inf")})
+    with pytest.raises(LabelError, match="field 'lease' must be a whole number \\(got 'x1'\\)"):
+        lease_number("x1")
 
 
 def run_cli(workspace: Path, *args: str, stdin: str | None = None, capsys=None) -> tuple[int, str, str]:
@@ -177,6 +244,28 @@ def test_cli_errors_at_start(workspace, capsys):
         port = busy.getsockname()[1]
         code, _, err = run_cli(root, "label", "--candidates", "cands", "--port", str(port), capsys=capsys)
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_cli_label_and_compare_bind_to_loopback_unless_exposed(workspace, capsys, monkeypatch):
+    """The rule of `align serve`: another --host needs --expose, and --expose needs login (never --open)."""
+    import ui.serving
+
+    served = []
+    monkeypatch.setattr(ui.serving, "serve", lambda app, host, port: served.append(host))
+    root, port = workspace.root, str(free_port())
+    label = ["label", "--candidates", "cands", "--port", port]
+    compare = ["compare", "--models", "nowhere-a,nowhere-b", "--port", port]  # refused before any model loads
+    for command in (label, compare):
+        code, _, err = run_cli(root, *command, "--open", "--host", "0.0.0.0", capsys=capsys)
+        assert code == 2 and "--host 0.0.0.0 would make the app reachable from other machines: add --expose" in err
+        code, _, err = run_cli(root, *command, "--open", "--host", "0.0.0.0", "--expose", capsys=capsys)
+        assert code == 2 and "--open and --expose do not go together" in err
+        code, _, err = run_cli(root, *command, "--host", "0.0.0.0", "--expose", capsys=capsys)
+        assert code == 2 and "--expose needs login, and there are no annotators" in err
+    assert served == []
+    add_annotator(workspace, "alice", "alice-pw")
+    code, out, _ = run_cli(root, *label, "--host", "0.0.0.0", "--expose", capsys=capsys)
+    assert code == 0 and served == ["0.0.0.0"] and "log in with an annotator's name and password" in out
 
 
 def test_cli_annotators_and_from_labels(workspace, capsys):

@@ -1,5 +1,6 @@
 """Stage configs: strict YAML + --key value overrides, and every recipe under recipes/ parses."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,3 +156,23 @@ def test_report_to_is_checked_at_parse_time_and_tensorboard_falls_back_to_none(m
     monkeypatch.setattr(align.config, "tensorboard_installed", lambda: False)
     assert build_config(SFTStageConfig, {"dataset": "d"}).report_to == []  # none, as TrainingArguments spells it
     assert build_config(PPOStageConfig, {"dataset": "d", "reward_model": "rm:r"}).report_to == "none"
+
+
+def test_lora_target_modules_are_checked_at_parse_time():
+    """A value PEFT would refuse only when the adapter is built, minutes later, is refused here, naming it."""
+    from align.sft import SFTStageConfig
+
+    for value in ("5", 5, [], ["q_proj", 7], "layers.5", "q_proj,", "(q_proj"):
+        wanted = rf"r.yaml: config key 'lora_target_modules' must be .* \(got {re.escape(repr(value))}"
+        with pytest.raises(AlignError, match=wanted):
+            build_config(SFTStageConfig, {"dataset": "d", "lora_target_modules": value}, source="r.yaml")
+    with pytest.raises(AlignError, match="command line: config key 'lora_target_modules'.*got '5'"):
+        load_config(SFTStageConfig, None, ["--dataset", "d", "--lora_target_modules", "5"])
+
+    def modules(value):
+        return build_config(SFTStageConfig, {"dataset": "d", "lora_target_modules": value}).lora_target_modules
+
+    assert modules("all-linear") == "all-linear"
+    assert modules(["q_proj", "self_attn.v_proj"]) == ["q_proj", "self_attn.v_proj"]
+    assert modules("q_proj, v_proj") == ["q_proj", "v_proj"]  # the command line's list
+    assert modules(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"  # anything else is PEFT's regular expression

@@ -6,7 +6,8 @@ from align.errors import AlignError
 from align.labels import add_annotator
 from align.registry import Registry
 from align.runs import append_live, read_live
-from ui.serve_app import check_exposure, create_app, default_models, is_loopback, lineage, lineage_markdown
+from ui.serve_app import create_app, default_models, lineage, lineage_markdown
+from ui.serving import check_exposure, is_loopback
 
 
 def conversation(i: int) -> dict:
