@@ -33,7 +33,11 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    """A fresh browser page (its own context) that waits up to 30 s for what a test expects."""
+    """A fresh browser page (its own context) that waits up to 30 s for what a test expects: actions and
+    `expect(...)` assertions alike (Playwright's assertions otherwise give up after 5 s, too soon on a busy CPU)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     context.set_default_timeout(30_000)
     page = context.new_page()
