@@ -303,7 +303,7 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
         model, tokenizer = load_model(row.model, registry, dtype=settings.dtype)
         model = merged_for_inference(model)
         with tqdm(total=len(prompts), unit="prompt", desc=f"generating with {row.name}") as progress:
-            made_by_row = sample(
+            sampled = sample(
                 model,
                 tokenizer,
                 asked,
@@ -313,7 +313,7 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
                 done=journal.saved(row.name),
                 on_batch=partial(journal.append, row.name),
             )
-            replies = [r[0] for r in made_by_row]
+            replies = [r[0] for r in sampled]
         made = {
             "name": row.name,
             "replies": replies,
