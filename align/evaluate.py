@@ -10,7 +10,7 @@ the first adapter in --models, or --few-shot-model) prompted with K worked examp
 is what to try before fine-tuning. The examples are (question, answer) pairs from --few-shot-from (an sft
 dataset, or prompts with references), the same K for every prompt; without it, the eval prompts' own reference
 answers, K from the other prompts (never the prompt's own). Every row samples one reply per prompt with the
-same settings and seed (align/generate.py).
+same settings and seed (align/sampling.py).
 
 With `--best-of N` (and --rm), one more row: the baseline's model samples N replies per prompt (at
 --best-of-temperature) and the reward model keeps the one it scores highest. This is what plain reranking buys
@@ -28,8 +28,9 @@ WordNet). How each is computed: align/eval_metrics.py.
 
 Outputs. A `candidates` version (--name, default eval-PROMPTS: every row's reply per prompt, sources = row
 names, with lineage to the prompts, the models and the reward model), and the run: metrics.json, report.md with
-PNG plots (reward distributions, win rates with intervals, reply lengths) under runs/ID/. Each row's generations
-are saved in runs/ID/generations/ as it finishes, so `--resume` regenerates only what a killed run had not.
+PNG plots (reward distributions, win rates with intervals, reply lengths) under runs/ID/. Each batch of replies is
+saved in runs/ID/generations/replies.jsonl as soon as it is made, and each row's generations as the row finishes,
+so `--resume` samples only what a killed run had not, and reports what an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from align.errors import AlignError
@@ -50,9 +52,9 @@ from align.eval_metrics import (
     win_rate_with_ci,
 )
 from align.eval_report import write_eval_report
-from align.generate import SamplingSettings
 from align.registry import Registry
 from align.registry.registry import ARTIFACT_KINDS, check_name
+from align.sampling import ReplyJournal, SamplingSettings, merged_for_inference, sample
 from align.stats import mean_with_ci
 
 
@@ -295,14 +297,15 @@ def _few_shot_examples(registry, config, prompts, references, seed) -> list[list
 
 
 def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list[dict]:
-    """Each row's replies, token lengths and KL terms; saved per row, so a resumed run skips finished rows."""
+    """Each row's replies, token lengths and KL terms; saved per row, and the replies per batch as well, so a
+    resumed run skips finished rows and, in the row it was in, the batches it had sampled."""
     from tqdm.auto import tqdm
 
-    from align.generate import merged_for_inference, sample
     from align.models import load_model
 
     folder = run.dir / "generations"
     folder.mkdir(exist_ok=True)
+    journal = ReplyJournal(folder / "replies.jsonl")
     reference = None
     out = []
     for index, row in enumerate(rows):
@@ -319,7 +322,16 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
         if row.best_of:
             n, row_settings = row.best_of, replace(settings, temperature=config["best_of_temperature"])
         with tqdm(total=len(prompts), unit="prompt", desc=f"generating with {row.name}") as progress:
-            options = sample(model, tokenizer, asked, n, row_settings, progress)
+            options = sample(
+                model,
+                tokenizer,
+                asked,
+                n,
+                row_settings,
+                progress,
+                done=journal.saved(row.name),
+                on_batch=partial(journal.append, row.name),
+            )
         made = {"name": row.name}
         if row.best_of:  # the reward model keeps each prompt's best sample
             made["samples"], made["sample_scores"] = options, _rerank(registry, config, prompts, options)

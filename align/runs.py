@@ -153,12 +153,16 @@ def find_resumable(registry, stage: str, run_id: str | None):
 
 
 def last_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint-N folder under a trainer's output_dir, if any."""
-    checkpoints = sorted(
-        folder.glob("checkpoint-*"),
-        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-    )
-    return str(checkpoints[-1]) if checkpoints else None
+    """The newest complete checkpoint-N folder under a trainer's output_dir, if any. A Trainer writes the
+    checkpoint's trainer_state.json last: a folder without a whole one is a save that a kill cut short."""
+    numbered = [p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for checkpoint in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return str(checkpoint)
+    return None
 
 
 # Live metrics: each logged step is appended to runs/ID/live.jsonl as it happens, so a run can be watched while

@@ -25,11 +25,14 @@ def add_generate(commands, common) -> None:
         metavar="REF1[,REF2,...]",
         help="model references, comma-separated (e.g. an adapter and its base, to compare them)",
     )
-    p.add_argument("--prompts", required=True, metavar="DATASET[@V]", help="a prompts dataset")
+    p.add_argument("--prompts", metavar="DATASET[@V]", help="a prompts dataset (required unless --resume)")
     p.add_argument("--n", type=int, default=2, help="completions per prompt per model (default: 2)")
-    p.add_argument("--name", required=True, help="name of the candidates dataset")
+    p.add_argument("--name", help="name of the candidates dataset (required unless --resume)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     _add_sampling(p, seed_help=None)
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
+                   help="continue the last interrupted generate run (or RUN_ID) with the settings it started with; "
+                   "the replies it saved are kept")  # fmt: skip
     p.set_defaults(handler=cmd_generate)
 
 
@@ -186,7 +189,7 @@ def _add_address(p) -> None:
 
 
 def _add_sampling(p, *, seed_help: str | None) -> None:
-    """The sampling flags of `align generate` and `align eval` (align.generate.SamplingSettings)."""
+    """The sampling flags of `align generate` and `align eval` (align.sampling.SamplingSettings)."""
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -196,7 +199,7 @@ def _add_sampling(p, *, seed_help: str | None) -> None:
 
 
 def _sampling(args):
-    from align.generate import SamplingSettings
+    from align.sampling import SamplingSettings
 
     return SamplingSettings(
         max_new_tokens=args.max_new_tokens,
@@ -212,10 +215,18 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
-    from align.generate import generate_candidates
+    from align.generate import generate_candidates, resume_generation
 
+    if args.resume:
+        if args.models or args.prompts or args.name:
+            print("resuming with the settings the run started with (the command line's are ignored)")
+        version = resume_generation(open_registry(args), args.resume)
+        print(f"{version.ref}  {version.num_rows} rows  kind=candidates")
+        return 0
     if not args.models:
-        raise AlignError("give the models to sample from: --models REF1[,REF2,...]")
+        raise AlignError("give the models to sample from: --models REF1[,REF2,...] (or --resume)")
+    if not args.prompts or not args.name:
+        raise AlignError("give the prompts and the name of the candidates: --prompts DATASET --name NAME (or --resume)")
     version = generate_candidates(
         open_registry(args),
         args.models,

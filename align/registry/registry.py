@@ -537,6 +537,9 @@ class Registry:
         parents: Iterable = (),
         meta: dict | None = None,
     ) -> Artifact:
+        """Register the folder `path` as the next version of KIND:NAME. A run that registers the same folder under
+        the same name again (a resumed run whose first attempt was killed after registering) gets the artifact it
+        registered back, with the new `meta`, rather than a second version."""
         if kind not in ARTIFACT_KINDS:
             raise AlignError(f"unknown artifact kind {kind!r}: choose one of {', '.join(ARTIFACT_KINDS)}")
         check_name(name, kind)
@@ -550,30 +553,30 @@ class Registry:
         run_id = run.id if isinstance(run, Run) else run
         if run_id:
             edges.append((f"run:{run_id}", "produced-by"))
+        meta_text = json.dumps(meta or {}, default=str)
         with transaction(self.db):
-            version = self.db.execute(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM artifacts WHERE kind = ? AND name = ?",
-                (kind, name),
-            ).fetchone()[0]
-            cursor = self.db.execute(
-                "INSERT INTO artifacts (kind, name, version, path, base_model, run_id, meta, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    kind,
-                    name,
-                    version,
-                    str(stored),
-                    base_model,
-                    run_id,
-                    json.dumps(meta or {}, default=str),
-                    utc_now(),
-                ),
-            )
-            for parent, role in edges:
-                self.db.execute(
-                    "INSERT OR IGNORE INTO lineage (child, parent, role) VALUES (?, ?, ?)",
-                    (f"artifact:{cursor.lastrowid}", parent, role),
+            again = self.db.execute(
+                "SELECT id, version FROM artifacts WHERE kind = ? AND name = ? AND path = ? AND run_id = ?",
+                (kind, name, str(stored), run_id),
+            ).fetchone()
+            if again is not None:
+                self.db.execute("UPDATE artifacts SET meta = ? WHERE id = ?", (meta_text, again["id"]))
+                version = again["version"]
+            else:
+                version = self.db.execute(
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM artifacts WHERE kind = ? AND name = ?",
+                    (kind, name),
+                ).fetchone()[0]
+                cursor = self.db.execute(
+                    "INSERT INTO artifacts (kind, name, version, path, base_model, run_id, meta, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, name, version, str(stored), base_model, run_id, meta_text, utc_now()),
                 )
+                for parent, role in edges:
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO lineage (child, parent, role) VALUES (?, ?, ?)",
+                        (f"artifact:{cursor.lastrowid}", parent, role),
+                    )
         return self.resolve_artifact(f"{kind}:{name}@{version}")
 
     def resolve_artifact(self, ref: str) -> Artifact:

@@ -10,8 +10,8 @@ from align.cli import main
 from align.errors import AlignError
 from align.eval_metrics import win_outcomes
 from align.evaluate import EvalOptions, run_eval
-from align.generate import SamplingSettings
 from align.registry import Registry
+from align.sampling import SamplingSettings
 
 PROMPTS = [
     {"prompt": [{"role": "user", "content": f"what is {i} plus {i}?"}], "reference": f"{i} plus {i} is {2 * i}."}
@@ -100,7 +100,7 @@ def test_eval_writes_the_report_with_its_plots_and_numbers(registry, tiny_model_
 
 
 def test_a_killed_eval_resumes_without_redoing_finished_rows(registry, tiny_model_dir, monkeypatch):
-    import align.generate
+    import align.evaluate
 
     tiny = str(tiny_model_dir)
     options = EvalOptions(
@@ -110,7 +110,7 @@ def test_a_killed_eval_resumes_without_redoing_finished_rows(registry, tiny_mode
         bootstrap=50,
         sampling=SamplingSettings(max_new_tokens=6, temperature=1.0, seed=5, batch_size=4),
     )
-    real = align.generate.sample
+    real = align.evaluate.sample
     calls = []
 
     def killed_on_the_second_model(*args, **kwargs):
@@ -119,7 +119,7 @@ def test_a_killed_eval_resumes_without_redoing_finished_rows(registry, tiny_mode
             raise KeyboardInterrupt  # as if killed mid-run
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(align.generate, "sample", killed_on_the_second_model)
+    monkeypatch.setattr(align.evaluate, "sample", killed_on_the_second_model)
     with pytest.raises(KeyboardInterrupt):
         run_eval(registry, options)
     [run] = registry.list_runs()
@@ -127,7 +127,7 @@ def test_a_killed_eval_resumes_without_redoing_finished_rows(registry, tiny_mode
     assert all(version.name != "eval-bare" for version in registry.list_datasets())  # nothing half-done
 
     calls.clear()
-    monkeypatch.setattr(align.generate, "sample", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(align.evaluate, "sample", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     result = run_eval(registry, resume=True)
     assert len(calls) == 1  # only the row the killed run had not finished
     assert result.run.id == run.id and result.run.status == "completed"

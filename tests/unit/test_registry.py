@@ -335,6 +335,19 @@ def test_artifacts_register_resolve_and_lineage(registry, tmp_path):
         registry.register_artifact("adapter", "x", tmp_path / "missing", base_model="m")
 
 
+def test_a_resumed_run_registering_its_folder_again_gets_its_artifact_back(registry):
+    """A run killed after registering its artifact, then resumed, registers the same folder again: no second version."""
+    run = registry.start_run("sft", run_id="sft-run")
+    folder = run.dir / "adapter"
+    folder.mkdir()
+    first = registry.register_artifact("adapter", "sft", folder, base_model="m", run=run, meta={"loss": 1.0})
+    again = registry.register_artifact("adapter", "sft", folder, base_model="m", run=run, meta={"loss": 0.5})
+    assert again.ref == first.ref == "adapter:sft@1" and again.meta == {"loss": 0.5}
+    other_run = registry.start_run("sft", run_id="other-run")
+    assert registry.register_artifact("adapter", "sft", folder, base_model="m", run=other_run).ref == "adapter:sft@2"
+    assert [a.ref for a in registry.list_artifacts()] == ["adapter:sft@1", "adapter:sft@2"]
+
+
 def test_lineage_walks_by_direction_depth_and_limit(registry):
     # chat -> chat-train -> chat-train-prompts, and chat -> chat-test: a chain of three with a side branch.
     chat = registry.register([sft(i) for i in range(20)], name="chat", kind="sft")
