@@ -239,6 +239,33 @@ def test_a_reward_model_on_the_same_base_is_an_adapter_with_identical_scores(
     assert not any(p.requires_grad for n, p in roles.model.named_parameters() if ".reward." in n)
 
 
+def test_a_reward_model_reading_a_middle_layer_is_loaded_as_its_own_model(registry, tiny_policy_dir, tmp_path):
+    """A reward model with num_layers or reply_mean pooling reads other states than the policy's last layer at the
+    last token: PPO scores with it as `align rm eval` does, not through the shared base."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align.ppo import load_roles
+    from align.ppo_shared import registry_reward_fn
+    from reward.model import RewardModel
+
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy_dir, num_labels=1)
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules="all-linear", modules_to_save=["score"])
+    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "rm")
+    meta = {"num_layers": 1, "pooling": "reply_mean"}
+    registry.register_artifact("rm", "mid-rm", tmp_path / "rm", base_model=str(tiny_policy_dir), meta=meta)
+    config = build_config(PPOStageConfig, recipe(tiny_policy_dir, reward_model="rm:mid-rm"))
+    roles, _ = load_roles("adapter:sft", registry, config)
+    score = registry_reward_fn("rm:mid-rm", registry, roles)
+    assert "reward" not in roles.model.peft_config
+    prompts = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a longer question?"}]]
+    replies = ["fine", "a rather longer reply with more words"]
+    separate = RewardModel.load("rm:mid-rm", registry=registry)
+    assert separate.pooling == "reply_mean" and len(separate.model.get_base_model().model.layers) == 1
+    expected = separate.score(prompts, [[{"role": "assistant", "content": r}] for r in replies])
+    assert score(prompts, replies) == pytest.approx(expected, abs=1e-6)
+
+
 def test_ppo_with_a_registry_reward_model_loads_the_base_once(registry, tiny_policy_dir, reward_artifact, model_loads):
     artifact = run_ppo(
         build_config(PPOStageConfig, recipe(tiny_policy_dir, reward_model="rm:tiny-rm", num_updates=1)), registry
