@@ -271,7 +271,10 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
 
     screen = [lease, heading, progress, prompt, *panels, *ranks, reason, status, *buttons, undo]
 
-    def render(desk: LabelDesk, view: dict, message: str = "", reason_text: str = "") -> list:
+    def render(desk: LabelDesk, view: dict, message: str = "", reason_text: str = "", *, shown_before: int = 0) -> list:
+        """The screen for `view`. `shown_before`: the completions the screen showed before (a vote's item): with as
+        many now, only values change, and plain values spare Gradio rebuilding a component per output (most of a
+        vote's time under load)."""
         store = desk.store
         item = view["status"] == "item"
         shown = len(view.get("completions", ()))
@@ -285,10 +288,14 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
         else:
             body = f'<div class="notice">{html.escape(NOTICES[view["status"]])}</div>'
             texts = []
-        panel_updates = [
-            gr.HTML(value=texts[i] if i < len(texts) else "", visible=i < shown) for i in range(len(panels))
-        ]
-        rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
+        panel_texts = [texts[i] if i < len(texts) else "" for i in range(len(panels))]
+        if item and shown == shown_before:  # the same layout, the buttons still enabled
+            panel_updates, rank_updates = panel_texts, [None] * len(ranks)
+            button_updates = [label for _, label, _, _ in buttons_spec]
+        else:
+            panel_updates = [gr.HTML(value=text, visible=i < shown) for i, text in enumerate(panel_texts)]
+            rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
+            button_updates = [gr.Button(interactive=item) for _ in buttons]
         return [
             str(view.get("lease") or ""),
             heading_text,
@@ -298,7 +305,7 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             *rank_updates,
             reason_text,
             message,
-            *[gr.Button(interactive=item) for _ in buttons],
+            *button_updates,
             gr.Button(interactive=view["progress"]["mine"] > 0),
         ]
 
@@ -329,18 +336,20 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
         def on_vote(request: gr.Request, ref: str, lease_value: str, reason_text: str, *rank_values):
             desk = desk_for(ref)
             user = request_user(request, desk.open_access)
+            shown = desk.store.lease_shown(int(lease_value or 0)) or ()  # the item on screen
             ranking = None
             if choice == "rank":
-                shown = desk.store.lease_shown(int(lease_value or 0)) or ()
                 ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
                 if len(ranking) < len(shown):
-                    return render(desk, desk.current(user), "Not saved: give every completion a rank.", reason_text)
+                    message = "Not saved: give every completion a rank."
+                    return render(desk, desk.current(user), message, reason_text, shown_before=len(shown))
             try:
                 result = desk.vote(user, int(lease_value or 0), choice, ranking=ranking, reason=reason_text)
             except LabelError as exc:
-                return render(desk, desk.current(user), f"Not saved: {exc}", reason_text)
+                return render(desk, desk.current(user), f"Not saved: {exc}", reason_text, shown_before=len(shown))
             verb = "Already saved" if result["duplicate"] else "Saved"
-            return render(desk, result["next"], f"{verb}: {SAID[choice]} on item {result['item']}.")
+            message = f"{verb}: {SAID[choice]} on item {result['item']}."
+            return render(desk, result["next"], message, shown_before=len(shown))
 
         return on_vote
 
