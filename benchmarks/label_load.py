@@ -143,6 +143,11 @@ class Server:
                 raise RuntimeError(f"the label server did not start:\n{text[-3000:]}")
             time.sleep(0.2)
 
+    def cpu_seconds(self) -> float:
+        """The CPU time the server process has used (user + system)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no flush."""
         os.kill(self.process.pid, signal.SIGKILL)
@@ -164,6 +169,10 @@ class Server:
 
 class Gone(Exception):
     """The server went away while a vote was in flight."""
+
+
+class TimedOut(Exception):
+    """No answer to a vote within --timeout seconds."""
 
 
 @dataclass
@@ -214,8 +223,11 @@ class Annotator:
     def show(self, outputs) -> None:
         self.lease = int(outputs[0] or 0)  # the hidden lease box is the first output
 
-    def vote(self, choice: str, *, lease: int | None = None, gone: threading.Event | None = None) -> Sent:
-        """Click a vote button; wait for the answer (raise Gone if the server is killed meanwhile)."""
+    def vote(
+        self, choice: str, *, lease: int | None = None, gone: threading.Event | None = None, timeout: float = 60.0
+    ) -> Sent:
+        """Click a vote button; wait for the answer (raise Gone if the server is killed meanwhile, TimedOut after
+        `timeout` seconds)."""
         sent = Sent(self.name, self.lease if lease is None else lease, None, choice, time.monotonic())
         self.sent.append(sent)
         job = self.client.submit(self.ref, str(sent.lease), "", api_name=self.events[choice])
@@ -226,6 +238,8 @@ class Annotator:
             except TimeoutError:
                 if gone is not None and gone.is_set():
                     raise Gone from None
+                if time.monotonic() - sent.started > timeout:
+                    raise TimedOut from None
             except Exception as exc:
                 if gone is not None and gone.is_set():
                     raise Gone from None
@@ -281,11 +295,14 @@ def log_in(url: str, names: list[str], ref: str) -> list[Annotator]:
     return [found[name] for name in names]
 
 
-def vote_for(annotators: list[Annotator], seconds: float, think: float, seed: int, *, gone=None, kill=None) -> dict:
+def vote_for(
+    annotators: list[Annotator], seconds: float, think: float, seed: int, *, timeout: float, gone=None, kill=None
+) -> dict:
     """Every annotator votes in a loop for `seconds`; `kill(after)` runs in the main thread meanwhile if given.
-    Returns {"sent": [Sent], "errors": [str], "in_flight": [Sent]}."""
+    An annotator whose vote gets no answer within `timeout` seconds stops. Returns {"sent": [Sent], "errors": [str],
+    "in_flight": [Sent], "timed_out": [Sent], "window": (start, stop)}."""
     stop = time.monotonic() + seconds
-    result = {"sent": [], "errors": [], "in_flight": []}
+    result = {"sent": [], "errors": [], "in_flight": [], "timed_out": []}
     lock = threading.Lock()
 
     def run(annotator: Annotator, rng: random.Random) -> None:
@@ -296,12 +313,15 @@ def vote_for(annotators: list[Annotator], seconds: float, think: float, seed: in
                     return
                 if time.monotonic() >= stop:
                     return
-                sent = annotator.vote(rng.choices(CHOICES, WEIGHTS)[0], gone=gone)
+                sent = annotator.vote(rng.choices(CHOICES, WEIGHTS)[0], gone=gone, timeout=timeout)
                 with lock:
                     result["sent"].append(sent)
         except Gone:
             with lock:
                 result["in_flight"].append(annotator.sent[-1])
+        except TimedOut:
+            with lock:
+                result["timed_out"].append(annotator.sent[-1])
         except Exception as exc:
             with lock:
                 result["errors"].append(f"{annotator.name}: {type(exc).__name__}: {exc}")
@@ -316,7 +336,7 @@ def vote_for(annotators: list[Annotator], seconds: float, think: float, seed: in
     if kill is not None:
         kill(started)
     for thread in threads:
-        thread.join(seconds + 120)
+        thread.join(max(0.0, stop - time.monotonic()) + timeout + 30)
     result["window"] = (started, stop)
     return result
 
@@ -342,6 +362,7 @@ def summarize(n: int, result: dict) -> dict:
         "p95": percentile(latencies, 95) if latencies else float("nan"),
         "p99": percentile(latencies, 99) if latencies else float("nan"),
         "refused": len(refused),
+        "timed_out": len(result["timed_out"]),
         "errors": result["errors"],
     }
 
@@ -358,7 +379,8 @@ def target_text(row: dict) -> str:
 def print_row(row: dict) -> None:
     print(
         f"{row['n']:>10}  {row['votes']:>6}  {row['rate']:>7.1f}  {row['p50']:>7.0f}  {row['p95']:>7.0f}  "
-        f"{row['p99']:>7.0f}  {row['refused']:>7}  {len(row['errors']):>6}  {target_text(row)}",
+        f"{row['p99']:>7.0f}  {row['refused']:>7}  {row['timed_out']:>9}  {len(row['errors']):>6}  "
+        f"{row['cpu'][0] * 1000:>6.1f} {row['cpu'][1] * 1000:>6.1f}  {row['load']:>4.1f}  {target_text(row)}",
         flush=True,
     )
     for error in row["errors"][:5]:
@@ -378,19 +400,24 @@ def kill_check(server: Server, names: list[str], args) -> dict:
 
     def kill(started: float) -> None:
         time.sleep(max(0.0, started + args.kill_after - time.monotonic()))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(a.sent and a.sent[-1].latency is None for a in annotators):
+            time.sleep(0.005)  # kill while some vote is in flight
         gone.set()  # set first: a vote failing from here on was in flight at the kill
         server.kill()
 
-    first = vote_for(annotators, args.kill_after + 60, args.think, args.seed, gone=gone, kill=kill)
+    first = vote_for(
+        annotators, args.kill_after + 60, args.think, args.seed, timeout=args.timeout, gone=gone, kill=kill
+    )
     for annotator in annotators:
         annotator.close()
     server.start()
     annotators = log_in(server.url, names, server.ref)  # a fresh page each: the load event shows their item
     retried = []
-    for sent in first["in_flight"]:
+    for sent in first["in_flight"] + first["timed_out"]:
         annotator = next(a for a in annotators if a.name == sent.annotator)
-        retried.append(annotator.vote(sent.choice, lease=sent.lease))  # the same click again
-    second = vote_for(annotators, args.after_restart, args.think, args.seed + 1)
+        retried.append(annotator.vote(sent.choice, lease=sent.lease, timeout=args.timeout))  # the same click again
+    second = vote_for(annotators, args.after_restart, args.think, args.seed + 1, timeout=args.timeout)
     for annotator in annotators:
         annotator.close()
     server.stop()
@@ -416,7 +443,7 @@ def kill_check(server: Server, names: list[str], args) -> dict:
         "stored": stored,
         "duplicated": sum(count - 1 for count in pairs.values() if count > 1),
         "rows": len(rows),
-        "in_flight": len(first["in_flight"]),
+        "in_flight": len(first["in_flight"]) + len(first["timed_out"]),
         "already_saved": sum(s.status.startswith("Already saved") for s in retried),
         "errors": first["errors"] + second["errors"],
     }
@@ -432,6 +459,7 @@ def main() -> int:
     parser.add_argument("--kill-annotators", type=int, default=20, help="annotators in the kill -9 check")
     parser.add_argument("--kill-after", type=float, default=6.0, help="seconds of voting before the SIGKILL")
     parser.add_argument("--after-restart", type=float, default=4.0, help="seconds of voting after the restart")
+    parser.add_argument("--timeout", type=float, default=60.0, help="give up on a vote after this many seconds")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill -9 check")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -456,15 +484,23 @@ def main() -> int:
         print(f"server: align label on {server.url} (started in {time.monotonic() - began:.1f} s)")
         print(
             f"each N votes for {args.seconds:g} s; think time uniform in [0, {2 * args.think:g}] s; latency = "
-            "submitting the vote event to its result through the Gradio queue (gradio_client)"
+            "submitting the vote event to its result through the Gradio queue (gradio_client); CPU ms/vote = CPU "
+            "time of the server process (its idle queue polling included) and of these clients over the votes; "
+            "load = the machine's 1-minute load average after the run"
         )
         print(f"{'annotators':>10}  {'votes':>6}  {'votes/s':>7}  {'p50 ms':>7}  {'p95 ms':>7}  {'p99 ms':>7}  "
-              f"{'refused':>7}  {'errors':>6}")  # fmt: skip
+              f"{'refused':>7}  {'timed out':>9}  {'errors':>6}  {'CPU ms/vote':>13}  {'load':>4}")  # fmt: skip
+        print(f"{'':>73}{'server':>6} {'client':>6}")
         failed = False
         try:
             everyone = log_in(server.url, people[: max(levels)], ref)
             for n in levels:
-                row = summarize(n, vote_for(everyone[:n], args.seconds, args.think, args.seed + n))
+                before = server.cpu_seconds(), sum(os.times()[:2])
+                result = vote_for(everyone[:n], args.seconds, args.think, args.seed + n, timeout=args.timeout)
+                row = summarize(n, result)
+                votes = max(1, len(result["sent"]))
+                row["cpu"] = [(server.cpu_seconds() - before[0]) / votes, (sum(os.times()[:2]) - before[1]) / votes]
+                row["load"] = os.getloadavg()[0]
                 print_row(row)
                 failed |= bool(row["errors"])
             for annotator in everyone:
