@@ -36,6 +36,7 @@ judgment pairs.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import itertools
@@ -47,7 +48,7 @@ import statistics
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from align.errors import AlignError
@@ -140,32 +141,38 @@ def check_candidates(version, rows: list[dict], mode: str) -> None:
 
 
 def choose_item(
-    count: int,
+    levels: Sequence[Sequence[int]],
     *,
     overlap: int,
-    mine: set[int],
-    votes: dict[int, int],
-    held: dict[int, int],
+    mine: Container[int],
+    votes: Mapping[int, int],
+    held: Mapping[int, int],
 ) -> tuple[int | None, str]:
     """The next item for one annotator: (item, "item"), or (None, "wait") while the only items left are held by
     others, or (None, "done").
 
-    `mine`: items this annotator already voted on (a skip included); `votes`: item -> votes that count towards
-    the overlap (skips excluded); `held`: item -> other annotators holding a live lease on it.
+    `levels[c]`: the items with c counted votes (c < overlap), each in row order: the items not done yet, so the
+    choice never walks the items that are done. `mine`: items this annotator already voted on (a skip included);
+    `votes`: item -> votes that count towards the overlap (skips excluded); `held`: item -> other annotators
+    holding a live lease on it.
     """
+    # Free items first, then the closest to done, then row order: the first free item, from the fullest level.
+    for counted in reversed(range(min(overlap, len(levels)))):
+        for item in levels[counted]:
+            if item not in mine and not held.get(item):
+                return item, "item"
+    # No free item: share a held one that still has an open slot, again the closest to done first.
     best: tuple | None = None
     waiting = False
-    for item in range(count):
+    for item, holders in held.items():
         counted = votes.get(item, 0)
-        if item in mine or counted >= overlap:
+        if not holders or item in mine or counted >= overlap:
             continue
-        holders = held.get(item, 0)
         if counted + holders >= overlap:
             waiting = True  # every open slot is leased: it may come free if a lease ends in a skip or expires
             continue
-        key = (holders > 0, -counted, item)  # free items first, then the closest to done, then row order
-        if best is None or key < best[0]:
-            best = (key, item)
+        if best is None or (-counted, item) < best:
+            best = (-counted, item)
     if best is not None:
         return best[1], "item"
     return None, "wait" if waiting else "done"
@@ -399,6 +406,63 @@ class Progress:
     mine: int  # this annotator's counted votes
 
 
+class Tally:
+    """What the standing votes of one candidates version in one mode add up to: counted votes per item, the items
+    not done yet by count (for choose_item), each annotator's items. Kept up to date from the rows appended since it
+    last looked (comparisons is append-only; an undo row retracts the vote it names), so handing out an item or
+    showing the progress never reads every vote again. Not thread-safe: LabelStore holds a lock around it."""
+
+    REBUILD = 1000  # touching more items than this at once rebuilds the levels in one pass (the first read)
+
+    def __init__(self, items: int, overlap: int):
+        self.items, self.overlap = items, overlap
+        self.last = 0  # the id of the newest row read
+        self.counted: Counter = Counter()  # item -> votes that count towards the overlap (skips excluded)
+        self.levels: list[list[int]] = [list(range(items))] + [[] for _ in range(overlap - 1)]
+        self.complete = 0  # items with `overlap` counted votes
+        self.votes = 0  # counted votes
+        self.mine: dict[str, Counter] = defaultdict(Counter)  # annotator -> item -> standing votes (skips too)
+        self.mine_counted: Counter = Counter()  # annotator -> counted votes
+
+    def update(self, rows: Iterable[tuple[int, str, int, str, str, bool]], mode: str) -> None:
+        """Apply rows from LabelTables.rows_after: (id, mode, item, annotator, choice, retracted)."""
+        before: dict[int, int] = {}  # item -> its counted votes before these rows
+        for row_id, row_mode, item, annotator, choice, retracted in rows:
+            self.last = max(self.last, row_id)
+            if row_mode != mode:
+                continue
+            sign = -1 if retracted else 1
+            mine = self.mine[annotator]
+            mine[item] += sign
+            if not mine[item]:
+                del mine[item]
+            if choice != "skip":
+                before.setdefault(item, self.counted[item])
+                self.counted[item] += sign
+                self.votes += sign
+                self.mine_counted[annotator] += sign
+        for item, count in before.items():
+            self.complete += (self.counted[item] >= self.overlap) - (count >= self.overlap)
+        if len(before) > self.REBUILD:
+            self.levels = [[] for _ in range(self.overlap)]
+            for item in range(self.items):
+                count = self.counted[item]
+                if count < self.overlap:
+                    self.levels[count].append(item)
+            return
+        for item, count in before.items():
+            if count < self.overlap:
+                level = self.levels[count]
+                del level[bisect.bisect_left(level, item)]
+            if self.counted[item] < self.overlap:
+                bisect.insort(self.levels[self.counted[item]], item)
+
+    def choose(self, annotator: str, held: Mapping[int, int]) -> tuple[int | None, str]:
+        return choose_item(
+            self.levels, overlap=self.overlap, mine=self.mine.get(annotator, {}), votes=self.counted, held=held
+        )
+
+
 class LabelStore:
     """Leases and votes for one candidates version in one mode. Safe to share between threads: the registry
     gives each thread its own SQLite connection, and every write is one BEGIN IMMEDIATE transaction."""
@@ -428,6 +492,8 @@ class LabelStore:
         self.tables = registry.labels
         self._random = random.Random(seed) if seed is not None else random.SystemRandom()
         self._random_lock = threading.Lock()
+        self._tally = Tally(len(self.items), overlap)
+        self._tally_lock = threading.Lock()
 
     # Reading
 
@@ -443,19 +509,15 @@ class LabelStore:
         return found.shown if found and found.dataset_id == self.version.id else None
 
     def progress(self, annotator: str) -> Progress:
-        counted = Counter()
-        mine = 0
-        for vote in self.votes(all_modes=False):
-            if vote.counted:
-                counted[vote.item] += 1
-                mine += vote.annotator == annotator
-        return Progress(
-            items=len(self.items),
-            complete=sum(count >= self.overlap for count in counted.values()),
-            votes=sum(counted.values()),
-            needed=len(self.items) * self.overlap,
-            mine=mine,
-        )
+        with self._tally_lock:
+            tally = self._tallied()
+            return Progress(
+                items=len(self.items),
+                complete=tally.complete,
+                votes=tally.votes,
+                needed=len(self.items) * self.overlap,
+                mine=tally.mine_counted[annotator],
+            )
 
     # Writing: one transaction each
 
@@ -554,7 +616,7 @@ class LabelStore:
         now = self.clock()
         tables = self.tables
         with tables.transaction():
-            mine = [vote for vote in tables.votes(self.version.id, mode=self.mode) if vote.annotator == annotator]
+            mine = tables.votes(self.version.id, mode=self.mode, annotator=annotator)
             if not mine:
                 undone = None
             else:
@@ -571,15 +633,15 @@ class LabelStore:
     # Inside a transaction
 
     def _choose(self, annotator: str, now: float) -> tuple[int | None, str]:
-        votes: Counter = Counter()
-        mine: set[int] = set()
-        for vote in self.tables.votes(self.version.id, mode=self.mode):
-            if vote.annotator == annotator:
-                mine.add(vote.item)
-            elif vote.counted:
-                votes[vote.item] += 1
         held = self.tables.holders(self.version.id, self.mode, now, excluding=annotator)
-        return choose_item(len(self.items), overlap=self.overlap, mine=mine, votes=votes, held=held)
+        with self._tally_lock:
+            return self._tallied().choose(annotator, held)
+
+    def _tallied(self) -> Tally:
+        """The tally, brought up to date with the rows committed since it last looked (call with the lock held,
+        and never after this thread's own writes in an open transaction: a rollback would leave them counted)."""
+        self._tally.update(self.tables.rows_after(self.version.id, self._tally.last), self.mode)
+        return self._tally
 
     def _lease(self, annotator: str, item: int, shown: list[int], now: float) -> int:
         return self.tables.add_lease(self.version.id, self.mode, item, annotator, shown, now, now + self.lease_seconds)

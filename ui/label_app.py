@@ -41,6 +41,7 @@ A ranking lists the rank of each completion in the order shown.
 
 # No `from __future__ import annotations` here: FastAPI reads the route functions' annotations at runtime.
 import html
+import os
 import warnings
 from dataclasses import asdict
 from typing import Annotated
@@ -289,7 +290,10 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
 
     screen = [lease, heading, progress, prompt, *panels, *ranks, reason, status, *buttons, undo]
 
-    def render(desk: LabelDesk, view: dict, message: str = "", reason_text: str = "") -> list:
+    def render(desk: LabelDesk, view: dict, message: str = "", reason_text: str = "", *, shown_before: int = 0) -> list:
+        """The screen for `view`. `shown_before`: the completions the screen showed before (a vote's item): with as
+        many now, only values change, and plain values spare Gradio rebuilding a component per output (most of a
+        vote's time under load)."""
         store = desk.store
         item = view["status"] == "item"
         shown = len(view.get("completions", ()))
@@ -303,10 +307,14 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
         else:
             body = f'<div class="notice">{html.escape(NOTICES[view["status"]])}</div>'
             texts = []
-        panel_updates = [
-            gr.HTML(value=texts[i] if i < len(texts) else "", visible=i < shown) for i in range(len(panels))
-        ]
-        rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
+        panel_texts = [texts[i] if i < len(texts) else "" for i in range(len(panels))]
+        if item and shown == shown_before:  # the same layout, the buttons still enabled
+            panel_updates, rank_updates = panel_texts, [None] * len(ranks)
+            button_updates = [label for _, label, _, _ in buttons_spec]
+        else:
+            panel_updates = [gr.HTML(value=text, visible=i < shown) for i, text in enumerate(panel_texts)]
+            rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
+            button_updates = [gr.Button(interactive=item) for _ in buttons]
         return [
             str(view.get("lease") or ""),
             heading_text,
@@ -316,7 +324,7 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             *rank_updates,
             reason_text,
             message,
-            *[gr.Button(interactive=item) for _ in buttons],
+            *button_updates,
             gr.Button(interactive=view["progress"]["mine"] > 0),
         ]
 
@@ -349,18 +357,22 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             user = request_user(request, desk.open_access)
             try:
                 lease = lease_number(lease_value)
+            except LabelError as exc:
+                return render(desk, desk.current(user), f"Not saved: {exc}", reason_text)
+            shown = desk.store.lease_shown(lease) or ()  # the item on screen
+            try:
                 ranking = None
                 if choice == "rank":
-                    shown = desk.store.lease_shown(lease) or ()
                     ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
                     if len(ranking) < len(shown):
                         message = "Not saved: give every completion a rank."
-                        return render(desk, desk.current(user), message, reason_text)
+                        return render(desk, desk.current(user), message, reason_text, shown_before=len(shown))
                 result = desk.vote(user, lease, choice, ranking=ranking, reason=reason_text)
             except LabelError as exc:
-                return render(desk, desk.current(user), f"Not saved: {exc}", reason_text)
+                return render(desk, desk.current(user), f"Not saved: {exc}", reason_text, shown_before=len(shown))
             verb = "Already saved" if result["duplicate"] else "Saved"
-            return render(desk, result["next"], f"{verb}: {SAID[choice]} on item {result['item']}.")
+            message = f"{verb}: {SAID[choice]} on item {result['item']}."
+            return render(desk, result["next"], message, shown_before=len(shown))
 
         return on_vote
 
@@ -385,10 +397,12 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             return str(exc), None, None
         return quality_tables(report)
 
+    # A vote, an undo or the next item is a few short SQLite transactions, each thread on its own connection: no
+    # queue limit of their own (Gradio's worker threads bound them), so votes never wait behind each other's turn.
     for (choice, *_), button in zip(buttons_spec, buttons):
-        button.click(make_vote(choice), [chosen, lease, reason, *ranks], screen)
-    undo.click(on_undo, [chosen], screen)
-    again.click(on_again, [chosen], screen)
+        button.click(make_vote(choice), [chosen, lease, reason, *ranks], screen, concurrency_limit=None)
+    undo.click(on_undo, [chosen], screen, concurrency_limit=None)
+    again.click(on_again, [chosen], screen, concurrency_limit=None)
     refresh.click(on_quality, [chosen], [summary, people, kappas])
     quality_tab.select(on_quality, [chosen], [summary, people, kappas])
     return on_load, [*screen, quality_tab]
@@ -535,10 +549,18 @@ def build_api(desk: LabelDesk):
     return app
 
 
+def spare_event_analytics() -> None:
+    """Gradio sums up the timings of its last 10,000 queued events with pandas after every event, for a monitoring
+    dashboard these apps leave off: a quarter of a vote's server time. Once in a million events is enough (unless
+    GRADIO_ANALYTICS_CACHE_FREQUENCY says otherwise). Call before Blocks.queue(), which reads it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000000")
+
+
 def create_app(desk: LabelDesk):
     """The FastAPI app serving the desk's UI at / and its API at /label-api/."""
     # Gradio's own event analytics trip pandas 3 deprecation warnings on every event: not ours to fix, only noise.
     warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
+    spare_event_analytics()
     blocks = build_blocks(desk)
     blocks.queue(default_concurrency_limit=8)  # SQLite serialises the writes; several people can vote at once
     app = gr.mount_gradio_app(

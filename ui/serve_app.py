@@ -389,6 +389,7 @@ def create_app(
     warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
     first = registry.resolve(candidates, kind="candidates").ref if candidates else None  # checked before serving
     blocks = build_blocks(registry, desks, compare, arena, first)
+    label_app.spare_event_analytics()
     blocks.queue(default_concurrency_limit=8)
     logins = Logins(registry.labels)
     app = gr.mount_gradio_app(

@@ -141,6 +141,18 @@ MIGRATIONS = [
     ALTER TABLE comparisons ADD COLUMN battle_id INTEGER REFERENCES arena_battles(id);
     CREATE UNIQUE INDEX comparisons_battle ON comparisons (dataset_id, battle_id);
     """,
+    # Labeling under load: no query on the way of a vote reads every row of a version.
+    """
+    -- A version's rows in id order: the rows appended since a given id, without the older ones.
+    CREATE INDEX comparisons_dataset ON comparisons (dataset_id);
+    -- Only the undo rows: which votes stand, without a pass over every vote.
+    CREATE INDEX comparisons_undone ON comparisons (dataset_id, undoes) WHERE undoes IS NOT NULL;
+    -- Only the leases no vote ended yet (every lease query but the lookup by id asks for those).
+    DROP INDEX label_leases_item;
+    DROP INDEX label_leases_annotator;
+    CREATE INDEX label_leases_open_item ON label_leases (dataset_id, mode, item) WHERE released_at IS NULL;
+    CREATE INDEX label_leases_open_annotator ON label_leases (dataset_id, mode, annotator) WHERE released_at IS NULL;
+    """,
 ]
 
 

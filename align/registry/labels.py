@@ -141,7 +141,13 @@ class LabelTables(Tables):
     # Votes: rows are appended, never updated or deleted
 
     def votes(
-        self, dataset_id: int, *, mode: str | None = None, item: int | None = None, upto: int | None = None
+        self,
+        dataset_id: int,
+        *,
+        mode: str | None = None,
+        item: int | None = None,
+        annotator: str | None = None,
+        upto: int | None = None,
     ) -> list[Vote]:
         """The votes on a candidates version that stand: every non-undo row no undo row retracts, oldest first.
         `upto`: only rows up to that id (a snapshot)."""
@@ -149,6 +155,7 @@ class LabelTables(Tables):
         args: list = [dataset_id]
         _narrow(where, args, "c.mode = ?", mode)
         _narrow(where, args, "c.item = ?", item)
+        _narrow(where, args, "c.annotator = ?", annotator)
         retracted = "SELECT u.undoes FROM comparisons u WHERE u.dataset_id = ? AND u.undoes IS NOT NULL"
         retract_args: list = [dataset_id]
         if upto is not None:
@@ -176,6 +183,18 @@ class LabelTables(Tables):
             )
             for row in found
         ]
+
+    def rows_after(self, dataset_id: int, after: int) -> list[tuple[int, str, int, str, str, bool]]:
+        """The version's rows with an id above `after`, oldest first, each as (id, mode, item, annotator, choice,
+        retracted): a vote gives its own fields and False; an undo row gives those of the vote it retracts and True.
+        The table is append-only, so these rows and the older ones add up to every row."""
+        found = self.db.execute(
+            "SELECT c.id, COALESCE(v.mode, c.mode), COALESCE(v.item, c.item), COALESCE(v.annotator, c.annotator), "
+            "COALESCE(v.choice, c.choice), c.undoes IS NOT NULL FROM comparisons c "
+            "LEFT JOIN comparisons v ON v.id = c.undoes WHERE c.dataset_id = ? AND c.id > ? ORDER BY c.id",
+            (dataset_id, after),
+        )
+        return [(row[0], row[1], row[2], row[3], row[4], bool(row[5])) for row in found]
 
     def vote_on_lease(self, lease_id: int) -> int | None:
         """The id of the vote that used the lease, if any (undone or not)."""

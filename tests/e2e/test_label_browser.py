@@ -117,6 +117,11 @@ def test_pairwise_votes_in_the_browser(tmp_path, page):
         expect(prompt).to_contain_text("question 5")
         expect(progress).to_contain_text("your votes: 4")
         assert shown_order(page, "ab") == shown[5]
+        page.locator("#vote-b").click()  # the last item: the notice, no panels, the vote buttons disabled
+        expect(prompt).to_contain_text("All done")
+        expect(page.locator("#completion-a")).to_be_hidden()
+        expect(page.locator("#vote-a")).to_be_disabled()
+        expect(page.locator("#undo")).to_be_enabled()
 
         page.get_by_role("tab", name="Quality").click()  # alice is an admin
         expect(page.locator("#quality-annotators")).to_contain_text("alice")
@@ -130,6 +135,7 @@ def test_pairwise_votes_in_the_browser(tmp_path, page):
         (4, "alice", shown[4], "A", None, None, None, 1, 1),
         (4, "alice", shown[4], "undo", None, None, 5, 0, None),
         (4, "alice", shown[4], "both-bad", None, None, None, 1, 1),
+        (5, "alice", shown[5], "B", None, None, None, 1, 1),
     ]
     assert all(sorted(order) == [0, 1] for order in shown.values())
 

@@ -2,8 +2,11 @@
 SQLite store (leases, votes, undo, restart) with a fake clock."""
 
 import json
+import random
+import re
 import sqlite3
 import threading
+from collections import Counter
 
 import pytest
 
@@ -93,21 +96,51 @@ def test_items_are_one_pair_per_row_chosen_by_a_fixed_rule():
 # Assignment
 
 
+def levels(count: int, votes: dict, overlap: int) -> list[list[int]]:
+    """The items not done yet by counted votes, in row order (what the store keeps for choose_item)."""
+    return [[item for item in range(count) if votes.get(item, 0) == c] for c in range(overlap)]
+
+
 def test_choose_item_by_hand():
+    def choose(count, *, overlap, mine, votes, held):
+        return choose_item(levels(count, votes, overlap), overlap=overlap, mine=mine, votes=votes, held=held)
+
     # Nothing voted, nothing held: the first row.
-    assert choose_item(3, overlap=2, mine=set(), votes={}, held={}) == (0, "item")
+    assert choose(3, overlap=2, mine=set(), votes={}, held={}) == (0, "item")
     # A free item closer to done goes first.
-    assert choose_item(3, overlap=2, mine=set(), votes={2: 1}, held={}) == (2, "item")
+    assert choose(3, overlap=2, mine=set(), votes={2: 1}, held={}) == (2, "item")
     # Free items before items someone else holds, even one with a vote.
-    assert choose_item(3, overlap=2, mine=set(), votes={0: 1}, held={0: 1, 1: 1}) == (2, "item")
+    assert choose(3, overlap=2, mine=set(), votes={0: 1}, held={0: 1, 1: 1}) == (2, "item")
     # No free item left: share one that still has an open slot (overlap 2).
-    assert choose_item(2, overlap=2, mine=set(), votes={}, held={0: 1, 1: 1}) == (0, "item")
+    assert choose(2, overlap=2, mine=set(), votes={}, held={0: 1, 1: 1}) == (0, "item")
+    # ... the one closest to done first.
+    assert choose(3, overlap=3, mine=set(), votes={2: 1}, held={0: 1, 1: 1, 2: 1}) == (2, "item")
     # Never the same item twice; never past the overlap.
-    assert choose_item(3, overlap=2, mine={0}, votes={1: 2}, held={}) == (2, "item")
+    assert choose(3, overlap=2, mine={0}, votes={1: 2}, held={}) == (2, "item")
     # Only held items left, all slots leased: wait (a lease may end in a skip or expire).
-    assert choose_item(2, overlap=1, mine=set(), votes={0: 1}, held={1: 1}) == (None, "wait")
+    assert choose(2, overlap=1, mine=set(), votes={0: 1}, held={1: 1}) == (None, "wait")
     # Everything voted or full: done.
-    assert choose_item(2, overlap=1, mine={1}, votes={0: 1}, held={}) == (None, "done")
+    assert choose(2, overlap=1, mine={1}, votes={0: 1}, held={}) == (None, "done")
+
+
+def test_choose_item_is_the_best_item_by_its_rule():
+    """On random states, the choice is the eligible item with the least (held, -counted votes, row) that the
+    rule names, found by checking every item."""
+    rng = random.Random(0)
+    for _ in range(500):
+        count, overlap = rng.randint(1, 12), rng.randint(1, 3)
+        votes = {item: rng.randint(0, overlap) for item in range(count) if rng.random() < 0.6}
+        mine = {item for item in range(count) if rng.random() < 0.2}
+        held = {item: rng.randint(1, 2) for item in range(count) if rng.random() < 0.3}
+        eligible = [
+            ((held.get(i, 0) > 0, -votes.get(i, 0), i), i)
+            for i in range(count)
+            if i not in mine and votes.get(i, 0) + held.get(i, 0) < overlap
+        ]
+        full = [i for i in range(count) if i not in mine and votes.get(i, 0) < overlap]
+        expected = (min(eligible)[1], "item") if eligible else (None, "wait" if full else "done")
+        found = choose_item(levels(count, votes, overlap), overlap=overlap, mine=mine, votes=votes, held=held)
+        assert found == expected
 
 
 def test_normalize_ranking():
@@ -477,3 +510,96 @@ def test_comparisons_are_append_only_rows(registry):
     other = sqlite3.connect(registry.root / "registry.sqlite")
     assert other.execute("SELECT choice FROM comparisons").fetchall() == [("A",)]
     other.close()
+
+
+def test_two_stores_on_one_version_see_each_others_votes(registry):
+    """Two processes label one version: each store's progress and choices follow the other's votes, skips and
+    undos (it reads the rows appended since it last looked), and agree with the votes recounted from scratch."""
+    one, two = make_store(registry, overlap=2), make_store(registry, overlap=2)
+    rng = random.Random(1)
+    for step in range(40):
+        store, name = rng.choice([(one, "alice"), (two, "bob"), (one, "carol"), (two, "carol")])
+        if rng.random() < 0.2:
+            store.undo(name)
+        else:
+            shown = store.current(name)
+            if shown.status == "item":
+                store.vote(name, shown.lease, rng.choice(["A", "B", "skip"]))
+        standing = registry.labels.votes(one.version.id)
+        counted = Counter(vote.item for vote in standing if vote.counted)
+        for reader in (one, two):
+            for who in ("alice", "bob", "carol"):
+                progress = reader.progress(who)
+                assert progress.votes == sum(counted.values()), step
+                assert progress.complete == sum(count >= 2 for count in counted.values()), step
+                assert progress.mine == sum(vote.counted and vote.annotator == who for vote in standing), step
+    # Neither hands out an item past its overlap, or one its annotator voted on.
+    for store, name in ((one, "dave"), (two, "alice")):
+        shown = store.current(name)
+        voted = {vote.item for vote in registry.labels.votes(one.version.id) if vote.annotator == name}
+        if shown.status == "item":
+            assert shown.item not in voted and counted[shown.item] < 2
+
+
+def plans_on_the_way_of_a_vote(registry, store) -> list[str]:
+    """The query plan of every statement a page load, a vote, the next item, the progress line and an undo run."""
+    statements: list[str] = []
+    db = registry.labels.db  # this thread's connection, the one the store uses here
+    db.set_trace_callback(statements.append)
+    try:
+        shown = store.current("alice")
+        store.vote("alice", shown.lease, "A")
+        store.progress("alice")
+        store.current("alice")
+        store.undo("alice")
+    finally:
+        db.set_trace_callback(None)
+    plans = []
+    for statement in statements:
+        if statement.split()[0].upper() in ("SELECT", "UPDATE", "DELETE"):
+            plans += [f"{row['detail']}   <- {statement}" for row in db.execute("EXPLAIN QUERY PLAN " + statement)]
+    return plans
+
+
+def test_no_query_on_the_way_of_a_vote_reads_every_row_of_the_version(registry):
+    """With 100,000 votes stored, a query that walks every vote or lease of the version costs seconds per vote:
+    each must narrow by item, annotator, lease, id, or through an index of the undo rows or the open leases."""
+    store = make_store(registry, overlap=2)
+    plans = plans_on_the_way_of_a_vote(registry, store)
+    assert any("comparisons_undone" in plan for plan in plans)  # which votes stand: through the undo rows only
+    assert any("label_leases_open_" in plan for plan in plans)
+    assert any("comparisons_dataset (dataset_id=? AND rowid>?)" in plan for plan in plans)  # the rows since
+    whole = re.compile(r"^(SCAN (comparisons|label_leases|c|u|v)\b|SEARCH .* \(dataset_id=\?( AND mode=\?)?\))")
+    partial = ("comparisons_undone", "label_leases_open_")
+    walks = [plan for plan in plans if whole.search(plan) and not any(name in plan for name in partial)]
+    assert not walks, "\n".join(walks)
+
+
+def test_an_older_workspace_gets_the_label_indexes(tmp_path):
+    """A workspace made before the label indexes is upgraded when opened, its rows kept."""
+    from align.registry.catalog import MIGRATIONS
+
+    root = tmp_path / "old"
+    root.mkdir()
+    old = sqlite3.connect(root / "registry.sqlite")
+    for script in MIGRATIONS[:3]:
+        old.executescript(script)
+    old.execute("PRAGMA user_version=3")
+    old.execute(
+        "INSERT INTO label_leases (dataset_id, mode, item, annotator, shown, leased_at, expires_at) "
+        "VALUES (1, 'pairwise', 0, 'alice', '[0, 1]', 1.0, 2.0)"
+    )
+    old.commit()
+    old.close()
+    registry = Registry(root)
+    indexes = {row[0] for row in registry.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert indexes >= {
+        "comparisons_dataset",
+        "comparisons_undone",
+        "label_leases_open_item",
+        "label_leases_open_annotator",
+    }
+    assert not indexes & {"label_leases_item", "label_leases_annotator"}  # replaced by the open-lease ones
+    assert registry.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert registry.labels.live_lease(1, "pairwise", "alice", 1.5).item == 0
+    registry.close()
