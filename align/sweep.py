@@ -163,7 +163,7 @@ def pruning_callback(trial, metric: str):
 
 def open_study(config: SweepConfig, registry: Registry):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     folder = registry.root / "sweeps"
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ def open_study(config: SweepConfig, registry: Registry):
         f"sqlite:///{(folder / f'{config.study}.sqlite').resolve()}",
         heartbeat_interval=30,
         grace_period=90,
-        heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=config.pruner_warmup_steps)
