@@ -460,7 +460,18 @@ def kill_check(server: Server, names: list[str], args) -> dict:
     }
 
 
+def quiet_client_threads() -> None:
+    """gradio_client reads each event's stream on a thread of its own; when the kill -9 check cuts the server off,
+    those threads die with a connection error. Say so in one line instead of a traceback per thread."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        print(f"(a client thread ended: {args.exc_type.__name__}: {args.exc_value})", file=sys.stderr)
+
+    threading.excepthook = hook
+
+
 def main() -> int:
+    quiet_client_threads()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotators", default="1,20,50", help="the N to measure, in order (default: 1,20,50)")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each N votes (default: 20)")
