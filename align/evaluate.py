@@ -366,10 +366,7 @@ def _generate_all(registry, run, config, rows, prompts, shots, settings) -> list
 
 def _rerank(registry, config, prompts, samples: list[list[str]]) -> list[list[float]]:
     """The reward model's score of every sample, per prompt."""
-    from reward.model import RewardModel
-
-    rm = RewardModel.load(config["rm"], registry, max_length=config["rm_max_length"], seed=config["sampling"]["seed"])
-    flat = rm.score([p for p, options in zip(prompts, samples) for _ in options], [o for s in samples for o in s])
+    flat = _judge(registry, config, [(p, o) for p, options in zip(prompts, samples) for o in options])
     n = len(samples[0])
     return [flat[i * n : (i + 1) * n] for i in range(len(samples))]
 
@@ -381,14 +378,17 @@ def _write_json(path: Path, value) -> None:
 
 
 def _rewards(registry, config, rows, prompts, generations) -> list[list[float]]:
+    flat = _judge(registry, config, [(p, reply) for made in generations for p, reply in zip(prompts, made["replies"])])
+    n = len(prompts)
+    return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def _judge(registry, config, pairs: list[tuple]) -> list[float]:
+    """The reward model's (--rm) score of each (prompt, reply)."""
     from reward.model import RewardModel
 
     rm = RewardModel.load(config["rm"], registry, max_length=config["rm_max_length"], seed=config["sampling"]["seed"])
-    flat_prompts = [prompt for _ in rows for prompt in prompts]
-    flat_replies = [reply for made in generations for reply in made["replies"]]
-    scores = rm.score(flat_prompts, flat_replies, progress=True)
-    n = len(prompts)
-    return [scores[i * n : (i + 1) * n] for i in range(len(rows))]
+    return rm.score([prompt for prompt, _ in pairs], [reply for _, reply in pairs], progress=True)
 
 
 def _register(registry, run, config, prompts_version, rows, prompts, generations, rewards):

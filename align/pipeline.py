@@ -279,23 +279,27 @@ class Pipeline:
         return self._train("sft", SFTStageConfig, run_sft, inputs)
 
     def step_generate(self) -> dict:
+        prompts = self.registry.convert(self.outputs["sft_test"], name="pipeline-prompts", kind="prompts")
+        models = [self.outputs["sft"], self.config.base_model]
+        version = self._candidates(models, prompts.ref, self.config.generate, n=2, name="pipeline-candidates")
+        return {"candidates": version.ref}
+
+    def _candidates(self, models: list[str], prompts_ref: str, block: dict, *, n: int, name: str):
+        """align generate with a pipeline block's settings: n (replies per prompt; `n` is the default), limit, and
+        the sampling settings."""
         from align.generate import SamplingSettings, generate_candidates
 
-        block = dict(self.config.generate)
-        prompts = self.registry.convert(self.outputs["sft_test"], name="pipeline-prompts", kind="prompts")
-        settings = SamplingSettings(
-            seed=self.config.seed, **{k: v for k, v in block.items() if k not in ("n", "limit")}
-        )
-        version = generate_candidates(
+        sampling = {key: value for key, value in block.items() if key not in ("n", "limit")}
+        settings = SamplingSettings(seed=self.config.seed, **sampling)
+        return generate_candidates(
             self.registry,
-            [self.outputs["sft"], self.config.base_model],
-            prompts.ref,
-            n=block.get("n", 2),
-            name="pipeline-candidates",
+            models,
+            prompts_ref,
+            n=block.get("n", n),
+            name=name,
             limit=block.get("limit"),
             settings=settings,
         )
-        return {"candidates": version.ref}
 
     def step_preferences(self) -> dict:
         if self.config.preferences == "import":
@@ -333,22 +337,11 @@ class Pipeline:
         """The SFT adapter answers the train prompts n times; the reward model picks each prompt's best reply
         against its worst. DPO on such pairs moves what the policy writes, where off-policy pairs may only move
         its implicit reward."""
-        from align.generate import SamplingSettings, generate_candidates
         from reward.score import score_dataset
 
-        block = dict(self.config.on_policy)
         prompts = self.registry.convert(self.outputs["train_prefs"], name="pipeline-dpo-prompts", kind="prompts")
-        settings = SamplingSettings(
-            seed=self.config.seed, **{k: v for k, v in block.items() if k not in ("n", "limit")}
-        )
-        candidates = generate_candidates(
-            self.registry,
-            [self.outputs["sft"]],
-            prompts.ref,
-            n=block.get("n", 4),
-            name="pipeline-on-policy",
-            limit=block.get("limit"),
-            settings=settings,
+        candidates = self._candidates(
+            [self.outputs["sft"]], prompts.ref, self.config.on_policy, n=4, name="pipeline-on-policy"
         )
         pairs, _ = score_dataset(self.registry, self.outputs["rm"], candidates.ref, "pipeline-on-policy-pairs")
         return pairs.ref
