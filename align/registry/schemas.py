@@ -2,7 +2,8 @@
 
 Rows follow TRL's conversational formats, so a registry version loads straight into a TRL trainer:
 
-    sft          {"messages": [msg, ...]}
+    sft          {"messages": [msg, ...]}                   (+ optional "origin": str, JSON of how a machine made
+                                                               the row: method, parent, filter scores; align expand)
     prompts      {"prompt": [msg, ...]}                       (+ optional "reference": str)
     candidates   {"prompt": [...], "completions": [[msg, ...], ...], "sources": [str, ...]}
                                                                (+ optional "gold": int, "generation": str)
@@ -14,6 +15,7 @@ A message is {"role": "system" | "user" | "assistant" | "tool", "content": str}.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -46,7 +48,7 @@ class KindSchema:
 
 
 SCHEMAS = {
-    "sft": KindSchema(required=("messages",), optional=()),
+    "sft": KindSchema(required=("messages",), optional=("origin",)),
     "prompts": KindSchema(required=("prompt",), optional=("reference",)),
     "candidates": KindSchema(required=("prompt", "completions", "sources"), optional=("gold", "generation")),
     "preference": KindSchema(required=("prompt", "chosen", "rejected"), optional=("margin", "tie", "weight")),
@@ -101,6 +103,16 @@ def _number(field: str, value: object, *, minimum: float | None = None) -> float
     return float(value)
 
 
+def _json_object(field: str, value: object) -> str:
+    if isinstance(value, str):
+        try:
+            if isinstance(json.loads(value), dict):
+                return value
+        except ValueError:
+            pass
+    raise RowError(field, value, "must be a string holding a JSON object")
+
+
 def validate_row(kind: str, row: dict) -> dict:
     """Return the canonical form of one row of `kind`, or raise RowError naming the field."""
     if not isinstance(row, dict):
@@ -118,7 +130,9 @@ def validate_row(kind: str, row: dict) -> dict:
         messages = validate_messages("messages", row["messages"])
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError("messages", row["messages"], "must contain at least one assistant turn")
-        return {"messages": messages}
+        if row.get("origin") is None:
+            return {"messages": messages}
+        return {"messages": messages, "origin": _json_object("origin", row["origin"])}
 
     prompt = validate_messages("prompt", row["prompt"], last_role="user")
     out: dict = {"prompt": prompt}
@@ -223,6 +237,7 @@ def arrow_schema(kind: str, columns: list[str]):
         "reference": pa.string(),
         "gold": pa.int64(),
         "generation": pa.string(),
+        "origin": pa.string(),
         "margin": pa.float64(),
         "tie": pa.bool_(),
         "weight": pa.float64(),
