@@ -6,6 +6,7 @@ Problems a user can fix (AlignError) print one clear message and exit with statu
     align/cli/data.py     align data, runs, models, annotators: the registry
     align/cli/stages.py   align sft, rm, dpo, ppo (one parser each from a recipe), merge, pipeline, sweep
     align/cli/apps.py     align generate, label, compare, serve, eval, chat
+    align/cli/expand.py   align expand, review
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.cli import apps, data, stages
+from align.cli import apps, data, expand, stages
 from align.cli.common import workspace_parent
 from align.errors import AlignError
 
@@ -24,6 +25,7 @@ COMMANDS = (
     data.add_models,
     stages.add_sft,
     apps.add_generate,
+    expand.add_expand,
     stages.add_rm,
     apps.add_label,
     data.add_annotators,
