@@ -68,7 +68,8 @@ def test_evol_rows_name_their_operator_and_parent_and_the_same_seed_gives_the_sa
     settings = ExpandSettings(**SETTINGS, method="evol", operators=("deepen", "broaden"))
     version, run = expand_data(registry, "seeds", name="evolved", model=str(tiny_model_dir), settings=settings,
                                sampling=SAMPLING)  # fmt: skip
-    assert parents(registry, version) == {("seeds", "seeds@1"), ("model", str(tiny_model_dir)), ("produced-by", "expand")}
+    expected = {("seeds", "seeds@1"), ("model", str(tiny_model_dir)), ("produced-by", "expand")}
+    assert parents(registry, version) == expected
     for row in registry.rows(version):
         origin = origin_of(row)
         assert origin["method"] == "evol" and origin["operator"] in ("deepen", "broaden")
