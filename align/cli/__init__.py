@@ -28,6 +28,7 @@ COMMANDS = (
     expand.add_expand,
     stages.add_rm,
     apps.add_label,
+    expand.add_review,
     data.add_annotators,
     stages.add_ppo,
     stages.add_dpo,

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 from align.cli.common import open_registry, print_table
+from align.cli.expand import add_from_review
 from align.errors import AlignError
 
 KIND_CHOICES = ("sft", "prompts", "candidates", "preference")
@@ -77,6 +78,8 @@ def add_data(commands, common) -> None:
     )
     p.add_argument("--min-votes", type=int, default=1, help="pairs with fewer votes are left out (default: 1)")
     p.set_defaults(handler=cmd_data_from_labels)
+
+    add_from_review(data_commands, common)
 
 
 def add_runs(commands, common) -> None:

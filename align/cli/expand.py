@@ -1,4 +1,5 @@
-"""`align expand` (grow sft data with a model) and `align review` (people check what it made)."""
+"""`align expand` (grow sft data with a model), `align review` (people check what it made) and
+`align data from-review` (what they kept, as a new sft version)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,75 @@ def add_expand(commands, common) -> None:
                    help="continue the last interrupted expand run (or RUN_ID) with the settings it started with; "
                    "the replies it saved are kept")  # fmt: skip
     p.set_defaults(handler=cmd_expand)
+
+
+def add_review(commands, common) -> None:
+    p = commands.add_parser(
+        "review",
+        parents=[common],
+        help="the review app: people accept, edit or reject the rows align expand made",
+        description="A Gradio app on the machine-made rows of an sft version, one at a time with its parent "
+        "(evol) or nearest pool tasks (self-instruct). Every decision is saved as it is made. Login is required "
+        "whenever an annotator exists (`align annotators add`); --open runs with one local user instead. It binds "
+        "to 127.0.0.1; --expose makes a non-loopback --host possible and then requires login. "
+        "`align data from-review DATA --name NAME` turns the decisions into a new sft version.",
+    )
+    p.add_argument("--data", required=True, metavar="DATASET[@V]", help="an sft version made by align expand")
+    p.add_argument("--overlap", type=int, help="distinct reviewers per row (default: 1)")
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--expose", action="store_true", help="allow a non-loopback --host (login required)")
+    p.add_argument("--open", action="store_true", help="no login: a single local user ('local', an admin)")
+    p.add_argument("--lease-minutes", type=float, default=10.0, help="how long a row is held for its reviewer")
+    p.set_defaults(handler=cmd_review)
+
+
+def add_from_review(data_commands, common) -> None:
+    """`align data from-review`, under `align data`."""
+    p = data_commands.add_parser(
+        "from-review",
+        parents=[common],
+        help="the accepted and edited rows of a reviewed version, as a new sft version",
+        description="A row is kept when more reviews accept or edit it than reject it, as its newest edit if it "
+        "has one. Lineage: the reviewed version and a snapshot of the review decisions.",
+    )
+    p.add_argument("ref", metavar="DATA[@V]")
+    p.add_argument("--name", required=True, help="name of the sft dataset")
+    p.add_argument("--with-seeds", action="store_true", help="put the seed rows the expansion grew from first")
+    p.set_defaults(handler=cmd_from_review)
+
+
+def cmd_review(args) -> int:
+    from ui.review_app import run_review
+
+    run_review(
+        args.workspace,
+        args.data,
+        overlap=args.overlap or 1,
+        host=args.host,
+        port=args.port,
+        open_access=args.open,
+        lease_minutes=args.lease_minutes,
+        expose=args.expose,
+    )
+    return 0
+
+
+def cmd_from_review(args) -> int:
+    from align.review import from_review
+
+    version, result, numbers = from_review(open_registry(args), args.ref, name=args.name, with_seeds=args.with_seeds)
+    print(f"{version.ref}  {version.num_rows} rows  kind=sft  (from {version.meta['reviewed']})")
+    seeds = f"; after the {version.meta['seeds']} rows" if version.meta["seeds"] else ""
+    print(
+        f"{result.accepted} accepted, {result.edited} edited, {result.rejected} rejected, {result.ties} ties, "
+        f"{result.unreviewed} not reviewed{seeds}"
+    )
+    alpha = numbers["krippendorff_alpha"]
+    if numbers["rows_reviewed_twice"]:
+        print(f"agreement on {numbers['rows_reviewed_twice']} rows reviewed twice or more: Krippendorff's alpha "
+              + ("-" if alpha is None else f"{alpha:.3f}") + f", raw {numbers['pairwise_agreement']:.0%}")  # fmt: skip
+    return 0
 
 
 def cmd_expand(args) -> int:

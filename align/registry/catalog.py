@@ -153,6 +153,11 @@ MIGRATIONS = [
     CREATE INDEX label_leases_open_item ON label_leases (dataset_id, mode, item) WHERE released_at IS NULL;
     CREATE INDEX label_leases_open_annotator ON label_leases (dataset_id, mode, annotator) WHERE released_at IS NULL;
     """,
+    # Reviews of machine-made sft rows (align review): comparisons and label_leases rows of mode 'review', whose
+    # choice is accept | edit | reject | skip (| undo); an edit keeps the messages as the reviewer wrote them.
+    """
+    ALTER TABLE comparisons ADD COLUMN edited TEXT;  -- JSON: the edited messages (mode 'review', choice 'edit')
+    """,
 ]
 
 

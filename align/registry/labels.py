@@ -31,6 +31,7 @@ class Vote:
     seconds: float | None = None
     scores: dict | None = None
     created_at: str = ""
+    edited: list | None = None  # a review's edited messages (mode 'review', choice 'edit')
 
     @property
     def counted(self) -> bool:
@@ -180,6 +181,7 @@ class LabelTables(Tables):
                 seconds=row["seconds"],
                 scores=json.loads(row["scores"]) if row["scores"] else None,
                 created_at=row["created_at"],
+                edited=json.loads(row["edited"]) if row["edited"] else None,
             )
             for row in found
         ]
@@ -218,10 +220,11 @@ class LabelTables(Tables):
         reason: str | None,
         seconds: float | None,
         lease_id: int,
+        edited: list | None = None,
     ) -> int:
         cursor = self.db.execute(
             "INSERT INTO comparisons (dataset_id, mode, item, annotator, shown, choice, ranking, scores, reason, "
-            "seconds, lease_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "seconds, lease_id, created_at, edited) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 dataset_id,
                 mode,
@@ -235,6 +238,7 @@ class LabelTables(Tables):
                 seconds,
                 lease_id,
                 utc_now(),
+                json.dumps(edited, ensure_ascii=False) if edited is not None else None,
             ),
         )
         return cursor.lastrowid
