@@ -7,6 +7,7 @@
 
 Tabs:
   - Label: the ranking app (ui/label_app.py) on any candidates version, chosen from a list.
+  - Review: the review app (ui/review_app.py) on any sft version with machine-made rows (align expand).
   - Compare / Arena: side-by-side chat and blind battles (ui/compare_app.py) between the served models.
   - Leaderboard: the arena's Bradley-Terry ratings, Elo and win-rate heatmap.
   - Datasets: every dataset version and model artifact, three sample rows, and the lineage graph of the one
@@ -33,7 +34,7 @@ from align.errors import AlignError
 from align.labels import OPEN_USER
 from align.registry import Registry
 from align.runs import read_live
-from ui import compare_app, label_app
+from ui import compare_app, label_app, review_app
 from ui.serving import ClientAddress, Logins, check_exposure, login_message
 
 MAX_DEFAULT_MODELS = 6  # each served model is loaded in full: the default list stops here
@@ -89,7 +90,7 @@ def node_label(key: str, node) -> str:
     """How a lineage node reads: 'name@v (kind, N rows)', 'adapter:x@1', 'run ID (stage)', 'base model REF'."""
     kind, _, rest = key.partition(":")
     if kind == "comparisons":
-        return f"human votes (snapshot {rest})"
+        return f"human votes or reviews (snapshot {rest})"
     if kind == "base":
         return f"base model {rest}"
     if isinstance(node, str):
@@ -311,9 +312,16 @@ def runs_panel(registry: Registry, tab) -> None:
 
 
 def build_blocks(
-    registry: Registry, desks: LabelDesks, compare: compare_app.CompareDesk | None, arena: str, first: str | None
+    registry: Registry,
+    desks: LabelDesks,
+    compare: compare_app.CompareDesk | None,
+    arena: str,
+    first: str | None,
+    reviews: review_app.ReviewDesks | None = None,
 ):
     refs = desks.refs()
+    reviews = reviews or review_app.ReviewDesks(registry, overlap=1, open_access=True, lease_seconds=600.0)
+    review_refs = reviews.refs()
     with gr.Blocks(title=f"align serve · {registry.root.name}") as blocks:
         header = gr.Markdown(elem_id="serve-header")
         with gr.Tabs():
@@ -328,6 +336,15 @@ def build_blocks(
                     label_load, label_outputs = label_app.label_panel(
                         desks.get, chosen, mode=desks.options["mode"], width=desks.width()
                     )
+            with gr.Tab("Review", id="review-data"):
+                review_chosen = gr.Dropdown(
+                    review_refs,
+                    value=review_refs[0] if review_refs else None,
+                    label="Machine-made sft version",
+                    elem_id="review-data",
+                )
+                with gr.Tabs():
+                    review_load, review_outputs = review_app.review_panel(reviews.get, review_chosen)
             with gr.Tab("Compare / Arena", id="compare"):
                 if compare is not None:
                     compare_load, compare_outputs = compare_app.compare_panel(compare, leaderboard=False)
@@ -346,17 +363,22 @@ def build_blocks(
             with gr.Tab("Runs", id="runs") as runs_tab:
                 runs_panel(registry, runs_tab)
 
-        def on_load(ref: str | None, request: gr.Request):
+        def on_load(ref: str | None, review_ref: str | None, request: gr.Request):
             user = OPEN_USER if desks.options["open_access"] else (request.username if request else "")
             text = f"**align** · workspace `{registry.root}` · signed in as **{user}** · arena `{arena}`"
             versions = desks.refs()  # made since the app started too
             loaded = [text, gr.Dropdown(choices=versions, value=ref), *label_load(ref, request)]
+            review_versions = reviews.refs()
+            review_ref = review_ref if review_ref in review_versions else (review_versions or [None])[0]
+            loaded += [gr.Dropdown(choices=review_versions, value=review_ref), *review_load(review_ref, request)]
             if compare_load is not None:
                 loaded += compare_load()
             return loaded
 
-        blocks.load(on_load, [chosen], [header, chosen, *label_outputs, *compare_outputs])
+        outputs = [header, chosen, *label_outputs, review_chosen, *review_outputs, *compare_outputs]
+        blocks.load(on_load, [chosen, review_chosen], outputs)
         chosen.input(label_load, [chosen], label_outputs)
+        review_chosen.input(review_load, [review_chosen], review_outputs)
     return blocks
 
 
@@ -388,7 +410,8 @@ def create_app(
         )
     warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
     first = registry.resolve(candidates, kind="candidates").ref if candidates else None  # checked before serving
-    blocks = build_blocks(registry, desks, compare, arena, first)
+    reviews = review_app.ReviewDesks(registry, overlap=1, open_access=not login, lease_seconds=lease_seconds)
+    blocks = build_blocks(registry, desks, compare, arena, first, reviews)
     label_app.spare_event_analytics()
     blocks.queue(default_concurrency_limit=8)
     logins = Logins(registry.labels)

@@ -137,3 +137,26 @@ def test_accept_edit_reject_in_the_browser_become_the_right_sft_rows(tmp_path, p
     assert (result.accepted, result.edited, result.rejected, result.unreviewed) == (1, 1, 2, 1)
     roles = {(role, getattr(parent, "ref", parent)) for role, parent in registry.parents(version)}
     assert roles == {("reviewed", "grown@1"), ("reviews", "comparisons:1")}
+
+
+def test_the_review_tab_of_align_serve(tmp_path, page):
+    from playwright.sync_api import expect
+
+    from ui.serve_app import create_app as create_serve_app
+
+    registry = Registry(tmp_path / "ws")
+    registry.register(ROWS[:1], name="seeds", kind="sft")  # no machine-made rows: not offered for review
+    grown = registry.register(ROWS, name="grown", kind="sft")
+    app, _ = create_serve_app(registry, models=[])
+    with BackgroundServer(app) as url:
+        page.goto(url)
+        page.get_by_role("tab", name="Review").first.click()
+        expect(page.locator("#review-row")).to_contain_text("Name a vegetable")
+        page.locator("#review-data input").click()
+        expect(page.get_by_role("option", name="seeds@1")).to_have_count(0)
+        page.keyboard.press("Escape")
+        page.locator("#review-accept").click()
+        expect(page.locator("#review-status")).to_contain_text("Saved: item 0 accepted.")
+    assert decisions(registry.root) == [(0, "local", "review", "accept", None, None, None, 1)]
+    with sqlite3.connect(registry.root / "registry.sqlite") as db:
+        assert db.execute("SELECT dataset_id FROM comparisons").fetchone()[0] == grown.id
