@@ -7,6 +7,10 @@
 The steps, in order:
 
     import        the SFT data and the preference data into the registry; a seeded train/test split of the latter
+    expand        (only when listed in `steps`) grow the SFT train data with a model (align expand), then, with
+                  `expand.review: true` (the default), wait for people to review it (align review) and keep the
+                  seeds plus the rows they accepted or edited (align data from-review --with-seeds); with
+                  `review: false`, the seeds plus every row kept by the filters
     sft           a LoRA adapter on the SFT data (align sft)
     generate      candidates from the SFT adapter and its base on held-out SFT prompts (align generate)
     preferences   `labels`: the votes cast in the ranking UI on those candidates (align data from-labels);
@@ -36,7 +40,11 @@ from align.errors import AlignError
 from align.models import DTYPE_NAMES
 from align.registry import Registry
 
-STEPS = ("import", "sft", "generate", "preferences", "rm", "dpo", "ppo", "eval")
+STEPS = ("import", "expand", "sft", "generate", "preferences", "rm", "dpo", "ppo", "eval")
+DEFAULT_STEPS = tuple(step for step in STEPS if step != "expand")  # expansion waits for reviewers: asked for
+# align expand's settings an `expand:` block may hold
+EXPAND_KEYS = {"method", "n", "model", "operators", "review", "k", "machine_k", "round_size", "rouge_threshold"}
+EXPAND_KEYS |= {"min_words", "max_words", "max_rounds", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype"}
 
 
 @dataclass
@@ -65,8 +73,17 @@ class PipelineConfig:
             "(train prompts, default all), max_new_tokens, temperature, top_p, batch_size, dtype"
         },
     )
-    steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": "the steps to run, in order"})
+    steps: list[str] = field(
+        default_factory=lambda: list(DEFAULT_STEPS), metadata={"help": "the steps to run, in order"}
+    )
     # Each stage block: `recipe: PATH` plus any keys of that stage's config, which override the recipe.
+    expand: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "with expand in steps: method (self-instruct | evol), n, model (default: base_model), operators "
+            "(a list), review (default: true), and align expand's filter and sampling settings"
+        },
+    )
     sft: dict = field(default_factory=dict)
     generate: dict = field(default_factory=dict)
     rm: dict = field(default_factory=dict)
@@ -84,13 +101,14 @@ class PipelineConfig:
         unknown = [step for step in self.steps if step not in STEPS]
         if unknown:
             raise ValueError(f"config key 'steps': unknown step {unknown[0]!r}; the steps are {', '.join(STEPS)}")
-        for key in ("sft", "generate", "rm", "dpo", "ppo", "eval", "on_policy"):
+        for key in ("expand", "sft", "generate", "rm", "dpo", "ppo", "eval", "on_policy"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"config key '{key}' must be a mapping of settings")
         allowed = {
             "generate": {"n", "limit", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype"},
             "eval": {"limit", "max_new_tokens", "bootstrap", "few_shot", "batch_size", "dtype"},
             "on_policy": {"n", "limit", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype"},
+            "expand": EXPAND_KEYS,
         }
         for key, keys in allowed.items():
             extra = set(getattr(self, key)) - keys
@@ -100,13 +118,35 @@ class PipelineConfig:
                 )
         if self.on_policy.get("n", 4) < 2:
             raise ValueError(f"config key 'on_policy.n' must be at least 2 (got {self.on_policy['n']!r})")
-        for key in ("generate", "eval", "on_policy"):
+        if not isinstance(self.expand.get("review", True), bool):
+            raise ValueError(f"config key 'expand.review' must be true or false (got {self.expand['review']!r})")
+        try:
+            expand_settings(self.expand, seed=self.seed)
+        except AlignError as exc:
+            raise ValueError(f"config key 'expand': {exc}") from None
+        for key in ("generate", "eval", "on_policy", "expand"):
             dtype = getattr(self, key).get("dtype")
             if dtype is not None and dtype not in DTYPE_NAMES:
                 raise ValueError(f"config key '{key}.dtype' must be one of {', '.join(DTYPE_NAMES)} (got {dtype!r})")
         # The stage blocks are checked now, with placeholder inputs, so a typo fails before any step runs.
         for stage in ("sft", "rm", "dpo", "ppo"):
             stage_recipe(self, stage, {"dataset": "placeholder", "reward_model": "rm:placeholder"})
+
+
+def expand_settings(block: dict, *, seed: int):
+    """(ExpandSettings, SamplingSettings) of an `expand:` block."""
+    from align.expansion import ExpandSettings
+    from align.sampling import SamplingSettings
+
+    sampling_keys = ("max_new_tokens", "temperature", "top_p", "batch_size", "dtype")
+    sampling = SamplingSettings(seed=seed, **{key: block[key] for key in sampling_keys if key in block})
+    chosen = {key: value for key, value in block.items() if key not in (*sampling_keys, "model", "review")}
+    operators = chosen.get("operators")
+    if isinstance(operators, str):  # operators: deepen,constrain
+        chosen["operators"] = tuple(operator.strip() for operator in operators.split(",") if operator.strip())
+    elif operators is not None:
+        chosen["operators"] = tuple(operators)
+    return ExpandSettings(seed=seed, **chosen), sampling
 
 
 def stage_recipe(config: PipelineConfig, stage: str, inputs: dict) -> dict:
@@ -217,6 +257,7 @@ class Pipeline:
         config = self.config
         needs = {
             "import": {},
+            "expand": {"sft_data": "sft_data"},
             "sft": {"sft_data": "sft_data"},
             "generate": {"sft": "sft", "sft_test": "sft_test"},
             "preferences": {"candidates": "candidates", "prefs_train": "prefs_train"},
@@ -230,7 +271,7 @@ class Pipeline:
         files = {}
         if step == "import":
             files = {path: _file_hash(Path(path)) for path in (config.sft_data, config.preference_data)}
-        block = getattr(config, step, {}) if step in ("sft", "generate", "rm", "dpo", "ppo", "eval") else {}
+        block = getattr(config, step, {}) if step in ("expand", "sft", "generate", "rm", "dpo", "ppo", "eval") else {}
         recipe = block.get("recipe")
         recipe_text = Path(recipe).read_text(encoding="utf-8") if recipe else None
         votes = None
@@ -238,6 +279,10 @@ class Pipeline:
             # New votes in the ranking UI make new preferences: the vote count is part of the fingerprint.
             candidates = self.registry.resolve(inputs["candidates"])
             votes = self.registry.labels.count_rows(candidates.id)
+        if step == "expand" and config.expand.get("review", True):
+            # New reviews make new SFT data: the decisions on the expansion so far are part of the fingerprint.
+            made = [v for v in self.registry.list_datasets() if v.name == EXPANDED]
+            votes = self.registry.labels.count_rows(made[-1].id) if made else None
         return {
             "inputs": inputs,
             "files": files,
@@ -271,6 +316,39 @@ class Pipeline:
             "prefs_train": prefs_train.ref,
             "prefs_test": prefs_test.ref,
         }
+
+    def step_expand(self) -> dict:
+        """align expand on the SFT train data (an expansion with the same settings is reused, an interrupted one
+        resumed), then the reviewed rows (or, unreviewed, all of them) after the seeds."""
+        from align.expand import plan, resume_expansion
+        from align.review import from_review
+
+        registry, block = self.registry, self.config.expand
+        settings, sampling = expand_settings(block, seed=self.config.seed)
+        model = block.get("model", self.config.base_model)
+        job = plan(registry, self.outputs["sft_data"], name=EXPANDED, model=model, settings=settings, sampling=sampling)
+        expanded = None
+        for run in reversed(registry.list_runs()):
+            if run.stage == "expand" and run.config == job:
+                if run.status == "completed":
+                    expanded = registry.resolve(run.outputs[0])
+                    print(f"[expand] reused {expanded.ref} (run {run.id})")
+                else:
+                    expanded, _ = resume_expansion(registry, run.id)
+                break
+        if expanded is None:
+            from align.expand import expand_data
+
+            expanded, _ = expand_data(registry, job["from"], name=EXPANDED, model=model, settings=settings,
+                                      sampling=sampling)  # fmt: skip
+        if block.get("review", True):
+            clean, _, _ = from_review(registry, expanded.ref, name="pipeline-sft-reviewed", with_seeds=True)
+        else:
+            seeds = registry.resolve(job["from"])
+            rows = registry.rows(seeds) + registry.rows(expanded)
+            parents = [(seeds, "seeds"), (expanded, "expanded")]
+            clean = registry.register(rows, name="pipeline-sft-expanded", kind="sft", parents=parents)
+        return {"expanded": expanded.ref, "sft_data": clean.ref}
 
     def step_sft(self) -> dict:
         from align.sft import SFTStageConfig, run_sft
@@ -391,6 +469,9 @@ class Pipeline:
         )
         print_summary(result)
         return {"eval": result.version.ref, "eval_run": f"run:{result.run.id}"}
+
+
+EXPANDED = "pipeline-expanded"
 
 
 def _refs(settings: dict) -> list[str]:
