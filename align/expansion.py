@@ -11,6 +11,7 @@ pool (`k - machine_k` human seeds and up to `machine_k` machine tasks kept in ea
 generator of its own per round) and asks for task k+1 (SELF_INSTRUCT_TEMPLATE). The new instructions pass the
 filters, in this order, each counting what it drops:
     unparseable   no task in the reply (empty, or it starts with punctuation)
+    template      it repeats the prompt's own request (ROUGE-L precision >= 0.7 against its last sentences)
     too_short     fewer than `min_words` words          too_long   more than `max_words` words
     keyword       a word a text model cannot serve: image, graph, file, video, draw, plot, ... (KEYWORDS)
     duplicate     the same text (case, spaces and end punctuation aside) as a pool task or a task kept before
@@ -77,12 +78,14 @@ REFUSAL = re.compile(
 )
 _TEMPLATE_WORDS = re.compile(r"#|\b(given|rewritten|created) prompt\b", re.IGNORECASE)
 COPY_PRECISION = 0.95  # an evolution whose words are (almost) all its parent's, in order, adds nothing
+ECHO_PRECISION = 0.7  # a self-instruct task whose words are mostly the prompt's own request echoes it
 
-SELF_INSTRUCT_TEMPLATE = (
-    "Come up with a series of tasks. Here are {k} of them:\n\n{tasks}\n\n"
+SELF_INSTRUCT_REQUEST = (
     "Write task {next}: one new task, different from the tasks above, that a text-only assistant can do. "
-    "Reply with the task only.\nTask {next}:"
+    "Reply with the task only."
 )
+SELF_INSTRUCT_TEMPLATE = "Come up with a series of tasks. Here are {k} of them:\n\n{tasks}\n\n" + SELF_INSTRUCT_REQUEST
+SELF_INSTRUCT_TEMPLATE += "\nTask {next}:"
 INSTANCE_TEMPLATE = (
     "Task: {instruction}\n\n"
     "Write an input for this task (write <noinput> if the task needs none), then the correct output, as:\n"
@@ -200,10 +203,10 @@ def one_line(text: str) -> str:
 
 
 def parse_instruction(reply: str) -> str | None:
-    """The first task of a reply to the Self-Instruct prompt: without a leading 'Task N:', up to the next 'Task N:'.
-    None when there is none, or it starts with punctuation."""
-    text = re.sub(r"^\s*(?:\**\s*)?task\s*\d*\s*[:.)]\s*", "", reply, flags=re.IGNORECASE)
-    text = re.split(r"\n\s*\**\s*task\s*\d+\s*[:.)]", text, maxsplit=1, flags=re.IGNORECASE)[0]
+    """The first task of a reply to the Self-Instruct prompt: without a leading 'Task N:' (or 'N.'), up to the next
+    'Task N:' or 'N.' line (a model that lists several). None when there is none, or it starts with punctuation."""
+    text = re.sub(r"^\s*\**\s*(?:task\s*\d*|\d+)\s*[:.)]\s*", "", reply, flags=re.IGNORECASE)
+    text = re.split(r"\n\s*\**\s*(?:task\s*)?\d+\s*[:.)]", text, maxsplit=1, flags=re.IGNORECASE)[0]
     text = text.strip().strip("*").strip()
     if not text or not text[0].isalnum():
         return None
@@ -379,6 +382,9 @@ def _self_instruct_round(number, pool, seen, settings, sampler, rouge, counts, b
     texts = [task.instruction for task in pool]
     for reply in replies:
         text = parse_instruction(reply)
+        if text is not None and rouge.score(SELF_INSTRUCT_REQUEST, text).precision >= ECHO_PRECISION:
+            counts["template"] += 1
+            continue
         verdict = check_instruction(text, texts, seen, settings, rouge)
         if verdict.reason:
             counts[verdict.reason] += 1

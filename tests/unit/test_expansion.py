@@ -142,6 +142,8 @@ def test_parsing_replies():
     assert parse_instruction("Task 9: Name a fruit.\nTask 10: Name a car.") == "Name a fruit."
     assert parse_instruction("  **Task 3:** Translate to French:\nhello") == "Translate to French:\nhello"
     assert parse_instruction("List two birds.") == "List two birds."
+    assert parse_instruction("1. Name a task\n2. Name another task") == "Name a task"  # a model that lists several
+    assert parse_instruction("Sort 3 numbers: 3. 1. 2.") == "Sort 3 numbers: 3. 1. 2."
     assert parse_instruction("") is None and parse_instruction("Task 4:  ") is None
     assert parse_instruction("- a bullet") is None  # starts with punctuation
     assert parse_instance("Input: <noinput>\nOutput: Paris.") == ("", "Paris.")
@@ -177,14 +179,15 @@ def test_self_instruct_counts_every_filter_and_keeps_tasks_in_the_pool():
             "Task 4: Draw a map of France.",  # keyword
             "Task 4: Hi.",  # too short
             "",  # unparseable
+            "Task 4: one new task, different from the tasks above, that a text-only AI assistant can do.",  # echo
         ],
         1: ["Task 4: Write a long story about a dog.", "Task 4: Name the largest planet in the solar system."],
     }
-    settings = ExpandSettings(n=10, round_size=6, max_rounds=2, seed=0)
+    settings = ExpandSettings(n=10, round_size=7, max_rounds=2, seed=0)
     found = expand(seeds, settings, scripted(replies))
     counts = {key: value for key, value in found.counts.items() if value}
-    assert counts == {"candidates": 8, "kept": 2, "duplicate": 1, "similar": 2, "keyword": 1, "too_short": 1,
-                      "unparseable": 1}  # fmt: skip
+    assert counts == {"candidates": 9, "kept": 2, "duplicate": 1, "similar": 2, "keyword": 1, "too_short": 1,
+                      "unparseable": 1, "template": 1}  # fmt: skip
     # Round 1's "long story about a dog" is similar to round 0's kept task: kept tasks join the pool.
     assert [row["messages"][0]["content"] for row in found.rows] == [
         "Write a story about a dog.",
