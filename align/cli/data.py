@@ -9,7 +9,7 @@ import textwrap
 from align.cli.common import open_registry, print_table
 from align.errors import AlignError
 
-KIND_CHOICES = ("sft", "prompts", "candidates", "preference")
+KIND_CHOICES = ("sft", "prompts", "candidates", "preference", "feedback")
 FORMAT_CHOICES = ("auto", "trl", "alpaca", "self-instruct", "sharegpt", "hh")
 
 
