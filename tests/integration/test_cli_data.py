@@ -189,6 +189,7 @@ def test_import_kto_file_keeps_label(align, tmp_path):
     assert [json.loads(line)["label"] for line in exported.read_text().splitlines()] == [True, False]
 
     bad = tmp_path / "bad-kto.jsonl"
-    bad.write_text('{"prompt": "a", "completion": "b", "label": true}\n{"prompt": "a", "completion": "c", "label": "no"}\n')
+    lines = [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "a", "completion": "c", "label": "no"}]
+    bad.write_text("".join(json.dumps(line) + "\n" for line in lines))
     code, out, err = align("data", "import", str(bad), "--name", "bad")
     assert_user_error(code, err, "nothing was registered", f"{bad} line 2: field 'label'", "(got 'no')")

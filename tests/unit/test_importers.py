@@ -195,7 +195,7 @@ def test_trl_feedback_keeps_label(tmp_path):
 
 def test_trl_feedback_csv_label(tmp_path):
     path = tmp_path / "kto.csv"
-    path.write_text('prompt,completion,label\n2+2?,4,true\n2+2?,5,False\n', encoding="utf-8")
+    path.write_text("prompt,completion,label\n2+2?,4,true\n2+2?,5,False\n", encoding="utf-8")
     result = import_file(path)
     assert [row["label"] for row in result.rows] == [True, False]
 
