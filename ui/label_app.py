@@ -103,7 +103,10 @@ SHORTCUTS = """
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     const target = event.target;
-    if (target && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName))) return;
+    const choosing = target && target.tagName === "INPUT" && ["radio", "checkbox"].includes(target.type);  // a score
+    if (target && !choosing && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName))) {
+      return;
+    }
     const button = (keys[event.key.toLowerCase()] || "").split(" ").map((id) => document.getElementById(id))
       .find((found) => found && found.offsetParent !== null);  // the one on screen: not on a hidden tab
     if (button && !button.disabled) {
