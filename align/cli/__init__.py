@@ -4,7 +4,7 @@ Each subcommand's handler imports what it needs when it runs, so `align --help` 
 Problems a user can fix (AlignError) print one clear message and exit with status 2.
 
     align/cli/data.py     align data, runs, models, annotators: the registry
-    align/cli/stages.py   align sft, rm, dpo, ppo (one parser each from a recipe), merge, pipeline, sweep
+    align/cli/stages.py   align sft, rm, dpo, kto, ppo (one parser each from a recipe), merge, pipeline, sweep
     align/cli/apps.py     align generate, label, compare, serve, eval, chat
 """
 
@@ -29,6 +29,7 @@ COMMANDS = (
     data.add_annotators,
     stages.add_ppo,
     stages.add_dpo,
+    stages.add_kto,
     stages.add_merge,
     stages.add_pipeline,
     stages.add_sweep,

@@ -37,6 +37,12 @@ def dpo_stage():
     return dpo.DPOStageConfig, dpo.main
 
 
+def kto_stage():
+    from align import kto
+
+    return kto.KTOStageConfig, kto.main
+
+
 def ppo_stage():
     from align import ppo
 
@@ -219,6 +225,18 @@ def add_dpo(commands, common) -> None:
         help="DPO of an SFT adapter (or a base model) on a preference dataset",
         description="Train TRL's DPOTrainer from a recipe: the SFT adapter is the frozen reference, the policy a "
         "LoRA copy of it on the same base (e.g. --max_steps 20 --loss_type robust --label_smoothing auto).",
+    )
+
+
+def add_kto(commands, common) -> None:
+    add_stage(
+        commands,
+        common,
+        "kto",
+        kto_stage,
+        help="KTO of an SFT adapter (or a base model) on a feedback dataset (replies labelled good or bad)",
+        description="Train TRL's KTOTrainer from a recipe on unpaired feedback (thumbs votes, both-bad votes, a TRL "
+        "KTO file): the SFT adapter is the frozen reference, the policy a LoRA copy of it on the same base.",
     )
 
 
