@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, SFTTrainer
 
 from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
+from align.distributed import broadcast_from_main, evaluate_before_training, is_main_process, wait_for_everyone
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
@@ -84,13 +85,18 @@ def run_sft(
             peft_config=peft_config_for(config),
             callbacks=[live_metrics_callback(run), *callbacks],
         )
-        before = trainer.evaluate(metric_key_prefix="before")
+        before = evaluate_before_training(trainer, metric_key_prefix="before")
         trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
         after = trainer.evaluate()
 
         kind = "model" if config.peft == "none" else "adapter"
         output_dir = run.dir / kind
-        trainer.save_model(str(output_dir))
+        trainer.save_model(str(output_dir))  # every process takes part (FSDP and ZeRO-3 gather the weights)
+        # Under a launcher: a process that failed stops the main one here, before anything is registered; then
+        # only the main process writes, and the others wait for the artifact it registers.
+        wait_for_everyone()
+        if not is_main_process():
+            return broadcast_from_main(None)
         tokenizer.save_pretrained(str(output_dir))
         metrics = {
             "eval_loss_before": before["before_loss"],
@@ -116,7 +122,7 @@ def run_sft(
             f"registered {artifact.ref}: eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss']:.3f} "
             f"(perplexity {metrics['eval_perplexity']:.2f}); report {run.dir / 'report.md'}"
         )
-        return artifact
+        return broadcast_from_main(artifact)
 
 
 def _perplexity(loss: float) -> float:
