@@ -36,6 +36,7 @@ import torch
 from trl import DPOConfig
 
 from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
+from align.distributed import broadcast_from_main, is_main_process, wait_for_everyone
 from align.dpo_trainer import (
     LOSS_TYPES,
     PairCollator,
@@ -252,6 +253,11 @@ def run_dpo(
         trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
         after = evaluate_pairs(trainer, eval_examples, reference=before["logps"], desc="eval after")
 
+        # Under a launcher: a process that failed stops the main one here, before anything is registered; then
+        # only the main process writes, and the others wait for the artifact it registers.
+        wait_for_everyone()
+        if not is_main_process():
+            return broadcast_from_main(None)
         output_dir = run.dir / "adapter"
         trainer.model.save_pretrained(str(output_dir), selected_adapters=["default"])
         tokenizer.save_pretrained(str(output_dir))
@@ -285,7 +291,7 @@ def run_dpo(
             f"(mean margin {metrics['eval_reward_margin']:+.4f})"
         )
         print(f"registered {artifact.ref}; report {run.dir / 'report.md'}")
-        return artifact
+        return broadcast_from_main(artifact)
 
 
 def _check_lora_adapter(path, ref: str) -> None:
