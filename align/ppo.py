@@ -228,7 +228,8 @@ def run_ppo(
         # Under a launcher every process runs the loop on its share of each update's prompts; only the main one
         # logs, writes the live metrics and saves the checkpoints (the trainable state is the same on all).
         main = is_main_process()
-        progress = tqdm(total=config.num_updates, initial=start, desc="ppo", unit="update", disable=not main)
+        quiet = {} if main else {"disable": True}  # (TQDM_DISABLE still applies to the main process's bar)
+        progress = tqdm(total=config.num_updates, initial=start, desc="ppo", unit="update", **quiet)
         with progress, loggers_for(config, run, roles.model) if main else nullcontext() as loggers:
             for update in range(start, config.num_updates):
                 with mixed_precision(config, roles.model.device):
