@@ -239,7 +239,7 @@ def test_ppo_is_data_parallel_survives_a_crash_and_resumes(tmp_path, ppo_workspa
     registry = Registry(tmp_path / "ws")
     (run,) = registry.list_runs()
     assert run.status == "failed" and run.error, run
-    assert [a.ref for a in registry.list_artifacts()] == ["adapter:sft@1", "rm:tiny-rm@1"]
+    assert sorted(a.ref for a in registry.list_artifacts()) == ["adapter:sft@1", "rm:tiny-rm@1"]
     assert (run.dir / "checkpoints" / "update-1").is_dir()
 
     # Each process rolled out its own share of each update's prompts: together, the draw one process makes.
@@ -275,6 +275,18 @@ def test_ppo_is_data_parallel_survives_a_crash_and_resumes(tmp_path, ppo_workspa
     assert all(torch.equal(first[name], second[name]) for name in first)
     saved = load_file(adapter.path / "adapter_model.safetensors")
     assert saved and all(torch.equal(saved[name], first[name.replace(".weight", ".default.weight")]) for name in saved)
+
+
+def test_rloo_through_trl_registers_one_adapter(tmp_path, ppo_workspace):
+    values = PPO_RECIPE | {"algo": "rloo", "num_generations": 2, "num_updates": 2, "output_name": "rloo"}
+    done = launch(tmp_path / "ws", "ppo", "--config", str(write_recipe(tmp_path, values)))
+    assert done.returncode == 0, done.stderr[-4000:]
+    registry = Registry(tmp_path / "ws")
+    (run,) = registry.list_runs()
+    assert run.status == "completed" and run.outputs == ["adapter:rloo@1"]
+    assert sorted(a.ref for a in registry.list_artifacts()) == ["adapter:rloo@1", "adapter:sft@1", "rm:tiny-rm@1"]
+    model, _ = load_model("adapter:rloo", registry)
+    assert "default" in model.peft_config
 
 
 # What a launch refuses, checked without launching: the world size a launcher sets is WORLD_SIZE
