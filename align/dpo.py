@@ -6,6 +6,8 @@
     align dpo --config recipes/dpo/smollm2-135m-lora.yaml --model adapter:sft@2 --dataset hh-harmless-train \
         --eval_dataset hh-harmless-test --loss_type robust --label_smoothing auto --max_steps 50
     align dpo --config recipes/dpo/smollm2-135m-lora.yaml --resume
+    # several processes or GPUs, one run and one artifact (recipes/accelerate/, README "Scaling out")
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align dpo --config recipes/dpo/smollm2-135m-lora.yaml
     # from a base model: a fresh LoRA adapter, and the base (adapters disabled) is the reference
     align dpo --config recipes/dpo/smollm2-135m-lora.yaml --model smollm2-135m
 

@@ -3,6 +3,8 @@
     align ppo --config recipes/ppo/smollm2-135m-lora.yaml
     align ppo --config recipes/ppo/smollm2-135m-lora.yaml --num_updates 40 --kl_coef 0.1
     align ppo --config recipes/ppo/smollm2-135m-lora.yaml --resume
+    # data-parallel over several processes or GPUs (DDP only; RLOO and GRPO also FSDP and DeepSpeed)
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align ppo --config recipes/ppo/smollm2-135m-lora.yaml
     # the same inputs and outputs with TRL's trainers instead of our PPO loop:
     align ppo --config recipes/ppo/smollm2-135m-rloo.yaml      (algo: rloo)
     align ppo --config recipes/ppo/smollm2-135m-grpo.yaml      (algo: grpo)

@@ -164,8 +164,9 @@ def failures_recorded(registry, run):
     except BaseException as exc:
         if distributed.is_main_process():
             error = f"{type(exc).__name__}: {exc}"
-            if distributed.world_size() > 1:  # a peer's failure reaches the main process as a lost connection
-                error += f" [process 0 of {distributed.world_size()}: another process's own error is in the launch's log]"
+            processes = distributed.world_size()
+            if processes > 1:  # a peer's failure reaches the main process as a lost connection
+                error += f" [process 0 of {processes}: another process's own error is in the launch's log]"
             registry.finish_run(run, status="failed", error=error)
         raise
 

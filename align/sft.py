@@ -7,6 +7,8 @@
     # any config key can be overridden; --resume continues the last interrupted sft run
     align sft --config recipes/sft/smollm2-135m-lora.yaml --dataset seed-tasks@1 --max_steps 20
     align sft --config recipes/sft/smollm2-135m-lora.yaml --resume
+    # several processes or GPUs, one run and one artifact (recipes/accelerate/, README "Scaling out")
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align sft --config recipes/sft/smollm2-135m-lora.yaml
 
 The loss is on assistant tokens only: each assistant turn becomes a conversational prompt/completion row
 (the conversation before it is the prompt), which TRL trains on the completion alone, under the model's own

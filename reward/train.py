@@ -5,6 +5,8 @@
     # any config key can be overridden; --resume continues the last interrupted rm run
     align rm --config recipes/rm/smollm2-135m-lora.yaml --dataset hh-harmless-train --max_steps 30
     align rm --config recipes/rm/smollm2-135m-lora.yaml --resume
+    # several processes or GPUs, one run and one artifact (recipes/accelerate/, README "Scaling out")
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align rm --config recipes/rm/smollm2-135m-lora.yaml
     # then: the same metrics on any preference version, and scores for any rows
     align rm eval --rm rm:rm --data hh-harmless-test
     align rm score --rm rm:rm --data seed-candidates --name seed-candidates-rm
