@@ -45,11 +45,13 @@ STAGES = {
     "dpo": (
         "recipes/dpo/smollm2-135m-lora.yaml",
         "pairs",
+        # torch_threads: null, so OMP_NUM_THREADS decides (the recipe's auto counts idle cores)
         {"model": "smollm2-135m", "dataset": "hh", "max_steps": 8, "eval_limit": 8, "torch_threads": None},
     ),
     "ppo": ("recipes/ppo/smollm2-135m-lora.yaml", "updates", {"dataset": "hh-prompts", "num_updates": 4}),
 }
-COMMON = {"report_to": "none", "save_steps": 1000, "seed": 0}  # DPO's torch_threads: null, so OMP_NUM_THREADS decides
+# eval_dataset: null holds out a seeded split of `dataset` (the recipes name versions this workspace does not have)
+COMMON = {"report_to": "none", "save_steps": 1000, "seed": 0, "eval_dataset": None}
 
 
 def prepare_full(workspace: Path) -> dict:
