@@ -15,6 +15,7 @@ import sys
 
 from align.cli import apps, data, stages
 from align.cli.common import workspace_parent
+from align.distributed import world_size
 from align.errors import AlignError
 
 # The subcommands in the order `align --help` lists them
@@ -76,6 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    processes = world_size()
+    if processes > 1 and not getattr(args, "distributed", False):
+        print(
+            f"error: `align {args.command}` runs in one process, and this is one of the {processes} processes of a "
+            "launch: run it without accelerate launch or torchrun (the training stages sft, rm, dpo and ppo run "
+            "under one)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return args.handler(args) or 0
     except AlignError as exc:

@@ -72,7 +72,7 @@ def add_stage(commands, common, name: str, stage, *, help: str, description: str
         help=f"continue the last interrupted {name} run (or RUN_ID) from its last checkpoint, with the recipe it "
         "started with",
     )
-    p.set_defaults(handler=run_stage, stage=stage, accepts_overrides=True)
+    p.set_defaults(handler=run_stage, stage=stage, accepts_overrides=True, distributed=True)  # see align.distributed
     return p
 
 
@@ -183,7 +183,7 @@ def add_rm(commands, common) -> None:
         help="rm:NAME[@V], comma-separated to compare side by side; a base model means an untrained head",
     )
     _add_rm_options(q)
-    q.set_defaults(handler=cmd_rm_eval, accepts_overrides=False)
+    q.set_defaults(handler=cmd_rm_eval, accepts_overrides=False, distributed=False)
     q = rm_actions.add_parser(
         "score",
         parents=[common],
@@ -192,7 +192,7 @@ def add_rm(commands, common) -> None:
     )
     q.add_argument("--rm", required=True, metavar="REF", help="rm:NAME[@V]; a base model: an untrained head")
     _add_rm_options(q, name="name of the scored (preference) dataset")
-    q.set_defaults(handler=cmd_rm_score, accepts_overrides=False)
+    q.set_defaults(handler=cmd_rm_score, accepts_overrides=False, distributed=False)
 
 
 def _add_rm_options(q, *, name: str | None = None) -> None:
