@@ -221,6 +221,31 @@ class StageFields:
             except AlignError as exc:
                 raise ValueError(f"config key 'output_name': {exc}") from None
         self.report_to = checked_report_to(self.report_to)  # every stage config has its loggers' `report_to`
+        if hasattr(self, "per_device_train_batch_size"):  # a Trainer's config
+            split_global_batch(self)
+
+
+def split_global_batch(config) -> None:
+    """Under a launcher with N processes, keep the recipe's global batch (per_device_train_batch_size x
+    gradient_accumulation_steps, as one process trains it): N processes take fewer accumulation steps when
+    gradient_accumulation_steps divides by N (each device's batch stays the size the recipe chose for its memory),
+    else smaller batches per device. A recipe whose batch does not split into N equal parts is refused."""
+    from align.distributed import world_size
+
+    processes = world_size()
+    per_device, steps = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    if processes == 1:
+        return
+    if steps % processes == 0:
+        config.gradient_accumulation_steps = steps // processes
+    elif per_device % processes == 0:
+        config.per_device_train_batch_size = per_device // processes
+    else:
+        raise ValueError(
+            f"the recipe's global batch, per_device_train_batch_size {per_device} x gradient_accumulation_steps "
+            f"{steps}, does not split across {processes} processes: make one of them a multiple of {processes} (or "
+            f"launch a number of processes that divides one of them)"
+        )
 
 
 def tensorboard_installed() -> bool:

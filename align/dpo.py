@@ -6,6 +6,8 @@
     align dpo --config recipes/dpo/smollm2-135m-lora.yaml --model adapter:sft@2 --dataset hh-harmless-train \
         --eval_dataset hh-harmless-test --loss_type robust --label_smoothing auto --max_steps 50
     align dpo --config recipes/dpo/smollm2-135m-lora.yaml --resume
+    # several processes or GPUs, one run and one artifact (recipes/accelerate/, README "Scaling out")
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align dpo --config recipes/dpo/smollm2-135m-lora.yaml
     # from a base model: a fresh LoRA adapter, and the base (adapters disabled) is the reference
     align dpo --config recipes/dpo/smollm2-135m-lora.yaml --model smollm2-135m
 
@@ -36,6 +38,7 @@ import torch
 from trl import DPOConfig
 
 from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
+from align.distributed import broadcast_from_main, is_main_process, wait_for_everyone
 from align.dpo_trainer import (
     LOSS_TYPES,
     PairCollator,
@@ -252,6 +255,11 @@ def run_dpo(
         trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
         after = evaluate_pairs(trainer, eval_examples, reference=before["logps"], desc="eval after")
 
+        # Under a launcher: a process that failed stops the main one here, before anything is registered; then
+        # only the main process writes, and the others wait for the artifact it registers.
+        wait_for_everyone()
+        if not is_main_process():
+            return broadcast_from_main(None)
         output_dir = run.dir / "adapter"
         trainer.model.save_pretrained(str(output_dir), selected_adapters=["default"])
         tokenizer.save_pretrained(str(output_dir))
@@ -285,7 +293,7 @@ def run_dpo(
             f"(mean margin {metrics['eval_reward_margin']:+.4f})"
         )
         print(f"registered {artifact.ref}; report {run.dir / 'report.md'}")
-        return artifact
+        return broadcast_from_main(artifact)
 
 
 def _check_lora_adapter(path, ref: str) -> None:

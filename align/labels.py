@@ -2,7 +2,9 @@
 
     align annotators add alice --admin                       # asks for a password (stored salted, hashed)
     align label --candidates seed-candidates --overlap 2     # the ranking app (ui/label_app.py)
+    align label --candidates seed-candidates --mode thumbs   # one reply at a time: up or down
     align data from-labels seed-candidates --name seed-prefs --ties drop --min-votes 1
+    align data from-labels seed-candidates --name seed-feedback --kind feedback --include-pairwise
     align data from-labels arena:default --name arena-prefs  # arena battles (align/arena.py), snapshotted first
 
 Items. An item is one row of a candidates version, keyed by (dataset id, row index).
@@ -11,6 +13,8 @@ Items. An item is one row of a candidates version, keyed by (dataset id, row ind
     holding the gold completion when the row has one, else pairs from two different sources when there are
     any, else any pair. (To compare every completion of a row, use rank mode.)
   - rank mode shows all of the row's completions (three or more) to be put in order, ties allowed.
+  - thumbs mode shows one completion to be judged on its own, up or down (KTO's unpaired feedback): every
+    completion of every row is an item, numbered row by row (`item_rows` maps an item to its row).
   The order on screen is drawn at random for each lease and stored with the vote.
 
 Assignment. Each item goes to `overlap` distinct annotators; nobody gets an item twice; a skip does not count
@@ -28,6 +32,12 @@ pair). Per pair, a strict majority of both-bad votes drops it; otherwise the com
 chosen, and equal wins are a tie (`--ties keep` keeps ties with tie=true). With n votes on a pair:
 margin = (wins of chosen - wins of rejected) / n, and weight = the share of the n votes that agree with the
 row (for a tie: every vote except both-bad, since the A and B votes cancel out).
+
+Feedback (`--kind feedback`). Each vote becomes labels on single completions: thumbs up is desirable, thumbs down
+undesirable; a both-bad vote makes every completion it showed undesirable; with `include_pairwise`, a pairwise
+vote makes the chosen completion desirable and the other undesirable (ties give nothing). Per completion, the
+majority label is kept; an even split is dropped. Rubric scores (`--rubric`, 1-5 per attribute) are averaged per
+completion and attribute into the version's meta, with how closely the annotators agreed.
 
 Agreement. On those pair judgments (first wins / second wins / tie / both-bad): Cohen's kappa for each pair of
 annotators over the pairs both judged, Krippendorff's alpha (nominal) overall, and the raw share of agreeing
@@ -56,13 +66,18 @@ from align.registry.labels import Vote
 from align.registry.registry import check_name
 from align.stats import cohen_kappa, krippendorff_alpha, pairwise_agreement
 
-MODES = ("pairwise", "rank")
+MODES = ("pairwise", "rank", "thumbs")
 PAIRWISE_CHOICES = ("A", "B", "tie", "both-bad", "skip")
 RANK_CHOICES = ("rank", "both-bad", "skip")
+THUMBS_CHOICES = ("up", "down", "skip")
+CHOICES = {"pairwise": PAIRWISE_CHOICES, "rank": RANK_CHOICES, "thumbs": THUMBS_CHOICES}
+KINDS = ("preference", "feedback")  # what `align data from-labels` makes
+RUBRIC_RANGE = (1, 5)  # a rubric score is a whole number from 1 to 5
 OUTCOMES = ("first", "second", "tie", "both-bad")  # a judgment on completions (i, j), i < j
 TIES = ("drop", "keep")
 OPEN_USER = "local"  # `align label --open`: the one local user, an admin
 DEFAULT_LEASE_SECONDS = 600.0
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the completions in the order shown
 INTEGER_RANGE = (-(2**63), 2**63 - 1)  # what an SQLite INTEGER holds (a lease is a row id)
 
 
@@ -102,7 +117,9 @@ def verify_password(password: str, stored: str) -> bool:
 def label_items(rows: list[dict], mode: str, content_hash: str) -> list[tuple[int, ...]]:
     """The completion indices each item shows: one tuple per row (see the module docstring for the rule)."""
     if mode not in MODES:
-        raise AlignError(f"unknown --mode {mode!r}: choose pairwise or rank")
+        raise AlignError(f"unknown --mode {mode!r}: choose pairwise, rank or thumbs")
+    if mode == "thumbs":
+        return [(completion,) for row in rows for completion in range(len(row["completions"]))]
     items = []
     for index, row in enumerate(rows):
         count = len(row["completions"])
@@ -117,6 +134,39 @@ def label_items(rows: list[dict], mode: str, content_hash: str) -> list[tuple[in
         pairs = mixed or pairs
         items.append(random.Random(f"{content_hash}:{index}").choice(pairs))
     return items
+
+
+def item_rows(rows: list[dict], mode: str) -> list[int]:
+    """The candidates row of each item: the item itself, except in thumbs mode (one item per completion)."""
+    if mode == "thumbs":
+        return [index for index, row in enumerate(rows) for _ in row["completions"]]
+    return list(range(len(rows)))
+
+
+def check_rubric(rubric: Sequence[str] | str | None) -> tuple[str, ...]:
+    """`--rubric helpfulness,harmlessness` -> ("helpfulness", "harmlessness"): names, each once."""
+    if rubric is None:
+        return ()
+    names = [name.strip() for name in rubric.split(",")] if isinstance(rubric, str) else list(rubric)
+    for name in names:
+        if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise AlignError(f"--rubric takes attribute names separated by commas, like helpfulness,honesty ({name!r})")
+    if len(set(names)) != len(names):
+        raise AlignError(f"--rubric names an attribute twice: {','.join(names)}")
+    return tuple(names)
+
+
+def check_rubric_scores(scores: dict, rubric: Sequence[str], labels: Sequence[str]) -> None:
+    """Scores sent with a vote when the app asks for a rubric: each key names an attribute (thumbs mode: the one
+    reply) or an attribute and a completion as shown (`helpfulness:A`), each value a whole number from 1 to 5."""
+    low, high = RUBRIC_RANGE
+    keys = set(rubric) if len(labels) == 1 else {f"{name}:{label}" for name in rubric for label in labels}
+    for key, value in scores.items():
+        if key not in keys:
+            raise LabelError(f"score {key!r} is not asked for here: the rubric scores are {', '.join(sorted(keys))}")
+        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and value == int(value)
+        if not whole or not low <= value <= high:
+            raise LabelError(f"score {key!r} must be a whole number from {low} to {high} (got {value!r})")
 
 
 def check_candidates(version, rows: list[dict], mode: str) -> None:
@@ -311,6 +361,140 @@ def agreement(votes: Sequence[Vote]) -> dict:
     }
 
 
+# Feedback: labels on single completions (KTO), and rubric scores
+
+
+@dataclass(frozen=True)
+class Label:
+    """One annotator's verdict on one completion of one candidates row."""
+
+    annotator: str
+    row: int
+    completion: int
+    desirable: bool
+    source: str  # thumbs | both-bad | pairwise
+
+
+def feedback_labels(candidates: list[dict], votes: Iterable[Vote], *, include_pairwise: bool = False) -> list[Label]:
+    """Thumbs votes, both-bad votes (every completion shown is undesirable) and, with `include_pairwise`, pairwise
+    votes (the chosen completion desirable, the other not) as labels on completions. When one annotator labelled
+    the same completion twice, the later vote counts."""
+    thumbs_rows = item_rows(candidates, "thumbs")
+    found: dict[tuple, Label] = {}
+    for vote in sorted(votes, key=lambda v: v.id):
+        verdicts: list[tuple[int, int, bool, str]] = []  # (row, completion, desirable, source)
+        if vote.mode == "thumbs" and vote.choice in ("up", "down"):
+            verdicts.append((thumbs_rows[vote.item], vote.shown[0], vote.choice == "up", "thumbs"))
+        elif vote.mode != "thumbs" and vote.choice == "both-bad":
+            verdicts += [(vote.item, completion, False, "both-bad") for completion in vote.shown]
+        elif include_pairwise and vote.mode == "pairwise" and vote.choice in ("A", "B"):
+            chosen, rejected = vote.shown if vote.choice == "A" else vote.shown[::-1]
+            verdicts += [(vote.item, chosen, True, "pairwise"), (vote.item, rejected, False, "pairwise")]
+        for row, completion, desirable, source in verdicts:
+            found[(vote.annotator, row, completion)] = Label(vote.annotator, row, completion, desirable, source)
+    return list(found.values())
+
+
+@dataclass
+class FeedbackAggregate:
+    rows: list[dict]
+    completions: int = 0  # completions with at least one label
+    desirable: int = 0
+    undesirable: int = 0
+    split: int = 0  # as many desirable as undesirable labels: dropped
+    too_few: int = 0
+    sources: dict | None = None  # labels by source: thumbs, both-bad, pairwise
+
+
+def aggregate_feedback(
+    candidates: list[dict], votes: Iterable[Vote], *, include_pairwise: bool = False, min_votes: int = 1
+) -> FeedbackAggregate:
+    """Feedback rows from votes: the majority label per completion (see the module docstring)."""
+    if min_votes < 1:
+        raise AlignError(f"--min-votes must be at least 1 (got {min_votes})")
+    labels = feedback_labels(candidates, votes, include_pairwise=include_pairwise)
+    tally: dict[tuple[int, int], Counter] = defaultdict(Counter)
+    for label in labels:
+        tally[(label.row, label.completion)][label.desirable] += 1
+    result = FeedbackAggregate(rows=[], completions=len(tally), sources=dict(Counter(label.source for label in labels)))
+    for (row, completion), counts in sorted(tally.items()):
+        if sum(counts.values()) < min_votes:
+            result.too_few += 1
+            continue
+        if counts[True] == counts[False]:
+            result.split += 1
+            continue
+        desirable = counts[True] > counts[False]
+        result.desirable += desirable
+        result.undesirable += not desirable
+        candidate = candidates[row]
+        result.rows.append(
+            {"prompt": candidate["prompt"], "completion": candidate["completions"][completion], "label": desirable}
+        )
+    return result
+
+
+def feedback_agreement(candidates: list[dict], votes: Sequence[Vote], *, include_pairwise: bool = False) -> dict:
+    """Agreement on the desirable / undesirable labels, completion by completion (the keys `agreement` gives)."""
+    units: dict[tuple, dict] = defaultdict(dict)
+    for label in feedback_labels(candidates, votes, include_pairwise=include_pairwise):
+        units[(label.row, label.completion)][label.annotator] = label.desirable
+    return {
+        "krippendorff_alpha": krippendorff_alpha(units.values()),
+        "pairwise_agreement": pairwise_agreement(units.values()),
+        "annotators": len({annotator for unit in units.values() for annotator in unit}),
+        "votes": sum(vote.counted for vote in votes),
+        "cohen_kappa": [],
+    }
+
+
+def rubric_scores(candidates: list[dict], votes: Iterable[Vote]) -> dict:
+    """Rubric scores per completion and attribute: {"items": [{"row", "completion", "attribute", "mean", "n",
+    "spread"}, ...], "attributes": {name: {"scores", "completions", "mean", "exact_agreement", "within_one"}}}, or
+    {} without any. A vote's key is the attribute (thumbs: its one completion) or `attribute:LETTER`, the completion
+    shown under that letter. Agreement: the share of pairs of annotators on the same completion who gave the same
+    score, and who were at most one point apart. When one annotator scored a completion twice, the later counts."""
+    thumbs_rows = item_rows(candidates, "thumbs")
+    found: dict[tuple, float] = {}
+    for vote in sorted(votes, key=lambda v: v.id):
+        for key, value in (vote.scores or {}).items():
+            attribute, _, letter = key.partition(":")
+            position = LETTERS.find(letter) if letter else 0
+            if not attribute or position < 0 or position >= len(vote.shown) or (not letter and len(vote.shown) > 1):
+                continue  # scores that are not rubric scores (the JSON API takes any names without --rubric)
+            row = thumbs_rows[vote.item] if vote.mode == "thumbs" else vote.item
+            found[(attribute, row, vote.shown[position], vote.annotator)] = float(value)
+    by_unit: dict[tuple, dict] = defaultdict(dict)
+    for (attribute, row, completion, annotator), value in found.items():
+        by_unit[(attribute, row, completion)][annotator] = value
+    if not by_unit:
+        return {}
+    items, attributes = [], {}
+    for (attribute, row, completion), scored in sorted(by_unit.items()):
+        values = list(scored.values())
+        items.append(
+            {
+                "row": row,
+                "completion": completion,
+                "attribute": attribute,
+                "mean": statistics.fmean(values),
+                "n": len(values),
+                "spread": max(values) - min(values),
+            }
+        )
+    for attribute in sorted({key[0] for key in by_unit}):
+        units = [scored for key, scored in by_unit.items() if key[0] == attribute]
+        scores = [value for unit in units for value in unit.values()]
+        attributes[attribute] = {
+            "scores": len(scores),
+            "completions": len(units),
+            "mean": statistics.fmean(scores),
+            "exact_agreement": pairwise_agreement(units),
+            "within_one": pairwise_agreement(units, tolerance=1),
+        }
+    return {"items": items, "attributes": attributes}
+
+
 # The Quality tab
 
 
@@ -322,7 +506,7 @@ def quality(candidates: list[dict], votes: Sequence[Vote]) -> dict:
         counted = [vote for vote in chosen if vote.counted]
         decisive = [vote for vote in counted if vote.choice in ("A", "B")]
         seconds = [vote.seconds for vote in counted if vote.seconds is not None]
-        gold = [_gold_correct(candidates[vote.item], vote) for vote in counted]
+        gold = [_gold_correct(candidates, vote) for vote in counted]
         gold = [correct for correct in gold if correct is not None]
         return {
             "annotator": name,
@@ -346,9 +530,12 @@ def quality(candidates: list[dict], votes: Sequence[Vote]) -> dict:
     }
 
 
-def _gold_correct(row: dict, vote: Vote) -> bool | None:
-    """Did the vote pick the known best completion? None when the row has no gold or the gold was not shown."""
-    gold = row.get("gold")
+def _gold_correct(candidates: list[dict], vote: Vote) -> bool | None:
+    """Did the vote pick the known best completion? None when the row has no gold or the gold was not shown, and for
+    a thumbs vote (one completion judged alone)."""
+    if vote.mode == "thumbs":
+        return None
+    gold = candidates[vote.item].get("gold")
     if gold is None or gold not in vote.shown:
         return None
     if vote.choice in ("A", "B"):
@@ -477,9 +664,11 @@ class LabelStore:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock=time.time,
         seed: int | None = None,
+        rubric: Sequence[str] | str | None = None,
     ):
         if mode not in MODES:
-            raise AlignError(f"unknown --mode {mode!r}: choose pairwise or rank")
+            raise AlignError(f"unknown --mode {mode!r}: choose pairwise, rank or thumbs")
+        self.rubric = check_rubric(rubric)
         if overlap < 1:
             raise AlignError(f"--overlap must be at least 1 (got {overlap})")
         if lease_seconds <= 0:
@@ -489,6 +678,7 @@ class LabelStore:
         self.rows = registry.rows(self.version) if self.version.kind == "candidates" else []
         check_candidates(self.version, self.rows, mode)
         self.items = label_items(self.rows, mode, self.version.content_hash)
+        self.item_rows = item_rows(self.rows, mode)
         self.tables = registry.labels
         self._random = random.Random(seed) if seed is not None else random.SystemRandom()
         self._random_lock = threading.Lock()
@@ -548,11 +738,12 @@ class LabelStore:
         scores: dict | None = None,
     ) -> Receipt:
         """Record one vote on a leased item. `ranking` (rank mode): the rank of each completion in the order shown.
-        Refused (LabelError) unless the lease is this annotator's and still stands."""
+        `scores`: with a rubric, 1-5 per attribute (see check_rubric_scores). Refused (LabelError) unless the lease
+        is this annotator's and still stands."""
         if not _is_integer(lease):
             low, high = INTEGER_RANGE
             raise LabelError(f"field 'lease' must be a whole number from {low} to {high} (got {lease!r})")
-        choices = PAIRWISE_CHOICES if self.mode == "pairwise" else RANK_CHOICES
+        choices = CHOICES[self.mode]
         if choice not in choices:
             raise LabelError(f"choice {choice!r} is not one of {', '.join(choices)} ({self.mode} mode)")
         if (choice == "rank") != (ranking is not None):
@@ -569,6 +760,8 @@ class LabelStore:
             if held.mode != self.mode:
                 raise LabelError(f"item lease {lease} belongs to {held.mode} mode, not {self.mode}")
             item, shown = held.item, list(held.shown)
+            if scores and self.rubric:
+                check_rubric_scores(scores, self.rubric, LETTERS[: len(shown)])
             used = tables.vote_on_lease(lease)
             if used is not None:
                 if tables.is_undone(used):
@@ -591,7 +784,7 @@ class LabelStore:
                 if len(ranking) != len(shown):
                     raise LabelError(f"the ranking has {len(ranking)} ranks for {len(shown)} completions shown")
                 dense = normalize_ranking(list(ranking))
-                by_index = [0] * len(self.rows[item]["completions"])
+                by_index = [0] * len(self.rows[self.item_rows[item]]["completions"])
                 for position, index in enumerate(shown):
                     by_index[index] = dense[position]
             vote = tables.add_vote(
@@ -663,11 +856,26 @@ def _is_scores(scores) -> bool:
 # align data from-labels
 
 
-def from_labels(registry, candidates: str, *, name: str, ties: str = "drop", min_votes: int = 1):
-    """Aggregate the standing votes on a candidates version into a `preference` version. Returns (version,
-    Aggregate, agreement). Lineage: the candidates, and a snapshot of the votes used ('comparisons:ID').
+def from_labels(
+    registry,
+    candidates: str,
+    *,
+    name: str,
+    ties: str = "drop",
+    min_votes: int = 1,
+    kind: str = "preference",
+    include_pairwise: bool = False,
+):
+    """Aggregate the standing votes on a candidates version into a `preference` version, or with kind="feedback"
+    a `feedback` version (thumbs and both-bad votes; pairwise votes too with `include_pairwise`). Returns (version,
+    Aggregate or FeedbackAggregate, agreement). Lineage: the candidates, and a snapshot of the votes used
+    ('comparisons:ID'). Rubric scores, averaged per completion and attribute, go into the version's meta.
     `arena:NAME` first snapshots that arena's battles as candidates with their comparisons (align.arena.snapshot)."""
     check_name(name)
+    if kind not in KINDS:
+        raise AlignError(f"--kind must be preference or feedback (got {kind!r})")
+    if include_pairwise and kind != "feedback":
+        raise AlignError("--include-pairwise makes feedback rows of pairwise votes: it goes with --kind feedback")
     if isinstance(candidates, str) and candidates.startswith("arena:"):  # arena votes: snapshot them first
         from align.arena import snapshot
 
@@ -680,18 +888,55 @@ def from_labels(registry, candidates: str, *, name: str, ties: str = "drop", min
         votes = tables.votes(version.id, upto=last) if last is not None else []
     if not any(vote.counted for vote in votes):
         raise AlignError(f"no votes on {version.ref} yet: collect some with `align label --candidates {version.ref}`")
-    result = aggregate(rows, votes, ties=ties, min_votes=min_votes)
-    if not result.rows:
-        raise AlignError(
-            f"no preference pairs left from {len(votes)} votes on {version.ref}: {result.ties_dropped} ties dropped "
-            f"(--ties keep keeps them), {result.both_bad} both bad, {result.too_few} below --min-votes {min_votes}"
-        )
-    numbers = agreement(votes)
-    used = [
-        {"id": v.id, "item": v.item, "annotator": v.annotator, "shown": list(v.shown), "choice": v.choice,
-         "ranking": list(v.ranking) if v.ranking else None}
-        for v in votes
-    ]  # fmt: skip
+    if kind == "feedback":
+        result = aggregate_feedback(rows, votes, include_pairwise=include_pairwise, min_votes=min_votes)
+        if not result.rows:
+            pairwise = "" if include_pairwise else "; --include-pairwise adds pairwise votes"
+            raise AlignError(
+                f"no feedback rows from {len(votes)} votes on {version.ref}: they hold no thumbs or both-bad votes, "
+                f"or every completion was split evenly ({result.split}) or below --min-votes {min_votes} "
+                f"({result.too_few}){pairwise}"
+            )
+        numbers = feedback_agreement(rows, votes, include_pairwise=include_pairwise)
+        counts = {
+            "labelled": result.completions,
+            "desirable": result.desirable,
+            "undesirable": result.undesirable,
+            "split": result.split,
+            "below_min_votes": result.too_few,
+            "labels_by_source": result.sources,
+        }
+    else:
+        votes = [vote for vote in votes if vote.mode != "thumbs"]  # one reply alone makes no pair
+        if not any(vote.counted for vote in votes):
+            raise AlignError(
+                f"no pairwise or rank votes on {version.ref}: thumbs votes make feedback rows (--kind feedback)"
+            )
+        result = aggregate(rows, votes, ties=ties, min_votes=min_votes)
+        if not result.rows:
+            raise AlignError(
+                f"no preference pairs left from {len(votes)} votes on {version.ref}: {result.ties_dropped} ties "
+                f"dropped (--ties keep keeps them), {result.both_bad} both bad, {result.too_few} below --min-votes "
+                f"{min_votes}"
+            )
+        numbers = agreement(votes)
+        counts = {
+            "judged": result.pairs,
+            "kept": result.kept,
+            "ties_kept": result.ties_kept,
+            "ties_dropped": result.ties_dropped,
+            "both_bad": result.both_bad,
+            "below_min_votes": result.too_few,
+        }
+    used = []
+    for v in votes:
+        entry = {"id": v.id, "item": v.item, "annotator": v.annotator, "shown": list(v.shown), "choice": v.choice,
+                 "ranking": list(v.ranking) if v.ranking else None}  # fmt: skip
+        if v.mode == "thumbs":
+            entry["mode"] = v.mode
+        if v.scores:
+            entry["scores"] = v.scores
+        used.append(entry)
     content_hash = hashlib.sha256(json.dumps(used, sort_keys=True).encode("utf-8")).hexdigest()
     snapshot = tables.add_snapshot(version.id, last, len(votes), content_hash)
     meta = {
@@ -704,22 +949,20 @@ def from_labels(registry, candidates: str, *, name: str, ties: str = "drop", min
             "standing_votes": len(votes),  # skips included, undone votes not
             "sha256": content_hash,
         },
-        "ties": ties,
         "min_votes": min_votes,
-        "pairs": {
-            "judged": result.pairs,
-            "kept": result.kept,
-            "ties_kept": result.ties_kept,
-            "ties_dropped": result.ties_dropped,
-            "both_bad": result.both_bad,
-            "below_min_votes": result.too_few,
-        },
     }
-    preference = registry.register(
+    if kind == "feedback":
+        meta |= {"include_pairwise": include_pairwise, "completions": counts}
+    else:
+        meta |= {"ties": ties, "pairs": counts}
+    rubric = rubric_scores(rows, votes)
+    if rubric:
+        meta["rubric"] = rubric
+    made = registry.register(
         result.rows,
         name=name,
-        kind="preference",
+        kind=kind,
         parents=[(version, "candidates"), (f"comparisons:{snapshot}", "votes")],
         meta=meta,
     )
-    return preference, result, numbers
+    return made, result, numbers

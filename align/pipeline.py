@@ -19,8 +19,10 @@ The steps, in order:
     dpo           DPO of the SFT adapter on the train preferences (align dpo); with `dpo_pairs: rm`, on pairs of
                   its own replies instead: it answers the train prompts n times (align generate), the reward
                   model ranks each prompt's replies best against worst (align rm score), DPO trains on those
+    kto           KTO of the SFT adapter (align kto) on the train preferences unpaired into feedback rows (chosen
+                  desirable, rejected undesirable), held-out pairs likewise; not in the default steps: add it
     ppo           PPO of the SFT adapter against the reward model, on prompts of the train preferences (align ppo)
-    eval          base, SFT, DPO and PPO on held-out prompts, judged by the reward model (align eval)
+    eval          base, SFT, DPO, KTO and PPO on held-out prompts, judged by the reward model (align eval)
 
 A step is identified by a fingerprint of its settings and the exact versions it reads. When a completed run
 of the step with the same fingerprint exists, its outputs are reused and the step is skipped; so a rerun is
@@ -40,8 +42,9 @@ from align.errors import AlignError
 from align.models import DTYPE_NAMES
 from align.registry import Registry
 
-STEPS = ("import", "expand", "sft", "generate", "preferences", "rm", "dpo", "ppo", "eval")
-DEFAULT_STEPS = tuple(step for step in STEPS if step != "expand")  # expansion waits for reviewers: asked for
+STEPS = ("import", "expand", "sft", "generate", "preferences", "rm", "dpo", "kto", "ppo", "eval")
+# expand and kto run only when asked for (expansion waits for reviewers)
+DEFAULT_STEPS = tuple(step for step in STEPS if step not in ("expand", "kto"))
 # align expand's settings an `expand:` block may hold
 EXPAND_KEYS = {"method", "n", "model", "operators", "review", "k", "machine_k", "round_size", "rouge_threshold"}
 EXPAND_KEYS |= {"min_words", "max_words", "max_rounds", "max_new_tokens", "temperature", "top_p", "batch_size", "dtype"}
@@ -88,6 +91,7 @@ class PipelineConfig:
     generate: dict = field(default_factory=dict)
     rm: dict = field(default_factory=dict)
     dpo: dict = field(default_factory=dict)
+    kto: dict = field(default_factory=dict)
     ppo: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
 
@@ -101,7 +105,7 @@ class PipelineConfig:
         unknown = [step for step in self.steps if step not in STEPS]
         if unknown:
             raise ValueError(f"config key 'steps': unknown step {unknown[0]!r}; the steps are {', '.join(STEPS)}")
-        for key in ("expand", "sft", "generate", "rm", "dpo", "ppo", "eval", "on_policy"):
+        for key in ("expand", "sft", "generate", "rm", "dpo", "kto", "ppo", "eval", "on_policy"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"config key '{key}' must be a mapping of settings")
         allowed = {
@@ -129,7 +133,7 @@ class PipelineConfig:
             if dtype is not None and dtype not in DTYPE_NAMES:
                 raise ValueError(f"config key '{key}.dtype' must be one of {', '.join(DTYPE_NAMES)} (got {dtype!r})")
         # The stage blocks are checked now, with placeholder inputs, so a typo fails before any step runs.
-        for stage in ("sft", "rm", "dpo", "ppo"):
+        for stage in ("sft", "rm", "dpo", "kto", "ppo"):
             stage_recipe(self, stage, {"dataset": "placeholder", "reward_model": "rm:placeholder"})
 
 
@@ -174,12 +178,14 @@ def stage_config_class(stage: str):
         from reward.train import RewardStageConfig as config_class
     elif stage == "dpo":
         from align.dpo import DPOStageConfig as config_class
+    elif stage == "kto":
+        from align.kto import KTOStageConfig as config_class
     elif stage == "ppo":
         from align.ppo import PPOStageConfig as config_class
     elif stage == "pipeline":
         config_class = PipelineConfig
     else:
-        raise AlignError(f"no stage '{stage}': known stages are sft, rm, dpo, ppo and pipeline")
+        raise AlignError(f"no stage '{stage}': known stages are sft, rm, dpo, kto, ppo and pipeline")
     return config_class
 
 
@@ -264,14 +270,16 @@ class Pipeline:
             "rm": {"train_prefs": "train_prefs", "test_prefs": "test_prefs"},
             "dpo": {"sft": "sft", "train_prefs": "train_prefs", "test_prefs": "test_prefs"}
             | ({"rm": "rm"} if config.dpo_pairs == "rm" else {}),
+            "kto": {"sft": "sft", "train_prefs": "train_prefs", "test_prefs": "test_prefs"},
             "ppo": {"sft": "sft", "rm": "rm", "train_prefs": "train_prefs"},
-            "eval": {"sft": "sft", "dpo": "dpo", "ppo": "ppo", "rm": "rm", "test_prefs": "test_prefs"},
+            "eval": {"sft": "sft", "dpo": "dpo", "kto": "kto", "ppo": "ppo", "rm": "rm", "test_prefs": "test_prefs"},
         }[step]
         inputs = {key: self.outputs.get(source) for key, source in needs.items()}
         files = {}
         if step == "import":
             files = {path: _file_hash(Path(path)) for path in (config.sft_data, config.preference_data)}
-        block = getattr(config, step, {}) if step in ("expand", "sft", "generate", "rm", "dpo", "ppo", "eval") else {}
+        blocks = ("expand", "sft", "generate", "rm", "dpo", "kto", "ppo", "eval")
+        block = getattr(config, step, {}) if step in blocks else {}
         recipe = block.get("recipe")
         recipe_text = Path(recipe).read_text(encoding="utf-8") if recipe else None
         votes = None
@@ -424,6 +432,24 @@ class Pipeline:
         pairs, _ = score_dataset(self.registry, self.outputs["rm"], candidates.ref, "pipeline-on-policy-pairs")
         return pairs.ref
 
+    def step_kto(self) -> dict:
+        from align.kto import KTOStageConfig, run_kto
+        from align.registry.schemas import unpair
+
+        made = {}
+        for key, name in (("train_prefs", "pipeline-feedback"), ("test_prefs", "pipeline-feedback-test")):
+            pairs = self.registry.resolve(self.outputs[key])
+            made[name] = self.registry.register(
+                unpair(self.registry.rows(pairs)), name=name, kind="feedback", parents=[(pairs, "pairs")]
+            ).ref
+        inputs = {
+            "model": self.outputs["sft"],
+            "dataset": made["pipeline-feedback"],
+            "eval_dataset": made["pipeline-feedback-test"],
+            "seed": self.config.seed,
+        }
+        return {"kto_feedback": made["pipeline-feedback"]} | self._train("kto", KTOStageConfig, run_kto, inputs)
+
     def step_ppo(self) -> dict:
         from align.ppo import PPOStageConfig, run_ppo
 
@@ -443,7 +469,8 @@ class Pipeline:
 
         block = dict(self.config.eval)
         prompts = self.registry.convert(self.outputs["test_prefs"], name="pipeline-eval-prompts", kind="prompts")
-        models = [self.config.base_model] + [self.outputs[key] for key in ("sft", "dpo", "ppo") if key in self.outputs]
+        models = [self.config.base_model]
+        models += [self.outputs[key] for key in ("sft", "dpo", "kto", "ppo") if key in self.outputs]
         settings = SamplingSettings(
             seed=self.config.seed,
             max_new_tokens=block.get("max_new_tokens", 64),

@@ -3,6 +3,8 @@
     align ppo --config recipes/ppo/smollm2-135m-lora.yaml
     align ppo --config recipes/ppo/smollm2-135m-lora.yaml --num_updates 40 --kl_coef 0.1
     align ppo --config recipes/ppo/smollm2-135m-lora.yaml --resume
+    # data-parallel over several processes or GPUs (DDP only; RLOO and GRPO also FSDP and DeepSpeed)
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align ppo --config recipes/ppo/smollm2-135m-lora.yaml
     # the same inputs and outputs with TRL's trainers instead of our PPO loop:
     align ppo --config recipes/ppo/smollm2-135m-rloo.yaml      (algo: rloo)
     align ppo --config recipes/ppo/smollm2-135m-grpo.yaml      (algo: grpo)
@@ -28,11 +30,21 @@ other, so only one role's activations are alive at a time.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from align.config import AdapterFields, StageFields, peft_config_for
+from align.distributed import (
+    broadcast_from_main,
+    broadcast_parameters,
+    is_main_process,
+    launcher,
+    wait_for_everyone,
+    world_size,
+)
+from align.errors import AlignError
 from align.models import load_model
 from align.ppo_core import (
     RewardFn,
@@ -132,6 +144,20 @@ class PPOStageConfig(StageFields, AdapterFields):
             )
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError("config key 'gradient_accumulation_steps' must divide mini_batch_size")
+        processes = world_size()  # under a launcher the batches are split across processes, not multiplied
+        if processes > 1:
+            keys = ("batch_size", "mini_batch_size") if self.algo == "ppo" else ("batch_size",)
+            for key in keys:
+                if getattr(self, key) % processes:
+                    raise ValueError(
+                        f"config key '{key}' ({getattr(self, key)}) is split across the {processes} processes of "
+                        f"this launch, so it must be a multiple of {processes}"
+                    )
+            if self.algo == "ppo" and (self.mini_batch_size // processes) % self.gradient_accumulation_steps:
+                raise ValueError(
+                    f"config key 'gradient_accumulation_steps' ({self.gradient_accumulation_steps}) must divide each "
+                    f"process's share of mini_batch_size ({self.mini_batch_size} / {processes} processes)"
+                )
         for key in ("learning_rate", "kl_coef", "vf_coef"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config key '{key}' must be 0 or more (got {getattr(self, key)!r})")
@@ -154,6 +180,11 @@ def run_ppo(
     the same checked inputs and run. `reward_fn` replaces the reward model (tests);
     `stop_after` ends the process after that many updates, as a kill would (tests of --resume)."""
     # Everything that can be wrong with the inputs fails here, before anything is registered or loaded.
+    if config.algo == "ppo" and launcher() in ("FSDP", "DeepSpeed"):
+        raise AlignError(
+            f"our PPO loop (algo: ppo) is data-parallel only: it does not run under {launcher()}. Launch it with "
+            "plain DDP (accelerate launch --multi_gpu, or recipes/accelerate/ddp.yaml), or use algo: rloo or grpo"
+        )
     data = stage_data(registry, config, kind="prompts")
     policy = policy_inputs(config, registry, reward_fn)
 
@@ -170,6 +201,7 @@ def run_ppo(
     with failures_recorded(registry, run):
         torch.manual_seed(config.seed)
         roles, _ = load_roles(config.model, registry, config)
+        broadcast_parameters(roles.trainable_parameters())  # every process starts from the main one's weights
         if reward_fn is None:
             reward_fn = registry_reward_fn(config.reward_model, registry, roles)
         train_prompts = [row["prompt"] for row in registry.rows(train_version)]
@@ -195,19 +227,24 @@ def run_ppo(
             before = history[0]["eval_before"]
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=config.num_updates, initial=start, desc="ppo", unit="update")
-        with progress, loggers_for(config, run, roles.model) as loggers:
+        # Under a launcher every process runs the loop on its share of each update's prompts; only the main one
+        # logs, writes the live metrics and saves the checkpoints (the trainable state is the same on all).
+        main = is_main_process()
+        quiet = {} if main else {"disable": True}  # (TQDM_DISABLE still applies to the main process's bar)
+        progress = tqdm(total=config.num_updates, initial=start, desc="ppo", unit="update", **quiet)
+        with progress, loggers_for(config, run, roles.model) if main else nullcontext() as loggers:
             for update in range(start, config.num_updates):
                 with mixed_precision(config, roles.model.device):
                     stats = ppo_update(roles, optimizer, kl, moments, train_prompts, config, reward_fn, update)
                 if update == 0:
                     stats["eval_before"] = before
                 history.append(stats)
-                append_live(run.dir, update + 1, stats)
-                loggers.log(update + 1, stats)
                 progress.update(1)
                 progress.set_postfix(score=f"{stats['objective/scores']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-                if (update + 1) % config.save_steps == 0 or update + 1 == config.num_updates:
+                if main:
+                    append_live(run.dir, update + 1, stats)
+                    loggers.log(update + 1, stats)
+                if main and ((update + 1) % config.save_steps == 0 or update + 1 == config.num_updates):
                     save_checkpoint(
                         checkpoints / f"update-{update + 1}", roles, optimizer, kl, moments, history, update + 1
                     )
@@ -216,6 +253,11 @@ def run_ppo(
         with mixed_precision(config, roles.model.device):
             after = mean_reward(roles.model, roles.tokenizer, eval_prompts, config, reward_fn)
 
+        # A process that failed stops the main one here, before anything is registered; then only the main process
+        # writes, and the others wait for the artifact it registers.
+        wait_for_everyone()
+        if not main:
+            return broadcast_from_main(None)
         metrics = {
             "eval_mean_reward_before": before,
             "eval_mean_reward": after,
@@ -228,7 +270,7 @@ def run_ppo(
         )
         _report(run, config, history, metrics, artifact)
         finish_policy_run(registry, run, artifact, metrics, eval_prompts=len(eval_prompts))
-        return artifact
+        return broadcast_from_main(artifact)
 
 
 def load_roles(start_ref: str, registry: Registry, config: PPOStageConfig) -> tuple[SharedBaseRoles, str]:

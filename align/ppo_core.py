@@ -6,7 +6,9 @@ the update. Kept free of the registry, so that tests and benchmarks use it direc
     SharedBaseScorer  a reward model that is a LoRA adapter on the same base, scored without a second copy of it
     rollout           sample responses with the policy's LoRA folded into the weights, and score them
     chunks            rows of a rollout without the padding they all share
-    ppo_update        one PPO update: rollouts, KL-penalised rewards, GAE, clipped policy and value losses
+    ppo_update        one PPO update: rollouts, KL-penalised rewards, GAE, clipped policy and value losses; under a
+                      launcher, data-parallel (align/distributed.py): each process rolls out its share of the
+                      prompts, gradients are averaged, whitening and the KL controller see every process's batch
 
 `config` below is the PPO stage's config: any object with its fields (batch_size, temperature, kl_coef, ...).
 """
@@ -24,6 +26,8 @@ from types import SimpleNamespace
 
 import torch
 
+from align.distributed import all_sum, average_gradients, gather_numbers, world_size
+from align.distributed import rank as process_rank
 from align.rl_utils import RunningMoments, entropy_from_logits, gae, masked_mean, policy_loss, value_loss, whiten
 
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
@@ -314,14 +318,16 @@ def chunks(batch: Rollout, rows: list[int], size: int):
 
 
 def mean_reward(model, tokenizer, prompts, config, reward_fn: RewardFn) -> float:
-    """Mean score of greedy responses to held-out prompts: the before/after number of the report."""
+    """Mean score of greedy responses to held-out prompts: the before/after number of the report. Under a launcher
+    each process answers its share of the prompts, and every process returns the mean over all of them."""
     if not prompts:
         return float("nan")
     model.eval()
-    scores = []
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = prompts[start : start + config.batch_size]
+    mine, scores = prompts[process_rank() :: world_size()], []
+    for start in range(0, len(mine), config.batch_size):
+        chunk = mine[start : start + config.batch_size]
         scores += rollout(model, tokenizer, chunk, config, reward_fn, do_sample=False).scores.tolist()
+    scores = gather_numbers(scores)
     return sum(scores) / len(scores)
 
 
@@ -339,7 +345,7 @@ def trainer_arguments(config) -> dict:
     names: what a Trainer-style logger records of our loop, and what TRL's RLOO and GRPO train with."""
     return {
         "learning_rate": config.learning_rate,
-        "per_device_train_batch_size": config.batch_size,
+        "per_device_train_batch_size": config.batch_size // world_size(),  # a launch's processes share the batch
         "max_steps": config.num_updates,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "max_grad_norm": config.max_grad_norm,
@@ -362,19 +368,24 @@ def ppo_update(
 ) -> dict:
     """One PPO update: a batch of rollouts, then `ppo_epochs` passes of minibatch gradient steps."""
     began = time.perf_counter()
-    # Seeded per update, so a resumed run draws the same prompts and samples as an uninterrupted one.
-    torch.manual_seed(config.seed + update)
+    # Under a launcher each process takes its share of the update's prompts (every process draws the same ones),
+    # and its minibatches are that share of the config's: gradients are averaged over processes before each step.
+    processes, rank = world_size(), process_rank()
+    # Seeded per update (and process), so a resumed run draws the same prompts and samples as an uninterrupted one.
+    torch.manual_seed((config.seed + update) * processes + rank)
     picker = random.Random(config.seed * 100003 + update)
     prompts = [train_prompts[picker.randrange(len(train_prompts))] for _ in range(config.batch_size)]
+    prompts = prompts[rank::processes]
+    size, mini_batch_size = len(prompts), config.mini_batch_size // processes
 
     roles.model.eval()
     roles.use("default")
     batch = rollout(roles.model, roles.tokenizer, prompts, config, reward_fn)
     mask = batch.response_mask
-    micro = config.mini_batch_size // config.gradient_accumulation_steps
+    micro = mini_batch_size // config.gradient_accumulation_steps
     # The rollout's log-probs under the policy and the reference, and the value estimates, in chunks of rows of
     # similar length, so that little of each forward pass is spent on padding.
-    by_length = sorted(range(config.batch_size), key=lambda i: int(batch.attention_mask[i].sum()))
+    by_length = sorted(range(size), key=lambda i: int(batch.attention_mask[i].sum()))
     old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask) for _ in range(3))
     with torch.no_grad():
         for rows, chunk in chunks(batch, by_length, micro):
@@ -385,7 +396,7 @@ def ppo_update(
     raw_scores = batch.scores.clone()
     scores = batch.scores
     if config.reward_norm:
-        moments.update(scores.tolist())
+        moments.update(gather_numbers(scores.tolist()))  # every process's scores: the moments stay the same on all
         scores = scores / moments.std
     if config.reward_clip is not None:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
@@ -396,19 +407,19 @@ def ppo_update(
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(last)), last] += scores.to(rewards.device)
     advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-    if config.whiten_advantages:
-        advantages = whiten(advantages, mask)
+    if config.whiten_advantages:  # by the mean and variance over every process's batch
+        advantages = whiten(advantages, mask, all_sum=all_sum if processes > 1 else None)
 
     roles.model.train()
     stats: dict[str, list[float]] = {
         k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac")
     }
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(config.batch_size).tolist()
-        for start in range(0, config.batch_size, config.mini_batch_size):
+        order = torch.randperm(size).tolist()
+        for start in range(0, size, mini_batch_size):
             optimizer.zero_grad()
             # Rows of similar length share a forward pass (the gradient sums over the whole minibatch anyway).
-            minibatch = sorted(order[start : start + config.mini_batch_size], key=by_length.index)
+            minibatch = sorted(order[start : start + mini_batch_size], key=by_length.index)
             for rows, chunk in chunks(batch, minibatch, micro):
                 width, m = chunk.width, mask[rows, : chunk.width]
                 new_logprobs, entropy = roles.logprobs("default", *chunk.inputs, config.temperature, with_entropy=True)
@@ -432,14 +443,14 @@ def ppo_update(
                     ("vf_clipfrac", vf_clipfrac),
                 ):
                     stats[key].append(float(value.detach()))
+            average_gradients(roles.trainable_parameters())  # the minibatch over every process
             torch.nn.utils.clip_grad_norm_(roles.trainable_parameters(), config.max_grad_norm)
             optimizer.step()
     roles.model.eval()
 
     mean_kl = float(token_kl.sum(1).mean())
     kl_value = kl.value
-    kl.update(mean_kl, config.batch_size)
-    return {
+    stats = {
         "update": update + 1,
         "objective/kl": mean_kl,
         "objective/kl_coef": kl_value,
@@ -455,6 +466,20 @@ def ppo_update(
         "eos_fraction": float(batch.contains_eos.float().mean()),
         "seconds": time.perf_counter() - began,
     }
+    # Means over every process (each holds the same number of rows), so the KL controller moves alike on all.
+    stats = mean_over_processes(stats)
+    kl.update(stats["objective/kl"], config.batch_size)
+    return stats
+
+
+def mean_over_processes(stats: dict) -> dict:
+    """Each value averaged over the processes of a launch, in one all-reduce (the identity in one process)."""
+    processes = world_size()
+    if processes == 1:
+        return stats
+    keys = list(stats)
+    totals = all_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
+    return {k: (stats[k] if k == "update" else float(v) / processes) for k, v in zip(keys, totals.tolist())}
 
 
 def _mean(values: list[float]) -> float:

@@ -8,6 +8,7 @@ registry reward model is the reward function: completions are decoded text, re-t
 from __future__ import annotations
 
 from align.config import peft_config_for
+from align.distributed import broadcast_from_main, is_main_process, wait_for_everyone
 from align.models import load_model
 from align.ppo_core import mean_reward, trainer_arguments
 from align.ppo_shared import PolicyInputs, finish_policy_run, register_policy, registry_reward_fn
@@ -78,6 +79,11 @@ def run_trl_algo(config, registry, run, policy: PolicyInputs, versions, *, resum
         trained = trainer.model
         after = mean_reward(trained, tokenizer, eval_prompts, config, score)
 
+        # A process that failed stops the main one here, before anything is registered; then only the main process
+        # writes, and the others wait for the artifact it registers.
+        wait_for_everyone()
+        if not is_main_process():
+            return broadcast_from_main(None)
         metrics = {"eval_mean_reward_before": before, "eval_mean_reward": after, "updates": trainer.state.global_step}
         artifact = register_policy(
             registry, run, config, trained, tokenizer, policy=policy, versions=versions, metrics=metrics
@@ -95,4 +101,4 @@ def run_trl_algo(config, registry, run, policy: PolicyInputs, versions, *, resum
         )
         write_report(run, f"{config.algo.upper()} report", summary=metrics, sections=[("Setup", setup)], plots=plots)
         finish_policy_run(registry, run, artifact, metrics, eval_prompts=len(eval_prompts))
-        return artifact
+        return broadcast_from_main(artifact)

@@ -23,9 +23,17 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return squares / (count - 1).clamp(min=1)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Scale to unit variance over the masked entries (and centre them unless shift_mean=False)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
+    """Scale to unit variance over the masked entries (and centre them unless shift_mean=False).
+
+    `all_sum` (align.distributed.all_sum) sums a tensor over the processes of a launch: the mean and the variance
+    are then those of every process's entries together, as one process holding the whole batch would have them."""
+    if all_sum is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        count = all_sum(mask.sum())
+        mean = all_sum((values * mask).sum()) / count.clamp(min=1)
+        var = all_sum(((values - mean) ** 2 * mask).sum()) / (count - 1).clamp(min=1)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

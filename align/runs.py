@@ -3,6 +3,11 @@ log its steps as they happen, and hand them to the `report_to` loggers. Its metr
 
     runs/ID/recipe.yaml     the values the user gave (recipe plus overrides): what `--resume` rebuilds from
     runs/ID/live.jsonl      one line per logged step while the run trains: what `align serve` plots live
+
+Under a launcher with several processes (`accelerate launch`, align/distributed.py) only the main process writes:
+it resolves the recipe to resume, registers the data split, opens the run and marks it failed; the others read
+what it wrote (the registry's versions and the run's folder) and train their share. A stage ends with
+`wait_for_everyone()` before the main process registers anything, so a process that failed stops it there.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from align import distributed
 from align.config import build_config, config_to_dict, parse_overrides, read_yaml
 from align.errors import AlignError
 from align.registry import DatasetVersion, Registry
@@ -43,8 +49,10 @@ def run_recipe(
 ):
     """`align STAGE`: build `config_class` from the recipe plus overrides (on --resume, the recipe the run started
     with) and call `run_stage(config, registry, recipe=..., resume=RUN_ID or None)`. Returns what it returns."""
+    distributed.start()  # under a launcher: join the other processes before a Trainer's config sets devices up
     registry = Registry(workspace)
-    recipe, source, run_id = recipe_for(registry, stage, config_path, overrides, resume)
+    found = recipe_for(registry, stage, config_path, overrides, resume) if distributed.is_main_process() else None
+    recipe, source, run_id = distributed.broadcast_from_main(found)  # the main process decides what resumes
     config = build_config(config_class, recipe, source=source)
     return run_stage(config, registry, recipe=recipe, resume=run_id)
 
@@ -84,7 +92,11 @@ class StageData:
         here (the same rows and seed give the same versions again)."""
         if self.eval_dataset is not None:
             return self.dataset, self.eval_dataset
-        return registry.split(self.dataset, test_size=self.eval_split, seed=self.seed)
+        refs = None
+        if distributed.is_main_process():  # the others read the versions the main process registered
+            refs = tuple(v.ref for v in registry.split(self.dataset, test_size=self.eval_split, seed=self.seed))
+        train_ref, eval_ref = distributed.broadcast_from_main(refs)
+        return registry.resolve(train_ref), registry.resolve(eval_ref)
 
 
 def stage_data(registry, config, kind: str) -> StageData:
@@ -107,29 +119,55 @@ def stage_data(registry, config, kind: str) -> StageData:
 def open_stage_run(registry, stage: str, config, *, inputs: Sequence[str], recipe: dict | None, resume):
     """Open (or resume) the run of a stage, recording its config, inputs and seed. A Trainer's config gets
     runs/ID/checkpoints as its output_dir (what --resume continues from). TensorBoard writes to runs/ID/logs (its
-    writer would otherwise default to ./runs/ when the first evaluation logs before training)."""
-    run = open_run(
-        registry,
-        stage,
-        recipe=recipe or {},
-        config_dict=config_to_dict(config),
-        inputs=inputs,
-        seed=config.seed,
-        resume=resume,
-    )
+    writer would otherwise default to ./runs/ when the first evaluation logs before training). Under a launcher
+    the main process opens the run and the others take it from the registry: one launch, one run."""
+    run_id = None
+    if distributed.is_main_process():
+        opened = open_run(
+            registry,
+            stage,
+            recipe=recipe or {},
+            config_dict=config_to_dict(config),
+            inputs=inputs,
+            seed=config.seed,
+            resume=resume,
+        )
+        run_id = opened.id
+        print(global_batch(config))
+    run = registry.get_run(distributed.broadcast_from_main(run_id))
     if hasattr(config, "output_dir"):  # TrainingArguments (PPO's own loop writes there itself)
         config.output_dir = str(run.dir / "checkpoints")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.dir / "logs")
     return run
 
 
+def global_batch(config) -> str:
+    """One line on the batch a step (an update, for PPO) trains on, over every process of the launch."""
+    processes = distributed.world_size()
+    if hasattr(config, "per_device_train_batch_size"):
+        per_device, steps = config.per_device_train_batch_size, config.gradient_accumulation_steps
+        return (
+            f"global batch {per_device * processes * steps} = {per_device} per device x {processes} "
+            f"process{'es' if processes > 1 else ''} x {steps} accumulation step{'s' if steps > 1 else ''}"
+        )
+    share = config.batch_size // processes
+    return f"global batch {config.batch_size} prompts per update = {share} per process x {processes}"
+
+
 @contextlib.contextmanager
 def failures_recorded(registry, run):
-    """Around a stage's work: when it raises (an interrupt too), the run is marked failed with the error."""
+    """Around a stage's work: when it raises (an interrupt too), the run is marked failed with the error. Under a
+    launcher the main process marks it: its own error, the backend's when a peer died in a collective, or
+    LaunchStopped when the launcher stopped it because another process failed."""
     try:
         yield
     except BaseException as exc:
-        registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
+        if distributed.is_main_process():
+            error = f"{type(exc).__name__}: {exc}"
+            processes = distributed.world_size()
+            if processes > 1:  # a peer's failure reaches the main process as a lost connection
+                error += f" [process 0 of {processes}: another process's own error is in the launch's log]"
+            registry.finish_run(run, status="failed", error=error)
         raise
 
 

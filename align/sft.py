@@ -7,6 +7,8 @@
     # any config key can be overridden; --resume continues the last interrupted sft run
     align sft --config recipes/sft/smollm2-135m-lora.yaml --dataset seed-tasks@1 --max_steps 20
     align sft --config recipes/sft/smollm2-135m-lora.yaml --resume
+    # several processes or GPUs, one run and one artifact (recipes/accelerate/, README "Scaling out")
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align sft --config recipes/sft/smollm2-135m-lora.yaml
 
 The loss is on assistant tokens only: each assistant turn becomes a conversational prompt/completion row
 (the conversation before it is the prompt), which TRL trains on the completion alone, under the model's own
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, SFTTrainer
 
 from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
+from align.distributed import broadcast_from_main, evaluate_before_training, is_main_process, wait_for_everyone
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
@@ -84,13 +87,18 @@ def run_sft(
             peft_config=peft_config_for(config),
             callbacks=[live_metrics_callback(run), *callbacks],
         )
-        before = trainer.evaluate(metric_key_prefix="before")
+        before = evaluate_before_training(trainer, metric_key_prefix="before")
         trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
         after = trainer.evaluate()
 
         kind = "model" if config.peft == "none" else "adapter"
         output_dir = run.dir / kind
-        trainer.save_model(str(output_dir))
+        trainer.save_model(str(output_dir))  # every process takes part (FSDP and ZeRO-3 gather the weights)
+        # Under a launcher: a process that failed stops the main one here, before anything is registered; then
+        # only the main process writes, and the others wait for the artifact it registers.
+        wait_for_everyone()
+        if not is_main_process():
+            return broadcast_from_main(None)
         tokenizer.save_pretrained(str(output_dir))
         metrics = {
             "eval_loss_before": before["before_loss"],
@@ -116,7 +124,7 @@ def run_sft(
             f"registered {artifact.ref}: eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss']:.3f} "
             f"(perplexity {metrics['eval_perplexity']:.2f}); report {run.dir / 'report.md'}"
         )
-        return artifact
+        return broadcast_from_main(artifact)
 
 
 def _perplexity(loss: float) -> float:

@@ -186,13 +186,14 @@ def krippendorff_alpha(units: Iterable[dict]) -> float | None:
     return 1 - (n - 1) * disagree_observed / disagree_expected
 
 
-def pairwise_agreement(units: Iterable[dict]) -> float | None:
-    """The share of agreeing pairs among all pairs of labels given to the same unit (None without any pair)."""
+def pairwise_agreement(units: Iterable[dict], *, tolerance: float | None = None) -> float | None:
+    """The share of agreeing pairs among all pairs of labels given to the same unit (None without any pair).
+    `tolerance`: numeric labels agree when at most that far apart (1: scores 3 and 4 agree)."""
     agree = total = 0
     for unit in units:
         for a, b in itertools.combinations(list(unit.values()), 2):
             total += 1
-            agree += a == b
+            agree += a == b if tolerance is None else abs(a - b) <= tolerance
     return agree / total if total else None
 
 

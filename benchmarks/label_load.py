@@ -1,4 +1,4 @@
-"""Votes under load: simulated annotators vote through the ranking app's Gradio queue, the path a browser takes.
+"""Votes under load: simulated annotators vote through the ranking app's Gradio events, the path a browser takes.
 
     python benchmarks/label_load.py                                   # N = 1, 20, 50 for 20 s each, then kill -9
     python benchmarks/label_load.py --annotators 20 --seconds 10 --no-kill
@@ -9,12 +9,14 @@ Everything runs on this machine, against 127.0.0.1 only, for a bounded time:
     (100,000 by default, each with the lease it used, written in one transaction through align/registry's label
     tables, as the app writes them; 0.5% of them undone, 3% skips), with room left for new votes.
  2. `align label` started as a subprocess, login required: one annotator per simulated person.
- 3. For each N: N annotators log in with gradio_client (Gradio's own client, speaking the queue protocol the
-    browser speaks: join the queue, read the result from the event stream) and load the page, whose load event
-    hands each an item. Then for SECONDS each one, in a loop: waits a think time drawn uniformly from 0 to 2 x
-    THINK seconds, clicks a vote button chosen at random (the event the button fires in the browser, with the
-    lease and reason boxes as inputs), and times the round trip from submitting the event to its result, which
-    shows the next item. votes/s counts the votes answered within the SECONDS.
+ 3. For each N: N annotators log in with gradio_client (Gradio's own client) and load the page, whose load event
+    (queued: join the queue, read the result from the event stream) hands each an item. Then for SECONDS each one,
+    in a loop: waits a think time drawn uniformly from 0 to 2 x THINK seconds, clicks a vote button chosen at
+    random (the event the button fires in the browser, with the lease and reason boxes as inputs), and times the
+    round trip from sending the event to its result, which shows the next item. The vote events skip Gradio's
+    queue (queue=False), so, as the browser does, the client POSTs them to the event's run route with the page's
+    session and reads the result from the response; a queued vote event would go through the queue instead.
+    votes/s counts the votes answered within the SECONDS.
  4. The kill -9 check: KILL_ANNOTATORS annotators vote as above; after KILL_AFTER seconds the server gets SIGKILL
     (no shutdown, no flush) while votes are in flight. The server starts again on the same workspace; each
     annotator logs in again, loads the page, re-sends the vote that was in flight (same lease, same choice: the
@@ -200,6 +202,7 @@ class Annotator:
     ref: str
     lease: int = 0
     sent: list[Sent] = field(default_factory=list)
+    http: httpx.Client | None = None  # for the events that skip the queue
 
     @classmethod
     def login(cls, url: str, name: str, ref: str) -> Annotator:
@@ -213,12 +216,14 @@ class Annotator:
             httpx_kwargs={"timeout": 60},
         )
         annotator = cls(name, client, vote_events(client.config), ref)
+        # The page's own connection for the events that skip the queue (the login cookie; plain HTTP on loopback)
+        annotator.http = httpx.Client(cookies=client.cookies, verify=False, timeout=httpx.Timeout(60, connect=10))
         annotator.load()
         return annotator
 
     def load(self) -> None:
         """What the browser does on opening the page: the load event shows the annotator's item."""
-        self.show(self.client.submit(self.ref, api_name=self.events["load"]).result(timeout=120))
+        self.show(self.client.submit(self.ref, api_name=self.events["load"].api_name).result(timeout=120))
 
     def show(self, outputs) -> None:
         self.lease = int(outputs[0] or 0)  # the hidden lease box is the first output
@@ -230,20 +235,11 @@ class Annotator:
         `timeout` seconds)."""
         sent = Sent(self.name, self.lease if lease is None else lease, None, choice, time.monotonic())
         self.sent.append(sent)
-        job = self.client.submit(self.ref, str(sent.lease), "", api_name=self.events[choice])
-        while True:
-            try:
-                outputs = job.result(timeout=0.25)
-                break
-            except TimeoutError:
-                if gone is not None and gone.is_set():
-                    raise Gone from None
-                if time.monotonic() - sent.started > timeout:
-                    raise TimedOut from None
-            except Exception as exc:
-                if gone is not None and gone.is_set():
-                    raise Gone from None
-                raise RuntimeError(f"{self.name}: the vote event failed: {exc}") from exc
+        event = self.events[choice]
+        if event.queued:
+            outputs = self.through_queue(event, sent, gone, timeout)
+        else:
+            outputs = self.direct(event, sent, gone, timeout)
         sent.latency = time.monotonic() - sent.started
         sent.status = next((text for text in outputs if isinstance(text, str) and text.startswith(SAID)), "")
         if not sent.status:
@@ -253,21 +249,76 @@ class Annotator:
         self.show(outputs)
         return sent
 
+    def through_queue(self, event: Event, sent: Sent, gone, timeout: float) -> list:
+        """A queued event, as the browser sends it: join Gradio's queue, read the result from the event stream."""
+        job = self.client.submit(self.ref, str(sent.lease), "", api_name=event.api_name)
+        while True:
+            try:
+                return job.result(timeout=0.25)
+            except TimeoutError:
+                if gone is not None and gone.is_set():
+                    raise Gone from None
+                if time.monotonic() - sent.started > timeout:
+                    raise TimedOut from None
+            except Exception as exc:
+                if gone is not None and gone.is_set():
+                    raise Gone from None
+                raise RuntimeError(f"{self.name}: the vote event failed: {exc}") from exc
+
+    def direct(self, event: Event, sent: Sent, gone, timeout: float) -> list:
+        """An event that skips the queue (queue=False), as the browser sends it: one POST to the event's run route
+        with the page's session and the login cookie; the outputs come back in its response."""
+        data = [self.ref, str(sent.lease), "", *[None] * (event.inputs - 3)]
+        body = {"data": data, "fn_index": event.fn_index, "trigger_id": event.trigger_id, "event_data": None}
+        try:
+            response = self.http.post(
+                f"{self.client.src.rstrip('/')}/gradio_api/run{event.api_name}",
+                json={**body, "session_hash": self.client.session_hash},
+            )
+        except httpx.TimeoutException:
+            raise TimedOut from None
+        except httpx.TransportError as exc:
+            if gone is not None and gone.is_set():
+                raise Gone from None
+            raise RuntimeError(f"{self.name}: the vote event failed: {exc}") from exc
+        if response.status_code != 200:
+            if gone is not None and gone.is_set():
+                raise Gone from None
+            raise RuntimeError(f"{self.name}: the vote event answered {response.status_code}: {response.text[:200]}")
+        return response.json()["data"]
+
     def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.client.close()
 
 
+@dataclass
+class Event:
+    """One event of the page, as its config describes it."""
+
+    api_name: str
+    fn_index: int
+    trigger_id: int
+    inputs: int
+    queued: bool
+
+
 def vote_events(config: dict) -> dict:
-    """The api_name of the page's load event and of each vote button's click event, found by the buttons' elem_ids."""
+    """The page's load event and each vote button's click event (an Event), found by the buttons' elem_ids."""
     ids = {component.get("props", {}).get("elem_id"): component["id"] for component in config["components"]}
     events = {}
     for dependency in config["dependencies"]:
         for target, trigger in dependency["targets"]:
+            event = Event(
+                "/" + dependency["api_name"], dependency["id"], target, len(dependency["inputs"]),
+                dependency.get("queue") is not False,
+            )  # fmt: skip
             if trigger == "load":
-                events["load"] = "/" + dependency["api_name"]
+                events["load"] = event
             for choice, elem_id in BUTTONS.items():
                 if trigger == "click" and target == ids.get(elem_id):
-                    events[choice] = "/" + dependency["api_name"]
+                    events[choice] = event
     missing = {"load", *BUTTONS} - set(events)
     if missing:
         raise RuntimeError(f"the page has no event for {sorted(missing)}: has the ranking app changed?")
@@ -506,7 +557,8 @@ def main() -> int:
         print(f"server: align label on {server.url} (started in {time.monotonic() - began:.1f} s)")
         print(
             f"each N votes for {args.seconds:g} s; think time uniform in [0, {2 * args.think:g}] s; latency = "
-            "submitting the vote event to its result through the Gradio queue (gradio_client); CPU ms/vote = CPU "
+            "sending the vote event to its result, the browser's path (a POST, the vote events skip the queue); "
+            "CPU ms/vote = CPU "
             "time of the server process (its idle queue polling included) and of these clients over the votes; "
             "load = the machine's 1-minute load average after the run"
         )

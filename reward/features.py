@@ -15,6 +15,8 @@ Two more choices about what the score head reads, used by the rm stage and by ev
     keep_layers(model, 24)                    # the decoder keeps its bottom 24 layers: the head reads layer 24
     pooled_scores(model, input_ids, attention_mask, reply_starts)   # the head on the mean of the reply's states
 
+A trainer calls both through `model(...)` (`add_feature_scoring`), so that DDP's wrapper sees the forward pass.
+
 The model is a sequence classifier (`AutoModelForSequenceClassification`, optionally wrapped by PEFT) whose
 decoder stack has `layers` and a final `norm`, as Llama-style models do (SmolLM2, Llama, Mistral, Qwen2).
 This module knows nothing of the registry.
@@ -136,6 +138,34 @@ def pooled_scores(
     hidden = stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     head = classifier(model).score
     return head(reply_mean(hidden, attention_mask, reply_starts).to(head.weight.dtype)).squeeze(-1)
+
+
+def add_feature_scoring(model) -> None:
+    """Let `model(...)` return the scores of `pooled_scores` and `score_states`, so a trainer's forward pass goes
+    through the model it was given, wrappers included:
+
+        model(input_ids=..., attention_mask=..., reply_start=...)                        # reply_mean pooling
+        model(inputs_embeds=STATES, attention_mask=..., cached_states=True[, reply_start=...])   # cached states
+
+    Both return scores [batch]. Under DistributedDataParallel a forward pass that reaches the decoder around the
+    wrapper leaves the gradients unsynchronised: each process would train its own copy. PEFT passes the keywords
+    through to the classifier, which `model` is or wraps."""
+    import types
+
+    scorer = classifier(model)
+    if getattr(scorer, "_align_feature_scoring", False):
+        return
+    original_forward = scorer.forward
+
+    def forward(self, *args, reply_start=None, cached_states=False, **kwargs):
+        if cached_states:
+            return score_states(self, kwargs["inputs_embeds"], kwargs["attention_mask"], reply_start)
+        if reply_start is not None:
+            return pooled_scores(self, kwargs["input_ids"], kwargs["attention_mask"], reply_start)
+        return original_forward(*args, **kwargs)
+
+    scorer.forward = types.MethodType(forward, scorer)
+    scorer._align_feature_scoring = True
 
 
 def keep_layers(model, count: int):

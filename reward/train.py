@@ -5,6 +5,8 @@
     # any config key can be overridden; --resume continues the last interrupted rm run
     align rm --config recipes/rm/smollm2-135m-lora.yaml --dataset hh-harmless-train --max_steps 30
     align rm --config recipes/rm/smollm2-135m-lora.yaml --resume
+    # several processes or GPUs, one run and one artifact (recipes/accelerate/, README "Scaling out")
+    accelerate launch --config_file recipes/accelerate/ddp.yaml -m align rm --config recipes/rm/smollm2-135m-lora.yaml
     # then: the same metrics on any preference version, and scores for any rows
     align rm eval --rm rm:rm --data hh-harmless-test
     align rm score --rm rm:rm --data seed-candidates --name seed-candidates-rm
@@ -28,6 +30,7 @@ from transformers import set_seed
 from trl import RewardConfig
 
 from align.config import AdapterFields, StageFields, peft_config_for
+from align.distributed import broadcast_from_main, is_main_process, wait_for_everyone
 from align.errors import AlignError
 from align.models import resolve_model
 from align.registry import Registry
@@ -209,7 +212,12 @@ def run_rm(
             trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
 
         output_dir = run.dir / "rm"
-        trainer.save_model(str(output_dir))
+        trainer.save_model(str(output_dir))  # every process takes part (FSDP and ZeRO-3 gather the weights)
+        # Under a launcher: a process that failed stops the main one here, before anything is registered; then
+        # only the main process evaluates and writes, and the others wait for the artifact it registers.
+        wait_for_everyone()
+        if not is_main_process():
+            return broadcast_from_main(None)
         tokenizer.save_pretrained(str(output_dir))
 
         eval_length = config.eval_max_length or config.max_length
@@ -256,7 +264,7 @@ def run_rm(
             f"mean margin {metrics['eval_mean_margin']:.3f}, "
             f"ECE {metrics['eval_ece']:.3f}; report {run.dir / 'report.md'}"
         )
-        return artifact
+        return broadcast_from_main(artifact)
 
 
 def cache_states(model, examples: list[dict], cut: int, tokenizer, config) -> list[tuple]:

@@ -17,7 +17,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from align.errors import AlignError
-from reward.features import pad_states, pooled_scores, score_states
+from reward.features import add_feature_scoring, pad_states
 from reward.loss import preference_loss
 
 
@@ -138,14 +138,25 @@ class PreferenceRewardTrainer(RewardTrainer):
                 "reply_start",
             ]
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        add_feature_scoring(self.model)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
+        # Scores come from `model(...)` (add_feature_scoring): under DDP the forward pass must go through its wrapper.
         if "states" in inputs:  # cached frozen-layer states: only the top layers run (inside top_layers_only)
             with self.accelerator.autocast():
-                scores = score_states(model, inputs["states"], inputs["attention_mask"], inputs.get("reply_start"))
+                scores = model(
+                    inputs_embeds=inputs["states"],
+                    attention_mask=inputs["attention_mask"],
+                    reply_start=inputs.get("reply_start"),
+                    cached_states=True,
+                )
             outputs = {"logits": scores.unsqueeze(-1)}
         elif "reply_start" in inputs:  # the head reads the mean of each reply's tokens
-            scores = pooled_scores(model, inputs["input_ids"], inputs["attention_mask"], inputs["reply_start"])
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            scores = model(input_ids=ids, attention_mask=mask, reply_start=inputs["reply_start"])
             outputs = {"logits": scores.unsqueeze(-1)}
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)

@@ -4,6 +4,8 @@
     align label --candidates seed-candidates --overlap 2   # http://127.0.0.1:7860/, log in as an annotator
     align label --candidates seed-candidates --open        # one local user ('local', an admin), no login
     align label --candidates my-cands@2 --mode rank        # order 3+ completions, ties allowed
+    align label --candidates seed-candidates --mode thumbs # one completion at a time: up or down (for KTO)
+    align label --candidates seed-candidates --rubric helpfulness,harmlessness,honesty   # + 1-5 per attribute
 
 Login is required whenever an annotator exists (Gradio's login page, checked against the salted scrypt hashes
 in the registry), and --open is then refused; without annotators, the app starts only with --open. Admins
@@ -12,7 +14,13 @@ in the registry), and --open is then refused; without annotators, the app starts
 Pairwise mode shows the prompt as a conversation and two completions side by side, in an order drawn at
 random and stored with the vote. Keys: a or 1 = A better, b or 2 = B better, t = tie, x = both bad,
 s = skip, u = undo the last vote (keys do nothing while typing in a text box). Rank mode gives each completion
-a rank (1 = best, equal ranks = a tie); r = submit the ranking.
+a rank (1 = best, equal ranks = a tie); r = submit the ranking. Thumbs mode shows one completion: y or 1 = up
+(a good reply), n or 2 = down, s = skip; the reason box says why, if you like.
+
+With --rubric, each completion shown gets a 1-5 control per attribute beside the vote buttons; the scores go with
+the vote (optional: an attribute left blank is not stored). In the JSON API they are "scores": {"helpfulness": 4}
+in thumbs mode and {"helpfulness:A": 4, "helpfulness:B": 2} (the completion's letter as shown) otherwise; a value
+outside 1-5, or a name the rubric does not hold, is refused.
 
 Everything shown from the candidates is escaped and shown as text: a completion holding <script> shows the
 tag, it never runs.
@@ -26,7 +34,7 @@ annotator's name and password (none with --open); after too many failed logins t
 (ui.serving.Throttle).
 
     GET  /label-api/health                 {"status": "ok"}; logged in (or with --open) also "candidates", "mode",
-                                           "overlap", "items", "login"
+                                           "overlap", "items", "login" (and "rubric" when asked)
     GET  /label-api/item                   the item to label now: the same one until it is voted on
     POST /label-api/vote                   {"lease", "choice", "ranking"?, "reason"?, "scores"?}
                                            -> {"vote", "item", "duplicate", "next"}; 409 when refused, 422 for
@@ -79,17 +87,29 @@ RANK_BUTTONS = (
     ("both-bad", "All bad", "vote-both-bad", "x"),
     ("skip", "Skip", "vote-skip", "s"),
 )
+THUMBS_BUTTONS = (
+    ("up", "Up: a good reply", "vote-up", "y / 1"),
+    ("down", "Down: a bad reply", "vote-down", "n / 2"),
+    ("skip", "Skip", "vote-skip", "s"),
+)
+BUTTONS = {"pairwise": PAIRWISE_BUTTONS, "rank": RANK_BUTTONS, "thumbs": THUMBS_BUTTONS}
+RUBRIC_SCORES = [str(score) for score in range(1, 6)]
 SHORTCUTS = """
 <script>
 (() => {
-  const keys = {a: "vote-a", 1: "vote-a", b: "vote-b", 2: "vote-b", t: "vote-tie", 3: "vote-tie",
-                x: "vote-both-bad", 4: "vote-both-bad", s: "vote-skip", 5: "vote-skip", r: "vote-rank", u: "undo"};
+  const keys = {a: "vote-a", 1: "vote-a vote-up", b: "vote-b", 2: "vote-b vote-down", t: "vote-tie", 3: "vote-tie",
+                x: "vote-both-bad", 4: "vote-both-bad", s: "vote-skip", 5: "vote-skip", r: "vote-rank", u: "undo",
+                y: "vote-up", n: "vote-down"};
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
     const target = event.target;
-    if (target && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName))) return;
-    const button = document.getElementById(keys[event.key.toLowerCase()]);
-    if (button && !button.disabled && button.offsetParent !== null) {  // not on a hidden tab
+    const choosing = target && target.tagName === "INPUT" && ["radio", "checkbox"].includes(target.type);  // a score
+    if (target && !choosing && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName))) {
+      return;
+    }
+    const button = (keys[event.key.toLowerCase()] || "").split(" ").map((id) => document.getElementById(id))
+      .find((found) => found && found.offsetParent !== null);  // the one on screen: not on a hidden tab
+    if (button && !button.disabled) {
       event.preventDefault();
       button.click();
     }
@@ -130,8 +150,11 @@ class LabelDesk:
         overlap: int = 2,
         open_access: bool = False,
         lease_seconds: float = 600.0,
+        rubric: str | list[str] | None = None,
     ):
-        self.store = LabelStore(registry, candidates, mode=mode, overlap=overlap, lease_seconds=lease_seconds)
+        self.store = LabelStore(
+            registry, candidates, mode=mode, overlap=overlap, lease_seconds=lease_seconds, rubric=rubric
+        )
         self.open_access = open_access
         check_access(registry, open_access)
         self.width = max(len(item) for item in self.store.items)  # completions shown at most
@@ -179,8 +202,10 @@ class LabelDesk:
             "mode": self.store.mode,
             "progress": asdict(self.store.progress(user)),
         }
+        if self.store.rubric:
+            view["rubric"] = list(self.store.rubric)
         if assignment.status == "item":
-            row = self.store.rows[assignment.item]
+            row = self.store.rows[self.store.item_rows[assignment.item]]
             view |= {
                 "lease": assignment.lease,
                 "item": assignment.item,
@@ -220,7 +245,9 @@ def progress_text(view: dict) -> str:
     )
 
 
+UNDO_LABEL = "Undo last vote"
 SAID = {"A": "A better", "B": "B better", "tie": "tie", "both-bad": "both bad", "skip": "skip", "rank": "ranking"}
+SAID |= {"up": "thumbs up", "down": "thumbs down"}
 NOTICES = {
     "done": "All done: every item you can label has its votes. Thank you!",
     "wait": "Every item left is being labelled by someone else right now. Check again in a minute.",
@@ -232,28 +259,30 @@ def build_blocks(desk: LabelDesk) -> gr.Blocks:
     with gr.Blocks(title=f"align label · {desk.store.version.ref}") as blocks:
         chosen = gr.Textbox(desk.store.version.ref, visible=False)
         with gr.Tabs():
-            on_load, outputs = label_panel(lambda ref: desk, chosen, mode=desk.store.mode, width=desk.width)
+            on_load, outputs = label_panel(
+                lambda ref: desk, chosen, mode=desk.store.mode, width=desk.width, rubric=desk.store.rubric
+            )
         blocks.load(on_load, [chosen], outputs)
     return blocks
 
 
-def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
+def label_panel(desk_for, chosen, *, mode: str, width: int, rubric: tuple[str, ...] = ()) -> tuple:
     """The Label and Quality tabs, built in the current Blocks context, for the desk `desk_for(ref)` of the
     candidates version named by the `chosen` component (a hidden box in `align label`, a dropdown in
-    `align serve`). Returns (load function, its outputs): run it on page load and whenever `chosen` changes."""
-    pairwise = mode == "pairwise"
-    buttons_spec = PAIRWISE_BUTTONS if pairwise else RANK_BUTTONS
-    width = 2 if pairwise else width
+    `align serve`). Returns (load function, its outputs): run it on page load and whenever `chosen` changes.
+    `rubric`: attributes scored 1-5 for each completion shown."""
+    buttons_spec = BUTTONS[mode]
+    width = {"pairwise": 2, "thumbs": 1}.get(mode, width)
 
     with gr.Tab("Label", id="label"):
         lease = gr.Textbox(visible=False, elem_id="lease")  # the lease of the item on screen, sent with each vote
         heading = gr.Markdown(elem_id="heading")
         progress = gr.Markdown(elem_id="progress")
         prompt = gr.HTML(elem_id="prompt", js_on_load=None)
-        panels, ranks = [], []
-        if pairwise:
+        panels, ranks, scores = [], [], []  # scores: (key, control) per attribute and completion
+        if mode != "rank":
             with gr.Row(equal_height=True):
-                for letter in "AB":
+                for letter in LETTERS[:width]:
                     panels.append(gr.HTML(elem_id=f"completion-{letter.lower()}", js_on_load=None))
         else:
             choices = [str(rank) for rank in range(1, width + 1)]
@@ -263,15 +292,24 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
                     ranks.append(
                         gr.Dropdown(choices, label=f"Rank of {letter}", elem_id=f"rank-{letter.lower()}", scale=0)
                     )
+        if rubric:
+            with gr.Row(elem_id="rubric"):
+                for letter in LETTERS[:width]:
+                    for attribute in rubric:
+                        key = attribute if width == 1 else f"{attribute}:{letter}"
+                        label = f"{attribute} (1-5)" if width == 1 else f"{attribute} of {letter} (1-5)"
+                        elem = f"score-{attribute}" + ("" if width == 1 else f"-{letter.lower()}")
+                        scores.append((key, gr.Radio(RUBRIC_SCORES, label=label, elem_id=elem, min_width=160)))
+        score_controls = [control for _, control in scores]
         reason = gr.Textbox(label="Reason (optional)", elem_id="reason", max_lines=4)
         with gr.Row():
             buttons = [gr.Button(label, elem_id=elem, variant="primary") for _, label, elem, _ in buttons_spec]
         with gr.Row():
-            undo = gr.Button("Undo last vote", elem_id="undo", size="sm")
+            undo = gr.Button(UNDO_LABEL, elem_id="undo", size="sm")
             again = gr.Button("Check for a new item", elem_id="next-item", size="sm")
         status = gr.Markdown(elem_id="status")
         keys = " · ".join(f"`{key}` {label}" for _, label, _, key in buttons_spec)
-        hint = "" if pairwise else "Rank 1 is the best; equal ranks are a tie. "
+        hint = {"pairwise": "", "rank": "Rank 1 is the best; equal ranks are a tie. "}.get(mode, "")
         gr.Markdown(f"{hint}Keys: {keys} · `u` undo (not while typing in a text box)")
     with gr.Tab("Quality", id="quality", visible=False, elem_id="quality-tab") as quality_tab:
         refresh = gr.Button("Refresh", elem_id="quality-refresh", size="sm")
@@ -288,12 +326,22 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             interactive=False,
         )
 
-    screen = [lease, heading, progress, prompt, *panels, *ranks, reason, status, *buttons, undo]
+    screen = [lease, heading, progress, prompt, *panels, *ranks, *score_controls, reason, status, *buttons, undo]
 
-    def render(desk: LabelDesk, view: dict, message: str = "", reason_text: str = "", *, shown_before: int = 0) -> list:
+    def render(
+        desk: LabelDesk,
+        view: dict,
+        message: str = "",
+        reason_text: str = "",
+        *,
+        shown_before: int = 0,
+        score_values: tuple = (),
+    ) -> list:
         """The screen for `view`. `shown_before`: the completions the screen showed before (a vote's item): with as
         many now, only values change, and plain values spare Gradio rebuilding a component per output (most of a
-        vote's time under load)."""
+        vote's time under load). `score_values`: the rubric controls' values to keep (a vote not saved), else
+        they are cleared for the next item."""
+        kept_scores = list(score_values) or [None] * len(score_controls)
         store = desk.store
         item = view["status"] == "item"
         shown = len(view.get("completions", ()))
@@ -310,11 +358,18 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
         panel_texts = [texts[i] if i < len(texts) else "" for i in range(len(panels))]
         if item and shown == shown_before:  # the same layout, the buttons still enabled
             panel_updates, rank_updates = panel_texts, [None] * len(ranks)
+            score_updates = kept_scores
             button_updates = [label for _, label, _, _ in buttons_spec]
+            undo_update = UNDO_LABEL
         else:
             panel_updates = [gr.HTML(value=text, visible=i < shown) for i, text in enumerate(panel_texts)]
             rank_updates = [gr.Dropdown(value=None, visible=i < shown) for i in range(len(ranks))]
+            score_updates = [
+                gr.Radio(value=value, visible=_letter(key, width) < max(shown, 1))
+                for (key, _), value in zip(scores, kept_scores)
+            ]
             button_updates = [gr.Button(interactive=item) for _ in buttons]
+            undo_update = gr.Button(interactive=True)  # always on once a version is open: "Nothing to undo." else
         return [
             str(view.get("lease") or ""),
             heading_text,
@@ -322,10 +377,11 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             body,
             *panel_updates,
             *rank_updates,
+            *score_updates,
             reason_text,
             message,
             *button_updates,
-            gr.Button(interactive=view["progress"]["mine"] > 0),
+            undo_update,
         ]
 
     def nothing(message: str) -> list:
@@ -337,6 +393,7 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             f'<div class="notice">{html.escape(message)}</div>',
             *[gr.HTML(value="", visible=False) for _ in panels],
             *[gr.Dropdown(value=None, visible=False) for _ in ranks],
+            *[gr.Radio(value=None) for _ in score_controls],
             "",
             "",
             *[gr.Button(interactive=False) for _ in buttons],
@@ -352,24 +409,36 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
         return [*render(desk, desk.current(user)), gr.Tab(visible=desk.is_admin(user))]
 
     def make_vote(choice: str):
-        def on_vote(request: gr.Request, ref: str, lease_value: str, reason_text: str, *rank_values):
+        def on_vote(request: gr.Request, ref: str, lease_value: str, reason_text: str, *values):
             desk = desk_for(ref)
             user = request_user(request, desk.open_access)
+            rank_values, score_values = values[: len(ranks)], values[len(ranks) :]
             try:
                 lease = lease_number(lease_value)
             except LabelError as exc:
                 return render(desk, desk.current(user), f"Not saved: {exc}", reason_text)
             shown = desk.store.lease_shown(lease) or ()  # the item on screen
+            given = {key: int(value) for (key, _), value in zip(scores, score_values) if value not in (None, "")}
             try:
                 ranking = None
                 if choice == "rank":
                     ranking = [int(value) for value in rank_values[: len(shown)] if value not in (None, "")]
                     if len(ranking) < len(shown):
                         message = "Not saved: give every completion a rank."
-                        return render(desk, desk.current(user), message, reason_text, shown_before=len(shown))
-                result = desk.vote(user, lease, choice, ranking=ranking, reason=reason_text)
+                        return render(
+                            desk,
+                            desk.current(user),
+                            message,
+                            reason_text,
+                            shown_before=len(shown),
+                            score_values=score_values,
+                        )
+                result = desk.vote(user, lease, choice, ranking=ranking, reason=reason_text, scores=given or None)
             except LabelError as exc:
-                return render(desk, desk.current(user), f"Not saved: {exc}", reason_text, shown_before=len(shown))
+                message = f"Not saved: {exc}"
+                return render(
+                    desk, desk.current(user), message, reason_text, shown_before=len(shown), score_values=score_values
+                )
             verb = "Already saved" if result["duplicate"] else "Saved"
             message = f"{verb}: {SAID[choice]} on item {result['item']}."
             return render(desk, result["next"], message, shown_before=len(shown))
@@ -397,15 +466,22 @@ def label_panel(desk_for, chosen, *, mode: str, width: int) -> tuple:
             return str(exc), None, None
         return quality_tables(report)
 
-    # A vote, an undo or the next item is a few short SQLite transactions, each thread on its own connection: no
-    # queue limit of their own (Gradio's worker threads bound them), so votes never wait behind each other's turn.
+    # A vote, an undo or the next item is a few short SQLite transactions, each thread on its own connection. They
+    # skip Gradio's queue (queue=False: the page POSTs the event and reads the answer from that one response): the
+    # queue's event stream costs several times the vote itself in server CPU, and nothing here needs its waiting
+    # line, progress or streaming. Gradio's worker threads bound how many run at once.
     for (choice, *_), button in zip(buttons_spec, buttons):
-        button.click(make_vote(choice), [chosen, lease, reason, *ranks], screen, concurrency_limit=None)
-    undo.click(on_undo, [chosen], screen, concurrency_limit=None)
-    again.click(on_again, [chosen], screen, concurrency_limit=None)
+        button.click(make_vote(choice), [chosen, lease, reason, *ranks, *score_controls], screen, queue=False)
+    undo.click(on_undo, [chosen], screen, queue=False)
+    again.click(on_again, [chosen], screen, queue=False)
     refresh.click(on_quality, [chosen], [summary, people, kappas])
     quality_tab.select(on_quality, [chosen], [summary, people, kappas])
     return on_load, [*screen, quality_tab]
+
+
+def _letter(key: str, width: int) -> int:
+    """The position of the completion a rubric control scores: `attribute:LETTER`, or 0 with one completion."""
+    return 0 if width == 1 else LETTERS.index(key.rpartition(":")[2])
 
 
 def lease_number(text: str) -> int:
@@ -520,7 +596,7 @@ def build_api(desk: LabelDesk):
         if user is None:
             return {"status": "ok"}  # anonymous: nothing about the data
         store = desk.store
-        return {
+        found = {
             "status": "ok",
             "candidates": store.version.ref,
             "mode": store.mode,
@@ -528,6 +604,7 @@ def build_api(desk: LabelDesk):
             "items": len(store.items),
             "login": desk.login_required,
         }
+        return found | ({"rubric": list(store.rubric)} if store.rubric else {})
 
     @app.get("/label-api/item")
     def item(user: User) -> dict:
@@ -588,6 +665,7 @@ def run_label(
     open_access: bool,
     lease_minutes: float,
     expose: bool = False,
+    rubric: str | None = None,
 ) -> None:
     """`align label`: serve until Ctrl-C."""
     from ui.serving import check_port, serve, url_for
@@ -595,7 +673,13 @@ def run_label(
     registry = Registry(workspace)
     check_host_access(registry, host, expose, open_access)
     desk = LabelDesk(
-        registry, candidates, mode=mode, overlap=overlap, open_access=open_access, lease_seconds=lease_minutes * 60
+        registry,
+        candidates,
+        mode=mode,
+        overlap=overlap,
+        open_access=open_access,
+        lease_seconds=lease_minutes * 60,
+        rubric=rubric,
     )
     app = create_app(desk)
     check_port(host, port)
@@ -605,6 +689,8 @@ def run_label(
         f"labeling {store.version.ref}: {len(store.items)} items, {store.mode} mode, each to {store.overlap} "
         f"annotator{'s' if store.overlap > 1 else ''} ({done['votes']} of {done['needed']} votes so far)"
     )
+    if store.rubric:
+        print(f"rubric: {', '.join(store.rubric)}, scored 1-5 for each completion shown (optional)")
     if open_access:
         print(f"single local user '{OPEN_USER}' (an admin), no login (--open)")
         if overlap > 1:

@@ -4,7 +4,7 @@ Each subcommand's handler imports what it needs when it runs, so `align --help` 
 Problems a user can fix (AlignError) print one clear message and exit with status 2.
 
     align/cli/data.py     align data, runs, models, annotators: the registry
-    align/cli/stages.py   align sft, rm, dpo, ppo (one parser each from a recipe), merge, pipeline, sweep
+    align/cli/stages.py   align sft, rm, dpo, kto, ppo (one parser each from a recipe), merge, pipeline, sweep
     align/cli/apps.py     align generate, label, compare, serve, eval, chat
     align/cli/expand.py   align expand, review
 """
@@ -16,6 +16,7 @@ import sys
 
 from align.cli import apps, data, expand, stages
 from align.cli.common import workspace_parent
+from align.distributed import world_size
 from align.errors import AlignError
 
 # The subcommands in the order `align --help` lists them
@@ -32,6 +33,7 @@ COMMANDS = (
     data.add_annotators,
     stages.add_ppo,
     stages.add_dpo,
+    stages.add_kto,
     stages.add_merge,
     stages.add_pipeline,
     stages.add_sweep,
@@ -78,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    processes = world_size()
+    if processes > 1 and not getattr(args, "distributed", False):
+        print(
+            f"error: `align {args.command}` runs in one process, and this is one of the {processes} processes of a "
+            "launch: run it without accelerate launch or torchrun (the training stages sft, rm, dpo and ppo run "
+            "under one)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return args.handler(args) or 0
     except AlignError as exc:

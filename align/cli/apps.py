@@ -48,9 +48,15 @@ def add_label(commands, common) -> None:
     p.add_argument("--candidates", required=True, metavar="CANDS[@V]", help="a candidates dataset")
     p.add_argument(
         "--mode",
-        choices=("pairwise", "rank"),
+        choices=("pairwise", "rank", "thumbs"),
         default="pairwise",
-        help="pairwise: A vs B (one pair per row); rank: order all completions, ties allowed (default: pairwise)",
+        help="pairwise: A vs B (one pair per row); rank: order all completions, ties allowed; thumbs: one "
+        "completion at a time, up or down, for KTO (default: pairwise)",
+    )
+    p.add_argument(
+        "--rubric",
+        metavar="ATTR1,ATTR2",
+        help="also score each completion shown 1-5 on these attributes, e.g. helpfulness,harmlessness,honesty",
     )
     p.add_argument(
         "--overlap", type=int, help="distinct annotators per item (default: 2; 1 with --open, its single user)"
@@ -114,7 +120,9 @@ def add_serve(commands, common) -> None:
     p.add_argument(
         "--candidates", metavar="CANDS[@V]", help="the candidates the Label tab opens on (default: the newest)"
     )
-    p.add_argument("--mode", choices=("pairwise", "rank"), default="pairwise", help="labeling mode (default: pairwise)")
+    p.add_argument(
+        "--mode", choices=("pairwise", "rank", "thumbs"), default="pairwise", help="labeling mode (default: pairwise)"
+    )
     p.add_argument("--overlap", type=int, help="distinct annotators per item (default: 2 with login, else 1)")
     p.add_argument("--arena", default="default", metavar="NAME", help="the arena battle votes go to (default: default)")
     p.add_argument("--lease-minutes", type=float, default=10.0, help="how long an item is held for its annotator")
@@ -247,6 +255,7 @@ def cmd_label(args) -> int:
         args.workspace,
         args.candidates,
         mode=args.mode,
+        rubric=args.rubric,
         overlap=args.overlap if args.overlap is not None else 1 if args.open else 2,
         host=args.host,
         port=args.port,

@@ -10,7 +10,7 @@ from align.cli.common import open_registry, print_table
 from align.cli.expand import add_from_review
 from align.errors import AlignError
 
-KIND_CHOICES = ("sft", "prompts", "candidates", "preference")
+KIND_CHOICES = ("sft", "prompts", "candidates", "preference", "feedback")
 FORMAT_CHOICES = ("auto", "trl", "alpaca", "self-instruct", "sharegpt", "hh")
 
 
@@ -67,9 +67,11 @@ def add_data(commands, common) -> None:
     p = data_commands.add_parser(
         "from-labels",
         parents=[common],
-        help="aggregate the votes on a candidates version into a preference version",
+        help="aggregate the votes on a candidates version into a preference (or feedback) version",
         description="Pairwise votes by majority; rankings expand into every pair. Each pair gets a margin and a "
-        "weight from how strongly the annotators agreed. Lineage: the candidates and a snapshot of the votes.",
+        "weight from how strongly the annotators agreed. --kind feedback makes KTO's unpaired rows instead: thumbs "
+        "up / down, and both-bad votes (every reply shown undesirable). Rubric scores are averaged per reply and "
+        "attribute into the version's meta. Lineage: the candidates and a snapshot of the votes.",
     )
     p.add_argument("ref", metavar="CANDS[@V]")
     p.add_argument("--name", required=True, help="name of the preference dataset")
@@ -77,6 +79,17 @@ def add_data(commands, common) -> None:
         "--ties", choices=("drop", "keep"), default="drop", help="keep tied pairs with tie=true (default: drop)"
     )
     p.add_argument("--min-votes", type=int, default=1, help="pairs with fewer votes are left out (default: 1)")
+    p.add_argument(
+        "--kind",
+        choices=("preference", "feedback"),
+        default="preference",
+        help="preference: pairs (default); feedback: single replies labelled desirable or not, for `align kto`",
+    )
+    p.add_argument(
+        "--include-pairwise",
+        action="store_true",
+        help="with --kind feedback: pairwise votes too (the chosen reply desirable, the other undesirable)",
+    )
     p.set_defaults(handler=cmd_data_from_labels)
 
     add_from_review(data_commands, common)
@@ -208,17 +221,37 @@ def cmd_data_from_labels(args) -> int:
     from align.labels import from_labels
 
     version, result, numbers = from_labels(
-        open_registry(args), args.ref, name=args.name, ties=args.ties, min_votes=args.min_votes
+        open_registry(args),
+        args.ref,
+        name=args.name,
+        ties=args.ties,
+        min_votes=args.min_votes,
+        kind=args.kind,
+        include_pairwise=args.include_pairwise,
     )
     alpha = numbers["krippendorff_alpha"]
     raw = numbers["pairwise_agreement"]
-    print(f"{version.ref}  {version.num_rows} rows  kind=preference  (from {version.meta['candidates']})")
-    print(
-        f"{numbers['votes']} votes by {numbers['annotators']} annotator{'' if numbers['annotators'] == 1 else 's'} "
-        f"on {result.pairs} pairs: "
-        f"{result.kept} kept, {result.ties_kept} ties kept, {result.ties_dropped} ties dropped, "
-        f"{result.both_bad} both bad, {result.too_few} below --min-votes"
-    )
+    people = f"{numbers['votes']} votes by {numbers['annotators']} annotator{'' if numbers['annotators'] == 1 else 's'}"
+    print(f"{version.ref}  {version.num_rows} rows  kind={version.kind}  (from {version.meta['candidates']})")
+    if version.kind == "feedback":
+        sources = ", ".join(f"{count} {source}" for source, count in sorted(result.sources.items()))
+        print(
+            f"{people}; labels on {result.completions} replies ({sources}): {result.desirable} desirable, "
+            f"{result.undesirable} undesirable, {result.split} split evenly (dropped), {result.too_few} below "
+            "--min-votes"
+        )
+    else:
+        print(
+            f"{people} on {result.pairs} pairs: "
+            f"{result.kept} kept, {result.ties_kept} ties kept, {result.ties_dropped} ties dropped, "
+            f"{result.both_bad} both bad, {result.too_few} below --min-votes"
+        )
+    for attribute, summary in version.meta.get("rubric", {}).get("attributes", {}).items():
+        within = summary["within_one"]
+        print(
+            f"rubric {attribute}: {summary['scores']} scores on {summary['completions']} replies, mean "
+            f"{summary['mean']:.2f}, annotators within one point: " + ("-" if within is None else f"{within:.0%}")
+        )
     print(
         "agreement: Krippendorff's alpha "
         + ("-" if alpha is None else f"{alpha:.3f}")

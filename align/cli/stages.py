@@ -37,6 +37,12 @@ def dpo_stage():
     return dpo.DPOStageConfig, dpo.main
 
 
+def kto_stage():
+    from align import kto
+
+    return kto.KTOStageConfig, kto.main
+
+
 def ppo_stage():
     from align import ppo
 
@@ -66,7 +72,7 @@ def add_stage(commands, common, name: str, stage, *, help: str, description: str
         help=f"continue the last interrupted {name} run (or RUN_ID) from its last checkpoint, with the recipe it "
         "started with",
     )
-    p.set_defaults(handler=run_stage, stage=stage, accepts_overrides=True)
+    p.set_defaults(handler=run_stage, stage=stage, accepts_overrides=True, distributed=True)  # see align.distributed
     return p
 
 
@@ -177,7 +183,7 @@ def add_rm(commands, common) -> None:
         help="rm:NAME[@V], comma-separated to compare side by side; a base model means an untrained head",
     )
     _add_rm_options(q)
-    q.set_defaults(handler=cmd_rm_eval, accepts_overrides=False)
+    q.set_defaults(handler=cmd_rm_eval, accepts_overrides=False, distributed=False)
     q = rm_actions.add_parser(
         "score",
         parents=[common],
@@ -186,7 +192,7 @@ def add_rm(commands, common) -> None:
     )
     q.add_argument("--rm", required=True, metavar="REF", help="rm:NAME[@V]; a base model: an untrained head")
     _add_rm_options(q, name="name of the scored (preference) dataset")
-    q.set_defaults(handler=cmd_rm_score, accepts_overrides=False)
+    q.set_defaults(handler=cmd_rm_score, accepts_overrides=False, distributed=False)
 
 
 def _add_rm_options(q, *, name: str | None = None) -> None:
@@ -219,6 +225,18 @@ def add_dpo(commands, common) -> None:
         help="DPO of an SFT adapter (or a base model) on a preference dataset",
         description="Train TRL's DPOTrainer from a recipe: the SFT adapter is the frozen reference, the policy a "
         "LoRA copy of it on the same base (e.g. --max_steps 20 --loss_type robust --label_smoothing auto).",
+    )
+
+
+def add_kto(commands, common) -> None:
+    add_stage(
+        commands,
+        common,
+        "kto",
+        kto_stage,
+        help="KTO of an SFT adapter (or a base model) on a feedback dataset (replies labelled good or bad)",
+        description="Train TRL's KTOTrainer from a recipe on unpaired feedback (thumbs votes, both-bad votes, a TRL "
+        "KTO file): the SFT adapter is the frozen reference, the policy a LoRA copy of it on the same base.",
     )
 
 

@@ -1,7 +1,8 @@
 """Read a data file, recognise its format, and turn every row into the canonical rows of one kind.
 
 Files: JSON Lines (optionally .gz), a JSON array, Parquet, CSV, or a folder saved by `datasets`.
-Formats: TRL (standard or conversational), alpaca, self-instruct seed tasks, ShareGPT, Anthropic HH.
+Formats: TRL (standard or conversational; KTO's unpaired prompt/completion/label rows too), alpaca, self-instruct
+seed tasks, ShareGPT, Anthropic HH.
 
 Every problem names the file, the line (or row), the field and the value. Nothing here touches the
 registry: the caller registers the rows only when the whole file converted cleanly.
@@ -367,7 +368,7 @@ def _read_csv(stream: _TextStream) -> Iterator[tuple[str, object]]:
 
 
 def _csv_cell(key: str, value: str | None) -> object:
-    if value is None or (value == "" and key in _CSV_NUMBER_FIELDS | {"tie"}):
+    if value is None or (value == "" and key in _CSV_NUMBER_FIELDS | {"tie", "label"}):
         return None
     stripped = value.strip()
     try:
@@ -377,7 +378,7 @@ def _csv_cell(key: str, value: str | None) -> object:
             return _DECODER.decode(stripped)
     except (json.JSONDecodeError, RecursionError):
         return value  # left as text: validation names the field and value
-    if key == "tie" and stripped.lower() in ("true", "false"):
+    if key in ("tie", "label") and stripped.lower() in ("true", "false"):
         return stripped.lower() == "true"
     return value
 
@@ -519,6 +520,8 @@ def trl_kind(keys: set) -> str | None:
         return "preference"
     if "completions" in keys:
         return "candidates"
+    if "completion" in keys and "label" in keys:
+        return "feedback"  # TRL's unpaired preference rows (KTO)
     if "completion" in keys:
         return "sft"
     if "prompt" in keys:
@@ -554,6 +557,7 @@ def convert_trl(row: dict, kind: str) -> tuple[dict, set]:
         "prompts": {"prompt", "reference"},
         "candidates": {"prompt", "completions", "sources", "gold", "generation"},
         "preference": {"prompt", "chosen", "rejected", "margin", "tie", "weight"},
+        "feedback": {"prompt", "completion", "label"},
     }[kind]
     ignored = set(row) - known
     if kind == "sft":
@@ -572,7 +576,7 @@ def convert_trl(row: dict, kind: str) -> tuple[dict, set]:
         out.update(_implicit_prompt(row))
     if "prompt" in out:
         out["prompt"] = _as_user("prompt", out["prompt"])
-    for key in ("chosen", "rejected"):
+    for key in ("chosen", "rejected", "completion"):
         if key in out:
             out[key] = _as_reply(out[key])
     if kind == "candidates":
@@ -811,7 +815,8 @@ def _undetectable(path: Path, location: str, raw: dict):
     fields = ", ".join(sorted(raw)) or "none"
     raise AlignError(
         f"{path} {location}: cannot tell the format from its fields ({fields}). Expected TRL fields "
-        "(messages | prompt/completion | prompt/chosen/rejected | prompt/completions | prompt), alpaca "
+        "(messages | prompt/completion | prompt/completion/label | prompt/chosen/rejected | prompt/completions | "
+        "prompt), alpaca "
         "(instruction/input/output), self-instruct (instruction/instances), ShareGPT (conversations) or "
         "Anthropic HH (chosen/rejected transcripts). Pass --format to say which."
     )

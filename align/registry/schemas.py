@@ -1,4 +1,4 @@
-"""The four dataset kinds, their canonical row schemas, and the checks every stored row passes.
+"""The five dataset kinds, their canonical row schemas, and the checks every stored row passes.
 
 Rows follow TRL's conversational formats, so a registry version loads straight into a TRL trainer:
 
@@ -9,6 +9,9 @@ Rows follow TRL's conversational formats, so a registry version loads straight i
                                                                (+ optional "gold": int, "generation": str)
     preference   {"prompt": [...], "chosen": [msg, ...], "rejected": [msg, ...]}
                                                                (+ optional "margin", "tie", "weight")
+    feedback     {"prompt": [...], "completion": [msg, ...], "label": true | false}
+                                                               (TRL's unpaired preference format, for KTO:
+                                                               true = a desirable reply, false = an undesirable one)
 
 A message is {"role": "system" | "user" | "assistant" | "tool", "content": str}.
 """
@@ -19,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 
-KINDS = ("sft", "prompts", "candidates", "preference")
+KINDS = ("sft", "prompts", "candidates", "preference", "feedback")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -52,6 +55,7 @@ SCHEMAS = {
     "prompts": KindSchema(required=("prompt",), optional=("reference",)),
     "candidates": KindSchema(required=("prompt", "completions", "sources"), optional=("gold", "generation")),
     "preference": KindSchema(required=("prompt", "chosen", "rejected"), optional=("margin", "tie", "weight")),
+    "feedback": KindSchema(required=("prompt", "completion", "label"), optional=()),
 }
 
 
@@ -156,6 +160,13 @@ def validate_row(kind: str, row: dict) -> dict:
             out["tie"] = row["tie"]
         return out
 
+    if kind == "feedback":
+        out["completion"] = validate_reply("completion", row["completion"])
+        if not isinstance(row["label"], bool):
+            raise RowError("label", row["label"], "must be true (a desirable reply) or false (an undesirable one)")
+        out["label"] = row["label"]
+        return out
+
     # candidates
     completions, sources = row["completions"], row["sources"]
     if not isinstance(completions, list) or len(completions) < 2:
@@ -188,6 +199,7 @@ def check_turns(kind: str, row: dict) -> None:
     else:
         prompt = [("prompt", i, m) for i, m in enumerate(row["prompt"])]
         replies = {"preference": [("chosen", row.get("chosen")), ("rejected", row.get("rejected"))]}
+        replies["feedback"] = [("completion", row.get("completion"))]
         replies["candidates"] = [(f"completions[{n}]", c) for n, c in enumerate(row.get("completions", []))]
         conversations = [
             prompt + [(name, i, m) for i, m in enumerate(reply)] for name, reply in replies.get(kind, [])
@@ -241,6 +253,8 @@ def arrow_schema(kind: str, columns: list[str]):
         "margin": pa.float64(),
         "tie": pa.bool_(),
         "weight": pa.float64(),
+        "completion": messages,
+        "label": pa.bool_(),
     }
     return pa.schema([(name, types[name]) for name in columns])
 
@@ -260,7 +274,7 @@ def last_assistant_split(messages: list[dict]) -> tuple[list[dict], list[dict]]:
     return messages[: last_user + 1], messages[last_user + 1 :]
 
 
-CONVERSIONS = {("sft", "prompts"), ("preference", "prompts"), ("candidates", "prompts")}
+CONVERSIONS = {("sft", "prompts"), ("preference", "prompts"), ("candidates", "prompts"), ("feedback", "prompts")}
 CONVERSIONS |= {("preference", "candidates"), ("preference", "sft")}
 
 
@@ -285,7 +299,7 @@ def convert_row(row: dict, source_kind: str, target_kind: str) -> dict:
             if text:
                 out["reference"] = text
             return out
-        if source_kind in ("preference", "candidates"):
+        if source_kind in ("preference", "candidates", "feedback"):
             out = {"prompt": row["prompt"]}
             if source_kind == "preference" and not row.get("tie"):
                 out["reference"] = "\n".join(m["content"] for m in row["chosen"])
@@ -303,3 +317,15 @@ def convert_row(row: dict, source_kind: str, target_kind: str) -> dict:
     if target_kind == "sft" and source_kind == "preference":
         return {"messages": row["prompt"] + row["chosen"]}
     raise ValueError(f"'{source_kind}' rows cannot become '{target_kind}' rows")
+
+
+def unpair(rows: list[dict]) -> list[dict]:
+    """Preference rows as feedback rows (TRL's unpair_preference_dataset): the chosen reply desirable, the rejected
+    one undesirable. Ties say neither is better, so they give no rows."""
+    out = []
+    for row in rows:
+        if row.get("tie"):
+            continue
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return out

@@ -172,3 +172,24 @@ def test_runs_list_empty(align):
     code, out, err = align("runs", "list")
     assert (code, err) == (0, "")
     assert out.startswith("no runs in ") and out.rstrip().endswith(" yet")
+
+
+def test_import_kto_file_keeps_label(align, tmp_path):
+    kto = tmp_path / "kto.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}
+        | {"label": True},
+        {"prompt": "2+2?", "completion": "5", "label": False},
+    ]
+    kto.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = align("data", "import", str(kto), "--name", "kto")
+    assert code == 0 and "kto@1  2 rows  kind=feedback" in out, err
+    exported = tmp_path / "kto-out.jsonl"
+    assert align("data", "export", "kto", "--to", str(exported))[0] == 0
+    assert [json.loads(line)["label"] for line in exported.read_text().splitlines()] == [True, False]
+
+    bad = tmp_path / "bad-kto.jsonl"
+    lines = [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "a", "completion": "c", "label": "no"}]
+    bad.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, out, err = align("data", "import", str(bad), "--name", "bad")
+    assert_user_error(code, err, "nothing was registered", f"{bad} line 2: field 'label'", "(got 'no')")

@@ -176,6 +176,49 @@ def test_trl_preference_bad_weight_and_tie(tmp_path):
     assert "line 2: field 'tie' must be true or false (got 'yes')" in message
 
 
+# TRL formats: feedback (KTO's unpaired rows)
+
+
+def test_trl_feedback_keeps_label(tmp_path):
+    rows = [
+        {"prompt": [user("2+2?")], "completion": [bot("4")], "label": True},
+        {"prompt": "2+2?", "completion": "5", "label": False},
+    ]
+    result = import_rows(tmp_path, rows)
+    assert (result.kind, result.format, result.source_rows) == ("feedback", "trl", 2)
+    assert result.rows == [
+        {"prompt": [user("2+2?")], "completion": [bot("4")], "label": True},
+        {"prompt": [user("2+2?")], "completion": [bot("5")], "label": False},
+    ]
+    assert not result.ignored_fields  # the label is kept, not dropped
+
+
+def test_trl_feedback_csv_label(tmp_path):
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label\n2+2?,4,true\n2+2?,5,False\n", encoding="utf-8")
+    result = import_file(path)
+    assert [row["label"] for row in result.rows] == [True, False]
+
+
+def test_trl_feedback_bad_label_names_line_field_and_value(tmp_path):
+    rows = [
+        {"prompt": "p", "completion": "a", "label": True},
+        {"prompt": "p", "completion": "b", "label": "yes"},
+        {"prompt": "p", "completion": "c", "label": None},
+        {"prompt": "p", "completion": "d", "label": 1},
+    ]
+    message = str(refusal(import_rows, tmp_path, rows))
+    assert "line 2: field 'label' must be true (a desirable reply) or false (an undesirable one) (got 'yes')" in message
+    assert "line 3: field 'label' is required for a 'feedback' row (got None)" in message
+    assert "line 4: field 'label' must be true (a desirable reply) or false (an undesirable one) (got 1)" in message
+
+
+def test_trl_feedback_as_sft_is_refused(tmp_path):
+    rows = [{"prompt": "p", "completion": "a", "label": False}]
+    with pytest.raises(AlignError, match="'feedback' rows cannot become 'sft' rows"):
+        import_rows(tmp_path, rows, kind="sft")
+
+
 # Other formats
 
 
