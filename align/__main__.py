@@ -5,7 +5,7 @@
     # GPUs: a config from recipes/accelerate/ (DDP, FSDP, DeepSpeed ZeRO-2/3, two nodes)
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m align dpo --config recipes/dpo/smollm2-135m-lora.yaml
 
-The training stages (sft, rm, dpo, ppo) run under a launcher; any other command refuses to (exit status 2).
+The training stages (sft, rm, dpo, kto, ppo) run under a launcher; any other command refuses to (exit status 2).
 """
 
 import sys

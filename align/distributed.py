@@ -196,3 +196,9 @@ def evaluate_before_training(trainer, **kwargs) -> dict:
             del model._is_accelerate_prepared
             accelerator._models = [m for m in accelerator._models if m is not model]
     return metrics
+
+
+def gathered_state_dict(trainer) -> dict:
+    """The trainer's model weights, whole: every process must call it (FSDP and ZeRO-3 shard the weights, and
+    gathering them is a collective); for `save_pretrained(..., state_dict=...)` on the main process."""
+    return trainer.accelerator.get_state_dict(trainer.model)

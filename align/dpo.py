@@ -38,7 +38,7 @@ import torch
 from trl import DPOConfig
 
 from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
-from align.distributed import broadcast_from_main, is_main_process, wait_for_everyone
+from align.distributed import broadcast_from_main, gathered_state_dict, is_main_process, wait_for_everyone
 from align.dpo_trainer import (
     LOSS_TYPES,
     PairCollator,
@@ -257,11 +257,12 @@ def run_dpo(
 
         # Under a launcher: a process that failed stops the main one here, before anything is registered; then
         # only the main process writes, and the others wait for the artifact it registers.
+        weights = gathered_state_dict(trainer)
         wait_for_everyone()
         if not is_main_process():
             return broadcast_from_main(None)
         output_dir = run.dir / "adapter"
-        trainer.model.save_pretrained(str(output_dir), selected_adapters=["default"])
+        trainer.model.save_pretrained(str(output_dir), selected_adapters=["default"], state_dict=weights)
         tokenizer.save_pretrained(str(output_dir))
         metrics = _metrics(before, after, train_counts, eval_counts, trainer, label_smoothing)
         parents = [(train_version, "train"), (eval_version, "eval")]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from trl import KTOConfig, KTOTrainer
 
 from align.config import AdapterFields, StageFields, peft_config_for, quantization_config_for
+from align.distributed import broadcast_from_main, gathered_state_dict, is_main_process, wait_for_everyone
 from align.dpo_trainer import freeze_reference
 from align.errors import AlignError
 from align.kto_metrics import feedback_logps, feedback_metrics
@@ -114,21 +115,21 @@ def run_kto(
     base_model = start.base_model if start else config.model
 
     train_version, eval_version = data.split(registry)
+    train_rows = registry.rows(train_version)
+    random.Random(config.seed).shuffle(train_rows)  # read in order (see the docstring): mix the labels once
+    eval_rows = registry.rows(eval_version)[: config.eval_limit]
+    counts = {"train": _label_counts(train_rows), "eval": _label_counts(eval_rows)}
+    for split, (desirable, undesirable) in counts.items():
+        if not desirable or not undesirable:
+            raise AlignError(
+                f"the {split} rows hold {desirable} desirable and {undesirable} undesirable replies: KTO needs both"
+            )
     inputs = [data.dataset.ref, train_version.ref, eval_version.ref, start.ref if start else config.model]
     run = open_stage_run(registry, "kto", config, inputs=inputs, recipe=recipe, resume=resume)
     print(
         f"run {run.id}: KTO ({config.loss_type}) of {config.model} on {train_version.ref} (eval on {eval_version.ref})"
     )
     with failures_recorded(registry, run):
-        train_rows = registry.rows(train_version)
-        random.Random(config.seed).shuffle(train_rows)  # read in order (see the docstring): mix the labels once
-        eval_rows = registry.rows(eval_version)[: config.eval_limit]
-        counts = {"train": _label_counts(train_rows), "eval": _label_counts(eval_rows)}
-        for split, (desirable, undesirable) in counts.items():
-            if not desirable or not undesirable:
-                raise AlignError(
-                    f"the {split} rows hold {desirable} desirable and {undesirable} undesirable replies: KTO needs both"
-                )
         model, tokenizer = load_model(
             config.model,
             registry,
@@ -152,8 +153,14 @@ def run_kto(
         trainer.train(resume_from_checkpoint=last_checkpoint(run.dir / "checkpoints") if resume else None)
         after = feedback_metrics(feedback_logps(trainer), config.beta)
 
+        # Under a launcher: a process that failed stops the main one here, before anything is registered; then
+        # only the main process writes, and the others wait for the artifact it registers.
+        weights = gathered_state_dict(trainer)
+        wait_for_everyone()
+        if not is_main_process():
+            return broadcast_from_main(None)
         output_dir = run.dir / "adapter"
-        trainer.model.save_pretrained(str(output_dir), selected_adapters=["default"])
+        trainer.model.save_pretrained(str(output_dir), selected_adapters=["default"], state_dict=weights)
         tokenizer.save_pretrained(str(output_dir))
         metrics = _metrics(before, after, counts, len(trainer.train_dataset), trainer)
         parents = [(train_version, "train"), (eval_version, "eval")]
@@ -184,7 +191,7 @@ def run_kto(
             f"(desirable - undesirable) {before['logp_margin']:+.4f} -> {after['logp_margin']:+.4f}"
         )
         print(f"registered {artifact.ref}; report {run.dir / 'report.md'}")
-        return artifact
+        return broadcast_from_main(artifact)
 
 
 def _label_counts(rows: list[dict]) -> tuple[int, int]:

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if processes > 1 and not getattr(args, "distributed", False):
         print(
             f"error: `align {args.command}` runs in one process, and this is one of the {processes} processes of a "
-            "launch: run it without accelerate launch or torchrun (the training stages sft, rm, dpo and ppo run "
+            "launch: run it without accelerate launch or torchrun (the training stages sft, rm, dpo, kto and ppo run "
             "under one)",
             file=sys.stderr,
         )

@@ -147,6 +147,25 @@ def test_two_processes_train_what_one_does_and_register_it_once(stage, case, tmp
         assert model.get_base_model().config.hidden_size == 32
 
 
+def test_kto_under_two_processes_registers_one_run_and_one_adapter(tmp_path, tiny_model_dir):
+    registry = Registry(tmp_path / "ws")
+    rows = []
+    for word in WORDS:
+        prompt = [{"role": "user", "content": f"is {word} ok?"}]
+        for reply, label in ((f"yes {word}", True), (f"no {word}", False)):
+            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": reply}], "label": label})
+    registry.register(rows, name="fb", kind="feedback")
+    values = SHARED | {"model": str(tiny_model_dir), "dataset": "fb", "eval_split": 0.25, "max_steps": 2}
+    done = launch(tmp_path / "ws", "kto", "--config", str(write_recipe(tmp_path, values)))
+    assert done.returncode == 0, done.stderr[-4000:]
+    registry = Registry(tmp_path / "ws")
+    runs = registry.list_runs()
+    assert [run.stage for run in runs] == ["kto"] and runs[0].status == "completed"
+    assert [artifact.ref for artifact in registry.list_artifacts()] == runs[0].outputs
+    model, _ = load_model(runs[0].outputs[0], registry)
+    assert model.get_base_model().config.hidden_size == 32
+
+
 # PPO: data-parallel rollouts, identical weights, a crash, and --resume
 
 # Loaded at start-up by every process of a launch (PYTHONPATH): records each process's prompts and trainable
