@@ -53,7 +53,7 @@ from align.dpo_trainer import (
 from align.errors import AlignError
 from align.models import load_model, resolve_model
 from align.registry import Registry
-from align.reports import plot_histogram, plot_history, write_metrics, write_report
+from align.reports import before_after_table, plot_histogram, plot_history, write_metrics, write_report
 from align.runs import failures_recorded, last_checkpoint, live_metrics_callback, open_stage_run, run_recipe, stage_data
 from align.stats import against_chance
 
@@ -354,8 +354,6 @@ def _report(run, config, log_history, metrics, before, after, artifact, smoothin
         ("policy prefers chosen (log-prob)", "logp_accuracy"),
         ("DPO loss", "loss"),
     ]
-    table = ["| held-out metric | before | after |", "| --- | --- | --- |"]
-    table += [f"| {label} | {before[key]:.4f} | {after[key]:.4f} |" for label, key in rows]
     setup = (
         f"Model `{config.model}`, data `{config.dataset}`, loss `{config.loss_type[0]}`, beta {config.beta}, "
         f"learning rate {config.learning_rate}, {metrics['steps']} steps. {smoothing_note}. "
@@ -363,7 +361,8 @@ def _report(run, config, log_history, metrics, before, after, artifact, smoothin
         f"{metrics['train_pairs_dropped']} dropped). Output `{artifact.ref}` in `{artifact.path}`."
     )
     held_out = (
-        "\n".join(table) + f"\n\n{after['pairs']} held-out pairs ({after['ties']} ties, left out of accuracies). "
+        before_after_table(rows, before, after)
+        + f"\n\n{after['pairs']} held-out pairs ({after['ties']} ties, left out of accuracies). "
         "Before training the policy is the reference, so every implicit reward is 0 and the accuracy is chance "
         "(0.5: equal rewards count half)."
     )

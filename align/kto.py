@@ -40,7 +40,7 @@ from align.errors import AlignError
 from align.kto_metrics import feedback_logps, feedback_metrics
 from align.models import load_model, resolve_model
 from align.registry import Registry
-from align.reports import plot_histogram, plot_history, write_metrics, write_report
+from align.reports import before_after_table, plot_histogram, plot_history, write_metrics, write_report
 from align.runs import failures_recorded, last_checkpoint, live_metrics_callback, open_stage_run, run_recipe, stage_data
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -254,8 +254,6 @@ def _report(run, config, log_history, metrics, before, after, artifact) -> None:
         ("per-token log-prob of undesirable replies", "logp_per_token_undesirable"),
         ("log-prob margin (desirable - undesirable)", "logp_margin"),
     ]
-    table = ["| held-out metric | before | after |", "| --- | --- | --- |"]
-    table += [f"| {label} | {before[key]:.4f} | {after[key]:.4f} |" for label, key in rows]
     setup = (
         f"Model `{config.model}`, data `{config.dataset}`, loss `{config.loss_type}`, beta {config.beta}, desirable "
         f"weight {config.desirable_weight}, undesirable weight {config.undesirable_weight}, learning rate "
@@ -264,7 +262,8 @@ def _report(run, config, log_history, metrics, before, after, artifact) -> None:
         f"fills max_length). Output `{artifact.ref}` in `{artifact.path}`."
     )
     held_out = (
-        "\n".join(table) + f"\n\n{after['rows']} held-out replies ({after['desirable']} desirable, "
+        before_after_table(rows, before, after)
+        + f"\n\n{after['rows']} held-out replies ({after['desirable']} desirable, "
         f"{after['undesirable']} undesirable). Before training the policy is the reference, so every implicit "
         "reward is 0 and the accuracy is 0.5 (a reward of 0 counts half)."
     )

@@ -89,6 +89,13 @@ def history_series(log_history: list[dict], key: str) -> list[tuple[float, float
     ]
 
 
+def before_after_table(rows: list[tuple[str, str]], before: dict, after: dict) -> str:
+    """A markdown table of held-out metrics before and after training: rows are (label, key in both dicts)."""
+    table = ["| held-out metric | before | after |", "| --- | --- | --- |"]
+    table += [f"| {label} | {before[key]:.4f} | {after[key]:.4f} |" for label, key in rows]
+    return "\n".join(table)
+
+
 def write_report(
     run,
     title: str,

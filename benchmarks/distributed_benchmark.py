@@ -9,17 +9,19 @@ Each variant runs the stage the way users run it, from the command line, in one 
     2 processes   OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 -m align STAGE --config RECIPE ...
 
 with the same global batch (the 2-process run splits it: align/distributed.py) and the same number of steps.
-Printed: pairs/s for SFT (conversations), RM and DPO, from the trainer's own `train_runtime` (the training loop:
-model loading, tokenizing and evaluation are left out), and s/update for our PPO loop (the mean of its updates'
-`seconds`, the first left out as warm-up when there are more than two), then the ratio 2 processes / 1 process.
+Printed: samples/s for SFT (conversations), pairs/s for RM and DPO, from the trainer's own `train_runtime` (the
+training loop: model loading, tokenizing and evaluation are left out), and s/update for our PPO loop (the mean
+of its updates' `seconds`, the first left out as warm-up when there are more than two), then the ratio 2
+processes / 1 process.
 
-What to expect on a 2-core CPU: no gain. Two threads of one process already use both cores for every matmul, and
-the 2-process run adds, per optimizer step, an all-reduce of every trainable gradient over gloo (loopback TCP) and
-a second copy of the model in memory; each process also pays Python and kernel-launch overhead on half the batch.
-With tiny per-process batches the matmuls are too small to keep a core busy, which favours processes a little;
-the communication and duplicated work favour threads. Data parallelism pays where each process has its own device
-(GPUs) and the batch per device stays large. The figure this machine can give is that the path works end to end,
-and what it costs: a ratio near or below 1. Run it on idle cores (another job on the machine skews both sides).
+What to expect on a 2-core CPU: a ratio near 1, or above. Two threads of one process share every matmul, and on
+these small matrices (LoRA, short sequences, small per-device batches) two threads rarely reach twice one thread's
+speed; two single-threaded processes each keep a core busy with half the batch. Against that, the 2-process run
+adds, per optimizer step, an all-reduce of every trainable gradient over gloo (loopback TCP: the LoRA weights, a few
+tens of MB) and a second copy of the model in memory, and each launch loads the model twice. Data parallelism pays
+where each process has its own device (GPUs) and the batch per device stays large; here the run proves the path and
+shows what it costs. Run it on idle cores (another job on the machine skews both sides); the machine's speed drifts,
+and each stage's two variants run one after the other, so a ratio is good to about +-0.3.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ BIN = Path(sys.executable).parent
 
 # stage -> (recipe, what its throughput counts, extra keys for the full-size run)
 STAGES = {
-    "sft": ("recipes/sft/smollm2-135m-lora.yaml", "pairs", {"dataset": "seed-tasks", "max_steps": 8}),
+    "sft": ("recipes/sft/smollm2-135m-lora.yaml", "samples", {"dataset": "seed-tasks", "max_steps": 8}),
     "rm": ("recipes/rm/smollm2-135m-lora.yaml", "pairs", {"dataset": "hh", "max_steps": 8}),
     "dpo": (
         "recipes/dpo/smollm2-135m-lora.yaml",
@@ -50,6 +52,7 @@ STAGES = {
     ),
     "ppo": ("recipes/ppo/smollm2-135m-lora.yaml", "updates", {"dataset": "hh-prompts", "num_updates": 4}),
 }
+LABELS = {"samples": "samples/s", "pairs": "pairs/s", "updates": "s/update"}
 # eval_dataset: null holds out a seeded split of `dataset` (the recipes name versions this workspace does not have)
 COMMON = {"report_to": "none", "save_steps": 1000, "seed": 0, "eval_dataset": None}
 
@@ -169,14 +172,14 @@ def main() -> None:
             for processes in (1, 2):
                 result = run_stage(workspace, stage, values, processes)
                 measured[processes] = throughput(stage, result["run"], processes)
-                label, wall = ("s/update" if unit == "updates" else "pairs/s"), result["wall"]
+                label, wall = LABELS[unit], result["wall"]
                 print(f"{stage}, {processes} process(es): {measured[processes]:.3f} {label} (wall {wall:.0f} s)")
             rows.append((stage, unit, measured))
         print("\nstage  one process x 2 threads  2 processes x 1 thread  ratio (2 processes / 1; >1 = faster)")
         for stage, unit, measured in rows:
             one, two = measured[1], measured[2]
             ratio = one / two if unit == "updates" else two / one  # s/update: lower is faster
-            label = "s/update" if unit == "updates" else "pairs/s"
+            label = LABELS[unit]
             print(f"{stage:5}  {one:10.3f} {label:9}  {two:10.3f} {label:9}  {ratio:.2f}")
 
 

@@ -259,10 +259,12 @@ def review_panel(desk_for, chosen) -> tuple:
             return str(exc), None, None
         return quality_tables(report)
 
+    # A decision, an undo or the next row is a few short SQLite transactions: they skip Gradio's queue, as the
+    # label app's votes do (ui/label_app.py says why).
     for (decision, *_), button in zip(BUTTONS, buttons):
-        button.click(make_decision(decision), [chosen, lease, task, answer, reason], screen, concurrency_limit=None)
-    undo.click(on_undo, [chosen], screen, concurrency_limit=None)
-    again.click(on_again, [chosen], screen, concurrency_limit=None)
+        button.click(make_decision(decision), [chosen, lease, task, answer, reason], screen, queue=False)
+    undo.click(on_undo, [chosen], screen, queue=False)
+    again.click(on_again, [chosen], screen, queue=False)
     refresh.click(on_quality, [chosen], [summary, by_method, kappas])
     quality_tab.select(on_quality, [chosen], [summary, by_method, kappas])
     return on_load, [*screen, quality_tab]

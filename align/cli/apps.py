@@ -7,9 +7,8 @@ prints a deprecation note.
 
 from __future__ import annotations
 
-from align.cli.common import DTYPE_HELP, add_model_list, open_registry
+from align.cli.common import add_model_list, add_sampling, open_registry, sampling_settings
 from align.errors import AlignError
-from align.models import DTYPE_NAMES
 
 
 def add_generate(commands, common) -> None:
@@ -29,7 +28,7 @@ def add_generate(commands, common) -> None:
     p.add_argument("--n", type=int, default=2, help="completions per prompt per model (default: 2)")
     p.add_argument("--name", help="name of the candidates dataset (required unless --resume)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
-    _add_sampling(p, seed_help=None)
+    add_sampling(p, seed_help=None)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
                    help="continue the last interrupted generate run (or RUN_ID) with the settings it started with; "
                    "the replies it saved are kept")  # fmt: skip
@@ -154,7 +153,7 @@ def add_eval(commands, common) -> None:
     p.add_argument("--few-shot-model", metavar="REF", help="the few-shot model (default: the first adapter's base)")
     p.add_argument("--name", help="name of the generations (candidates) dataset (default: eval-PROMPTS)")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
-    _add_sampling(p, seed_help="sampling and bootstrap seed (default: 0)")
+    add_sampling(p, seed_help="sampling and bootstrap seed (default: 0)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default: 1000)")
     p.add_argument("--rm-max-length", type=int, help="tokens per scored reply (default: the reward model's own)")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="add a row: the baseline's model samples N "
@@ -196,29 +195,6 @@ def _add_address(p) -> None:
     p.add_argument("--expose", action="store_true", help="allow a non-loopback --host (login required)")
 
 
-def _add_sampling(p, *, seed_help: str | None) -> None:
-    """The sampling flags of `align generate` and `align eval` (align.sampling.SamplingSettings)."""
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
-
-
-def _sampling(args):
-    from align.sampling import SamplingSettings
-
-    return SamplingSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-    )
-
-
 # Handlers
 
 
@@ -242,7 +218,7 @@ def cmd_generate(args) -> int:
         n=args.n,
         name=args.name,
         limit=args.limit,
-        settings=_sampling(args),
+        settings=sampling_settings(args),
     )
     print(f"{version.ref}  {version.num_rows} rows  kind=candidates")
     return 0
@@ -336,7 +312,7 @@ def cmd_eval(args) -> int:
             rm_max_length=args.rm_max_length,
             best_of=args.best_of,
             best_of_temperature=args.best_of_temperature,
-            sampling=_sampling(args),
+            sampling=sampling_settings(args),
         )
         result = run_eval(open_registry(args), options)
     print_summary(result)

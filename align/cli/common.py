@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from align.models import DTYPE_NAMES
+
 DTYPE_HELP = "the weights' dtype while generating (default: bf16 on a CPU with native bf16, else fp32; on a GPU, auto)"
 
 
@@ -60,3 +62,27 @@ def print_table(rows: list[tuple]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def add_sampling(p, *, seed_help: str | None, temperature: float = 0.8) -> None:
+    """The sampling flags of `align generate`, `align eval` and `align expand` (align.sampling.SamplingSettings)."""
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    greedy = f"0 for greedy decoding (default: {temperature})"
+    p.add_argument("--temperature", type=float, default=temperature, help=greedy)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
+
+
+def sampling_settings(args):
+    from align.sampling import SamplingSettings
+
+    return SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+    )

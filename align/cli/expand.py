@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from align.cli.common import DTYPE_HELP, open_registry
+from align.cli.common import add_sampling, open_registry, sampling_settings
 from align.errors import AlignError
-from align.models import DTYPE_NAMES, EMBEDDED_ALIAS
+from align.models import EMBEDDED_ALIAS
 
 
 def add_expand(commands, common) -> None:
@@ -35,12 +35,7 @@ def add_expand(commands, common) -> None:
     p.add_argument("--min-words", type=int, default=3, help="drop shorter instructions (default: 3)")
     p.add_argument("--max-words", type=int, default=150, help="drop longer instructions (default: 150)")
     p.add_argument("--max-rounds", type=int, help="stop after this many rounds (default: 4 per round of rows, >= 10)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default: 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
+    add_sampling(p, seed_help=None, temperature=0.7)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_ID",
                    help="continue the last interrupted expand run (or RUN_ID) with the settings it started with; "
                    "the replies it saved are kept")  # fmt: skip
@@ -119,7 +114,6 @@ def cmd_from_review(args) -> int:
 def cmd_expand(args) -> int:
     from align.expand import expand_data, print_summary, resume_expansion
     from align.expansion import OPERATORS, ExpandSettings
-    from align.sampling import SamplingSettings
 
     registry = open_registry(args)
     if args.resume:
@@ -146,14 +140,7 @@ def cmd_expand(args) -> int:
         max_rounds=args.max_rounds,
         seed=args.seed,
     )
-    sampling = SamplingSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-    )
+    sampling = sampling_settings(args)
     version, run = expand_data(registry, args.source, name=args.name, model=args.model, settings=settings,
                                sampling=sampling)  # fmt: skip
     print_summary(version, run)
