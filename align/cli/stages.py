@@ -10,10 +10,13 @@ import argparse
 import dataclasses
 import enum
 import re
+import subprocess
+import sys
 import types
 import typing
 
 from align.cli.common import add_model_list, open_registry, print_table
+from align.errors import AlignError
 from align.models import DTYPE_NAMES
 
 # Each stage's config class and entry point, from its module (imported here, when needed)
@@ -72,6 +75,14 @@ def add_stage(commands, common, name: str, stage, *, help: str, description: str
         help=f"continue the last interrupted {name} run (or RUN_ID) from its last checkpoint, with the recipe it "
         "started with",
     )
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="run in N processes (data parallel): starts `accelerate launch --multi_gpu --num_processes N -m align "
+        f"{name} ...` for you, one process per GPU, or N on a CPU (gloo). For other set-ups (FSDP, DeepSpeed, several "
+        "machines) call accelerate launch with a config from recipes/accelerate/",
+    )
     p.set_defaults(handler=run_stage, stage=stage, accepts_overrides=True, distributed=True)  # see align.distributed
     return p
 
@@ -81,9 +92,34 @@ def run_stage(args) -> int:
 
     config_class, stage_main = args.stage()
     if not args.resume:  # a resumed run takes the recipe it started with, and ignores the command line's
-        check_overrides(config_class, parse_overrides(args.overrides))
+        check_overrides(config_class, parse_overrides(args.overrides))  # a misspelt key fails here, once
+    if args.num_processes is not None and args.num_processes != 1:
+        return _launch(args)
     stage_main(args.config, args.overrides, workspace=args.workspace, resume=args.resume)
     return 0
+
+
+def _launch(args) -> int:
+    """`--num-processes N`: the same command again, N times under accelerate launch, which this process waits for."""
+    from align.distributed import world_size
+
+    if args.num_processes < 2:
+        raise AlignError(f"--num-processes must be 1 or more (got {args.num_processes})")
+    if world_size() > 1:
+        raise AlignError("--num-processes starts a launch itself: drop it when running under accelerate launch")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
+    command += ["--num_processes", str(args.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["-m", "align", args.command]  # accelerate starts each process with this Python
+    command += ["--workspace", str(args.workspace)] if hasattr(args, "workspace") else []
+    command += (["--config", args.config] if args.config else []) + _resume_flag(args.resume) + args.overrides
+    print("running: " + " ".join(command), flush=True)
+    return subprocess.run(command).returncode
+
+
+def _resume_flag(resume) -> list[str]:
+    if not resume:
+        return []
+    return ["--resume"] if resume is True else ["--resume", resume]
 
 
 class RecipeHelp(argparse.Action):

@@ -166,6 +166,36 @@ def test_kto_under_two_processes_registers_one_run_and_one_adapter(tmp_path, tin
     assert model.get_base_model().config.hidden_size == 32
 
 
+def test_num_processes_launches_accelerate_itself(tmp_path, tiny_model_dir):
+    """`align sft --num-processes 2`: the stage starts the launch, and it trains and registers as the launch does."""
+    registry = Registry(tmp_path / "ws")
+    config_class, _, values = sft_case(registry, tiny_model_dir, tmp_path)
+    recipe = write_recipe(tmp_path, SHARED | values | {"max_steps": 2})
+    environment = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "align", "--workspace", str(tmp_path / "ws"), "sft", "--config", str(recipe)]
+    done = subprocess.run(
+        [*command, "--num-processes", "2", "--output_name", "two"], env=environment, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "running: " in done.stdout and "--num_processes 2" in done.stdout
+    assert "global batch 4 = 2 per device x 2 processes x 1 accumulation step" in done.stdout
+    registry = Registry(tmp_path / "ws")
+    runs = registry.list_runs()
+    assert [run.status for run in runs] == ["completed"]
+    assert runs[0].outputs == ["adapter:two@1"] and runs[0].config["output_name"] == "two"
+
+
+def test_num_processes_refuses_bad_counts_and_keys_before_launching(monkeypatch, tmp_path, capsys):
+    workspace = ["--workspace", str(tmp_path / "ws")]
+    assert cli.main([*workspace, "sft", "--num-processes", "0"]) == 2
+    assert "--num-processes must be 1 or more (got 0)" in capsys.readouterr().err
+    assert cli.main([*workspace, "sft", "--num-processes", "2", "--learning_rat", "1"]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main([*workspace, "dpo", "--num-processes", "2"]) == 2
+    assert "drop it when running under accelerate launch" in capsys.readouterr().err
+
+
 # PPO: data-parallel rollouts, identical weights, a crash, and --resume
 
 # Loaded at start-up by every process of a launch (PYTHONPATH): records each process's prompts and trainable
