@@ -109,8 +109,8 @@ def uncertainty_order(
 
 
 class OrderScorer:
-    """A reward model that scores candidates for the uncertainty order (load it with `open_scorer`). One scorer
-    serves every candidates version of an app; it scores one version at a time."""
+    """A reward model that scores candidates for the uncertainty order (make it with `open_scorer`). One scorer
+    serves every candidates version of an app; it scores one whole version at a time."""
 
     def __init__(self, registry, artifact, model=None):
         self.registry, self.artifact = registry, artifact
@@ -146,9 +146,8 @@ class OrderScorer:
         with a one-line message, before anyone votes."""
         model = self.load()
         row = rows[0]
-        try:
-            with self._lock:
-                model.score([row["prompt"]], [row["completions"][0]])
+        try:  # not under the lock: one reply, even while another version is being scored
+            model.score([row["prompt"]], [row["completions"][0]])
         except AlignError as exc:
             raise AlignError(f"--rm {self.ref} cannot score the replies of {version.ref}: {_first_line(exc)}") from None
 
@@ -223,5 +222,8 @@ def _load_reward_model(registry, ref: str):
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The error's first line, and its second when the first only announces it ("Error(s) in loading ...:")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

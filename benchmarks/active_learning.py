@@ -135,7 +135,6 @@ def recipe_config(model: str, output_dir: str, args):
 
 
 def build(config, rows: list[dict]) -> Setup:
-    import torch
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -145,7 +144,7 @@ def build(config, rows: list[dict]) -> Setup:
     from reward.train import cache_states
     from reward.trainer import layer_linear_names, top_layers, training_examples
 
-    model, tokenizer, _ = load_scorer(config.model, seed=config.seed)
+    model, tokenizer, _ = load_scorer(config.model, seed=config.seed, dtype=config.torch_dtype)
     if config.num_layers:
         keep_layers(model, config.num_layers)
     peft_config = peft_config_for(config, "SEQ_CLS")
@@ -166,8 +165,7 @@ def build(config, rows: list[dict]) -> Setup:
         example["index"] = index
     print(f"encoded: {stats.describe()}")
     started = time.perf_counter()
-    with torch.inference_mode():
-        states = cache_states(model, examples, cut, tokenizer, config)
+    states = cache_states(model, examples, cut, tokenizer, config)
     seconds = time.perf_counter() - started
     print(f"cached the frozen layers of {len(rows)} pairs in {seconds:.0f} s ({len(rows) / seconds:.2f} pairs/s)")
     return Setup(model, tokenizer, config, cut, initial, examples, states)
