@@ -1,7 +1,7 @@
 """Active learning: does serving the reward model's least sure pairs first give a better reward model from fewer
 human labels? Simulated annotators label the HH train pairs in two orders, from the same starting reward model.
 
-    # the full run: the embedded SmolLM2-135M with the RM recipe (estimated 3-4 hours on one CPU core; see Cost)
+    # the full run: the embedded SmolLM2-135M with the RM recipe (estimated 3.2 hours on one free core; see Cost)
     python benchmarks/active_learning.py
     # a smoke test: a tiny model built from a config, 80 pool pairs (under a minute)
     python benchmarks/active_learning.py --quick
@@ -34,12 +34,15 @@ training length, 192 tokens), for training, scoring the pool and the held-out ev
 scores at 256), so one cache serves all three. Each retraining runs --epochs epochs (default 2: with 1, the
 100-label starting model takes 13 optimizer steps).
 
-Cost (the full run, estimated, not measured end to end): caching the frozen layers of 3,194 sequences of up to
-192 tokens, about 35-45 minutes on one core; then 10 retrainings per order on 100 to 1,000 labels, 2 epochs: about
-21,000 pair-passes through the top 2 layers, forward and backward, at roughly 2-3 pairs/s, about 2-3 hours; the
-uncertainty order scores the pool before each round (9 x about 1,300 pairs, forward only, about 20 minutes); the
-held-out scoring is small. About 3-4 hours on one core, under 2 with both (OMP_NUM_THREADS=2). Memory: the cached
-states, about 1 GB. The script prints the measured speed of each part as it goes.
+Cost of the full run (estimated, not run end to end). Rates measured on a 64-pair probe with the embedded model
+(`--pool 48 --held-out 16 --seed-labels 16 --every 16 --budget 48`, 12 minutes on one core that other jobs shared,
+with 37% of it: the rates below are scaled to a free core): caching the frozen layers, 0.95 pairs/s; retraining
+on cached states, 1.9 pair-epochs/s; scoring cached states, about 4 pairs/s. The full run caches 1,597 pairs
+(about 28 minutes), retrains 15 times on 100 to 800 labels for 2 epochs, 14,200 pair-epochs in all (about 2.1
+hours), scores the unlabelled pool before each of the 7 uncertainty rounds (about 7,300 pairs, 30 minutes) and the
+160 held-out pairs 15 times (10 minutes): about 3.2 hours on one free core. `--epochs 1` (the recipe's own) saves
+about an hour; OMP_NUM_THREADS=2 on two free cores should save more. Memory: the cached states, about 1 GB. The
+script prints the measured speed of each part as it goes.
 
 Writes benchmarks/results/active-learning.png (accuracy against labels, both orders, with intervals) and
 benchmarks/results/active-learning.txt (the settings, the table and the verdict). --quick writes them to a
@@ -383,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, help="held-out pairs to sample from the test split (default: all)")
     parser.add_argument("--seed-labels", type=int, default=100, help="labels of the starting reward model")
     parser.add_argument("--every", type=int, default=100, help="labels between two retrainings (K)")
-    parser.add_argument("--budget", type=int, default=1000, help="labels at the end")
+    parser.add_argument("--budget", type=int, default=800, help="labels at the end")
     parser.add_argument("--reference", type=int, default=800, help="the random order's label count to match")
     parser.add_argument("--target", type=int, default=600, help="labels the uncertainty order may use to match it")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each retraining")
