@@ -3,6 +3,7 @@
     align annotators add alice --admin                       # asks for a password (stored salted, hashed)
     align label --candidates seed-candidates --overlap 2     # the ranking app (ui/label_app.py)
     align label --candidates seed-candidates --mode thumbs   # one reply at a time: up or down
+    align label --candidates seed-candidates --order uncertainty --rm rm:hh-rm   # least sure items first
     align data from-labels seed-candidates --name seed-prefs --ties drop --min-votes 1
     align data from-labels seed-candidates --name seed-feedback --kind feedback --include-pairwise
     align data from-labels arena:default --name arena-prefs  # arena battles (align/arena.py), snapshotted first
@@ -21,7 +22,8 @@ Assignment. Each item goes to `overlap` distinct annotators; nobody gets an item
 towards the overlap (the item goes to someone else). Handing out an item leases it to that annotator until the
 lease expires; items nobody holds are handed out first, so two annotators hold the same item at once only
 when no free item is left. Among free items, those closest to done go first (their agreement can be measured
-soonest), then row order.
+soonest), then the order asked for (`--order`, align/label_order.py): row order (sequential, the default), a
+seeded shuffle (random), or the reward model's least sure items first (uncertainty, `--rm rm:NAME`).
 
 Votes. One row of the append-only `comparisons` table per vote, committed (SQLite, synchronous=FULL) before
 the next item is handed out. A vote must use a lease of the same annotator. Undo appends a row that retracts
@@ -62,6 +64,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from align.errors import AlignError
+from align.label_order import check_order, random_order, random_start, uncertainty_order
 from align.registry.labels import Vote
 from align.registry.registry import check_name
 from align.stats import cohen_kappa, krippendorff_alpha, pairwise_agreement
@@ -197,18 +200,26 @@ def choose_item(
     mine: Container[int],
     votes: Mapping[int, int],
     held: Mapping[int, int],
+    order: Sequence[int] | None = None,
+    rank: Sequence[int] | None = None,
+    start: int = 0,
 ) -> tuple[int | None, str]:
     """The next item for one annotator: (item, "item"), or (None, "wait") while the only items left are held by
     others, or (None, "done").
 
-    `levels[c]`: the items with c counted votes (c < overlap), each in row order: the items not done yet, so the
-    choice never walks the items that are done. `mine`: items this annotator already voted on (a skip included);
-    `votes`: item -> votes that count towards the overlap (skips excluded); `held`: item -> other annotators
-    holding a live lease on it.
+    `levels[c]`: the items with c counted votes (c < overlap), as ascending positions in the serving order: the
+    items not done yet, so the choice never walks the items that are done. `order[p]` is the item at position p
+    and `rank[item]` its position (None for both: row order, position = item; see align/label_order.py). The walk
+    through a level begins at position `start` and wraps round (random order: each annotator's own starting
+    place). `mine`: items this annotator already voted on (a skip included); `votes`: item -> votes that count
+    towards the overlap (skips excluded); `held`: item -> other annotators holding a live lease on it.
     """
-    # Free items first, then the closest to done, then row order: the first free item, from the fullest level.
+    # Free items first, then the closest to done, then the order: the first free item, from the fullest level.
     for counted in reversed(range(min(overlap, len(levels)))):
-        for item in levels[counted]:
+        level = levels[counted]
+        cut = bisect.bisect_left(level, start) if start else 0
+        for index in itertools.chain(range(cut, len(level)), range(cut)):
+            item = level[index] if order is None else order[level[index]]
             if item not in mine and not held.get(item):
                 return item, "item"
     # No free item: share a held one that still has an open slot, again the closest to done first.
@@ -221,10 +232,12 @@ def choose_item(
         if counted + holders >= overlap:
             waiting = True  # every open slot is leased: it may come free if a lease ends in a skip or expires
             continue
-        if best is None or (-counted, item) < best:
-            best = (-counted, item)
+        position = item if rank is None else rank[item]
+        key = (-counted, position < start, position, item)  # positions from `start` on, then those before it
+        if best is None or key < best:
+            best = key
     if best is not None:
-        return best[1], "item"
+        return best[-1], "item"
     return None, "wait" if waiting else "done"
 
 
@@ -595,9 +608,10 @@ class Progress:
 
 class Tally:
     """What the standing votes of one candidates version in one mode add up to: counted votes per item, the items
-    not done yet by count (for choose_item), each annotator's items. Kept up to date from the rows appended since it
-    last looked (comparisons is append-only; an undo row retracts the vote it names), so handing out an item or
-    showing the progress never reads every vote again. Not thread-safe: LabelStore holds a lock around it."""
+    not done yet by count (for choose_item, as positions in the serving order), each annotator's items. Kept up to
+    date from the rows appended since it last looked (comparisons is append-only; an undo row retracts the vote it
+    names), so handing out an item or showing the progress never reads every vote again. Not thread-safe:
+    LabelStore holds a lock around it."""
 
     REBUILD = 1000  # touching more items than this at once rebuilds the levels in one pass (the first read)
 
@@ -605,11 +619,25 @@ class Tally:
         self.items, self.overlap = items, overlap
         self.last = 0  # the id of the newest row read
         self.counted: Counter = Counter()  # item -> votes that count towards the overlap (skips excluded)
+        self.order: list[int] | None = None  # position -> item (None: row order)
+        self.rank: list[int] | None = None  # item -> position
         self.levels: list[list[int]] = [list(range(items))] + [[] for _ in range(overlap - 1)]
         self.complete = 0  # items with `overlap` counted votes
         self.votes = 0  # counted votes
         self.mine: dict[str, Counter] = defaultdict(Counter)  # annotator -> item -> standing votes (skips too)
         self.mine_counted: Counter = Counter()  # annotator -> counted votes
+
+    def set_order(self, order: Sequence[int] | None) -> None:
+        """Serve the items in this order (a permutation of the items; None: row order) from now on."""
+        if order is not None and sorted(order) != list(range(self.items)):
+            raise ValueError(f"an order must hold each of the {self.items} items once")
+        self.order = list(order) if order is not None else None
+        self.rank = None
+        if self.order is not None:
+            self.rank = [0] * self.items
+            for position, item in enumerate(self.order):
+                self.rank[item] = position
+        self._rebuild()
 
     def update(self, rows: Iterable[tuple[int, str, int, str, str, bool]], mode: str) -> None:
         """Apply rows from LabelTables.rows_after: (id, mode, item, annotator, choice, retracted)."""
@@ -631,23 +659,35 @@ class Tally:
         for item, count in before.items():
             self.complete += (self.counted[item] >= self.overlap) - (count >= self.overlap)
         if len(before) > self.REBUILD:
-            self.levels = [[] for _ in range(self.overlap)]
-            for item in range(self.items):
-                count = self.counted[item]
-                if count < self.overlap:
-                    self.levels[count].append(item)
+            self._rebuild()
             return
         for item, count in before.items():
+            position = item if self.rank is None else self.rank[item]
             if count < self.overlap:
                 level = self.levels[count]
-                del level[bisect.bisect_left(level, item)]
+                del level[bisect.bisect_left(level, position)]
             if self.counted[item] < self.overlap:
-                bisect.insort(self.levels[self.counted[item]], item)
+                bisect.insort(self.levels[self.counted[item]], position)
 
-    def choose(self, annotator: str, held: Mapping[int, int]) -> tuple[int | None, str]:
+    def choose(self, annotator: str, held: Mapping[int, int], start: int = 0) -> tuple[int | None, str]:
         return choose_item(
-            self.levels, overlap=self.overlap, mine=self.mine.get(annotator, {}), votes=self.counted, held=held
+            self.levels,
+            overlap=self.overlap,
+            mine=self.mine.get(annotator, {}),
+            votes=self.counted,
+            held=held,
+            order=self.order,
+            rank=self.rank,
+            start=start,
         )
+
+    def _rebuild(self) -> None:
+        """The levels in one pass over the positions."""
+        self.levels = [[] for _ in range(self.overlap)]
+        for position in range(self.items):
+            count = self.counted[position if self.order is None else self.order[position]]
+            if count < self.overlap:
+                self.levels[count].append(position)
 
 
 class LabelStore:
@@ -665,7 +705,11 @@ class LabelStore:
         clock=time.time,
         seed: int | None = None,
         rubric: Sequence[str] | str | None = None,
+        order: str = "sequential",
+        scorer=None,
     ):
+        """`order`: sequential, random or uncertainty (align/label_order.py); `scorer`: the reward model of the
+        uncertainty order (an align.label_order.OrderScorer)."""
         if mode not in MODES:
             raise AlignError(f"unknown --mode {mode!r}: choose pairwise, rank or thumbs")
         self.rubric = check_rubric(rubric)
@@ -673,7 +717,9 @@ class LabelStore:
             raise AlignError(f"--overlap must be at least 1 (got {overlap})")
         if lease_seconds <= 0:
             raise AlignError(f"the lease time must be positive (got {lease_seconds} s)")
+        check_order(order, scorer.ref if scorer is not None else None, mode)
         self.mode, self.overlap, self.lease_seconds, self.clock = mode, overlap, lease_seconds, clock
+        self.order, self.scorer = order, scorer
         self.version = registry.resolve(candidates)
         self.rows = registry.rows(self.version) if self.version.kind == "candidates" else []
         check_candidates(self.version, self.rows, mode)
@@ -684,6 +730,33 @@ class LabelStore:
         self._random_lock = threading.Lock()
         self._tally = Tally(len(self.items), overlap)
         self._tally_lock = threading.Lock()
+        self.ordered = order == "sequential"  # whether the order asked for is in force (uncertainty: once scored)
+        self.scoring: threading.Thread | None = None  # the background scoring of the uncertainty order
+        if order == "random":
+            self._tally.set_order(random_order(len(self.items), self.version.content_hash))
+            self.ordered = True
+        elif order == "uncertainty":
+            saved = scorer.saved(self.version, self.rows)
+            if saved is not None:  # scored at an earlier start
+                self.use_scores(saved)
+            else:
+                scorer.check(self.version, self.rows)  # loads the reward model: what cannot score fails here
+                self.scoring = scorer.start(self.version, self.rows, self.use_scores)
+
+    def use_scores(self, scores: list[list[float]]) -> None:
+        """Order by the reward model's uncertainty from now on; `scores[row]`: each completion's score."""
+        order = uncertainty_order(self.items, self.item_rows, scores)
+        with self._tally_lock:
+            self._tally.set_order(order)
+            self.ordered = True
+
+    def order_text(self) -> str:
+        """The order in force, as the app shows it."""
+        if self.order != "uncertainty":
+            return self.order
+        if self.ordered:
+            return f"uncertainty ({self.scorer.ref}: least sure first)"
+        return f"uncertainty ({self.scorer.ref} is scoring the items: row order until then)"
 
     # Reading
 
@@ -827,8 +900,9 @@ class LabelStore:
 
     def _choose(self, annotator: str, now: float) -> tuple[int | None, str]:
         held = self.tables.holders(self.version.id, self.mode, now, excluding=annotator)
+        start = random_start(len(self.items), self.version.content_hash, annotator) if self.order == "random" else 0
         with self._tally_lock:
-            return self._tallied().choose(annotator, held)
+            return self._tallied().choose(annotator, held, start)
 
     def _tallied(self) -> Tally:
         """The tally, brought up to date with the rows committed since it last looked (call with the lock held,

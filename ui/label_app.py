@@ -6,6 +6,8 @@
     align label --candidates my-cands@2 --mode rank        # order 3+ completions, ties allowed
     align label --candidates seed-candidates --mode thumbs # one completion at a time: up or down (for KTO)
     align label --candidates seed-candidates --rubric helpfulness,harmlessness,honesty   # + 1-5 per attribute
+    align label --candidates seed-candidates --order random                  # a seeded shuffle, per annotator
+    align label --candidates seed-candidates --order uncertainty --rm rm:rm  # the reward model's least sure first
 
 Login is required whenever an annotator exists (Gradio's login page, checked against the salted scrypt hashes
 in the registry), and --open is then refused; without annotators, the app starts only with --open. Admins
@@ -22,6 +24,12 @@ the vote (optional: an attribute left blank is not stored). In the JSON API they
 in thumbs mode and {"helpfulness:A": 4, "helpfulness:B": 2} (the completion's letter as shown) otherwise; a value
 outside 1-5, or a name the rubric does not hold, is refused.
 
+--order picks which item comes next among the free ones (align/label_order.py): sequential (row order, the
+default), random (a seeded shuffle; each annotator starts at their own place in it), or uncertainty: the items the
+reward model named by --rm is least sure of first (its preference probability sigmoid(r_a - r_b) nearest 1/2; in
+rank mode the smallest gap between two adjacent scores). The reward model scores the candidates once, in the
+background, while votes go on in row order; the scores are kept in the workspace for the next start.
+
 Everything shown from the candidates is escaped and shown as text: a completion holding <script> shows the
 tag, it never runs.
 
@@ -34,7 +42,7 @@ annotator's name and password (none with --open); after too many failed logins t
 (ui.serving.Throttle).
 
     GET  /label-api/health                 {"status": "ok"}; logged in (or with --open) also "candidates", "mode",
-                                           "overlap", "items", "login" (and "rubric" when asked)
+                                           "overlap", "items", "login" (and "rubric" and "order" when asked)
     GET  /label-api/item                   the item to label now: the same one until it is voted on
     POST /label-api/vote                   {"lease", "choice", "ranking"?, "reason"?, "scores"?}
                                            -> {"vote", "item", "duplicate", "next"}; 409 when refused, 422 for
@@ -151,9 +159,18 @@ class LabelDesk:
         open_access: bool = False,
         lease_seconds: float = 600.0,
         rubric: str | list[str] | None = None,
+        order: str = "sequential",
+        scorer=None,
     ):
         self.store = LabelStore(
-            registry, candidates, mode=mode, overlap=overlap, lease_seconds=lease_seconds, rubric=rubric
+            registry,
+            candidates,
+            mode=mode,
+            overlap=overlap,
+            lease_seconds=lease_seconds,
+            rubric=rubric,
+            order=order,
+            scorer=scorer,
         )
         self.open_access = open_access
         check_access(registry, open_access)
@@ -349,6 +366,8 @@ def label_panel(desk_for, chosen, *, mode: str, width: int, rubric: tuple[str, .
             f"**{view['user']}** · `{store.version.ref}` · {store.mode} · each item to {store.overlap} "
             f"annotator{'s' if store.overlap > 1 else ''}"
         )
+        if store.order != "sequential":
+            heading_text += f" · order: {html.escape(store.order_text())}"
         if item:
             body = conversation_html(view["prompt"])
             texts = [completion_html(label, c) for label, c in zip(view["labels"], view["completions"])]
@@ -604,6 +623,8 @@ def build_api(desk: LabelDesk):
             "items": len(store.items),
             "login": desk.login_required,
         }
+        if store.order != "sequential":
+            found["order"] = store.order_text()
         return found | ({"rubric": list(store.rubric)} if store.rubric else {})
 
     @app.get("/label-api/item")
@@ -666,12 +687,19 @@ def run_label(
     lease_minutes: float,
     expose: bool = False,
     rubric: str | None = None,
+    order: str = "sequential",
+    rm: str | None = None,
 ) -> None:
     """`align label`: serve until Ctrl-C."""
+    from align.label_order import check_order, open_scorer
     from ui.serving import check_port, serve, url_for
 
     registry = Registry(workspace)
     check_host_access(registry, host, expose, open_access)
+    check_order(order, rm, mode)
+    scorer = open_scorer(registry, rm) if rm else None
+    if scorer is not None:
+        print(f"loading {scorer.ref} to order the items by its uncertainty", flush=True)
     desk = LabelDesk(
         registry,
         candidates,
@@ -680,6 +708,8 @@ def run_label(
         open_access=open_access,
         lease_seconds=lease_minutes * 60,
         rubric=rubric,
+        order=order,
+        scorer=scorer,
     )
     app = create_app(desk)
     check_port(host, port)
@@ -691,6 +721,8 @@ def run_label(
     )
     if store.rubric:
         print(f"rubric: {', '.join(store.rubric)}, scored 1-5 for each completion shown (optional)")
+    if store.order != "sequential":
+        print(f"order: {store.order_text()}")
     if open_access:
         print(f"single local user '{OPEN_USER}' (an admin), no login (--open)")
         if overlap > 1:

@@ -3,10 +3,13 @@
     align serve                                        # http://127.0.0.1:7860/ (loopback only)
     align serve --models smollm2-135m,adapter:dpo      # the models of the Compare / Arena tab
     align serve --candidates pipeline-candidates       # the candidates the Label tab opens on
+    align serve --order uncertainty --rm rm:rm         # the Label tab serves the reward model's least sure first
+    align serve --rubric helpfulness,harmlessness      # the Label tab scores each reply 1-5 per attribute
     align serve --expose --host 0.0.0.0                # reachable from other machines: login required
 
 Tabs:
-  - Label: the ranking app (ui/label_app.py) on any candidates version, chosen from a list.
+  - Label: the ranking app (ui/label_app.py) on any candidates version, chosen from a list, with --mode,
+    --rubric, --order and --rm as in `align label`.
   - Review: the review app (ui/review_app.py) on any sft version with machine-made rows (align expand).
   - Compare / Arena: side-by-side chat and blind battles (ui/compare_app.py) between the served models.
   - Leaderboard: the arena's Bradley-Terry ratings, Elo and win-rate heatmap.
@@ -31,7 +34,8 @@ import gradio as gr
 
 from align.arena import DEFAULT_ARENA, arena_leaderboard
 from align.errors import AlignError
-from align.labels import OPEN_USER
+from align.label_order import check_order, open_scorer
+from align.labels import OPEN_USER, check_rubric
 from align.registry import Registry
 from align.runs import read_live
 from ui import compare_app, label_app, review_app
@@ -58,9 +62,21 @@ def default_models(registry: Registry) -> list[str]:
 class LabelDesks:
     """One ranking desk per candidates version, opened when someone first picks it."""
 
-    def __init__(self, registry: Registry, *, mode: str, overlap: int, open_access: bool, lease_seconds: float):
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        mode: str,
+        overlap: int,
+        open_access: bool,
+        lease_seconds: float,
+        rubric: tuple[str, ...] = (),
+        order: str = "sequential",
+        scorer=None,
+    ):
         self.registry = registry
         self.options = {"mode": mode, "overlap": overlap, "open_access": open_access, "lease_seconds": lease_seconds}
+        self.options |= {"rubric": rubric, "order": order, "scorer": scorer}  # scorer: the reward model of the order
         self._desks: dict[str, label_app.LabelDesk] = {}
         self._lock = threading.Lock()
 
@@ -334,7 +350,11 @@ def build_blocks(
                 )
                 with gr.Tabs():
                     label_load, label_outputs = label_app.label_panel(
-                        desks.get, chosen, mode=desks.options["mode"], width=desks.width()
+                        desks.get,
+                        chosen,
+                        mode=desks.options["mode"],
+                        width=desks.width(),
+                        rubric=desks.options["rubric"],
                     )
             with gr.Tab("Review", id="review-data"):
                 review_chosen = gr.Dropdown(
@@ -395,13 +415,31 @@ def create_app(
     lease_seconds: float = 600.0,
     defaults: compare_app.ChatSettings | None = None,
     bootstrap: int = 1000,
+    rubric: str | None = None,
+    order: str = "sequential",
+    rm: str | None = None,
 ):
-    """(the FastAPI app serving every tab at /, a dict of what it serves)."""
+    """(the FastAPI app serving every tab at /, a dict of what it serves). `rubric`, `order` and `rm`: the Label
+    tab's, as in `align label`."""
     from fastapi import FastAPI
 
     login = check_exposure(host, expose, registry.labels.count_annotators(), registry.root)
     overlap = overlap or (2 if login else 1)  # one local user gives each item one vote
-    desks = LabelDesks(registry, mode=mode, overlap=overlap, open_access=not login, lease_seconds=lease_seconds)
+    check_order(order, rm, mode)
+    scorer = open_scorer(registry, rm) if rm else None
+    if scorer is not None:
+        print(f"loading {scorer.ref} to order the Label tab's items by its uncertainty", flush=True)
+        scorer.load()  # a reward model that cannot be loaded stops the app here
+    desks = LabelDesks(
+        registry,
+        mode=mode,
+        overlap=overlap,
+        open_access=not login,
+        lease_seconds=lease_seconds,
+        rubric=check_rubric(rubric),
+        order=order,
+        scorer=scorer,
+    )
     models = default_models(registry) if models is None else models
     compare = None
     if len(models) >= 2:
@@ -410,6 +448,8 @@ def create_app(
         )
     warnings.filterwarnings("ignore", message=r".*(no_silent_downcasting|The copy keyword is deprecated)")
     first = registry.resolve(candidates, kind="candidates").ref if candidates else None  # checked before serving
+    if scorer is not None and (first or desks.refs()):
+        desks.get(first or desks.refs()[0])  # the version shown first: checked against the reward model, scored now
     reviews = review_app.ReviewDesks(registry, overlap=1, open_access=not login, lease_seconds=lease_seconds)
     blocks = build_blocks(registry, desks, compare, arena, first, reviews)
     label_app.spare_event_analytics()
@@ -428,6 +468,8 @@ def create_app(
     )
     app.add_middleware(ClientAddress)  # the login check's view of the client address
     served = {"login": login, "models": compare.refs if compare else [], "candidates": desks.refs(), "first": first}
+    if order != "sequential":
+        served["order"] = order
     return app, served
 
 
@@ -442,6 +484,8 @@ def run_serve(workspace: str | None, *, host: str, port: int, expose: bool, mode
     print(f"workspace {registry.root}")
     shown = served["first"] or (candidates[0] if candidates else "none yet")
     print(f"label: {len(candidates)} candidates version(s), {shown} first (the Label tab lists them all)")
+    if served.get("order"):
+        print(f"label order: {served['order']}" + (f" by {options['rm']}" if options.get("rm") else ""))
     if served["models"]:
         print(f"compare / arena: {', '.join(served['models'])}")
     else:

@@ -57,6 +57,7 @@ def add_label(commands, common) -> None:
         metavar="ATTR1,ATTR2",
         help="also score each completion shown 1-5 on these attributes, e.g. helpfulness,harmlessness,honesty",
     )
+    _add_order(p)
     p.add_argument(
         "--overlap", type=int, help="distinct annotators per item (default: 2; 1 with --open, its single user)"
     )
@@ -122,6 +123,10 @@ def add_serve(commands, common) -> None:
     p.add_argument(
         "--mode", choices=("pairwise", "rank", "thumbs"), default="pairwise", help="labeling mode (default: pairwise)"
     )
+    p.add_argument(
+        "--rubric", metavar="ATTR1,ATTR2", help="the Label tab also scores each completion 1-5 on these attributes"
+    )
+    _add_order(p)
     p.add_argument("--overlap", type=int, help="distinct annotators per item (default: 2 with login, else 1)")
     p.add_argument("--arena", default="default", metavar="NAME", help="the arena battle votes go to (default: default)")
     p.add_argument("--lease-minutes", type=float, default=10.0, help="how long an item is held for its annotator")
@@ -188,6 +193,21 @@ def add_chat(commands, common) -> None:
     p.set_defaults(handler=cmd_chat)
 
 
+def _add_order(p) -> None:
+    """Which item the ranking app serves next (align/label_order.py)."""
+    p.add_argument(
+        "--order",
+        choices=("sequential", "random", "uncertainty"),
+        default="sequential",
+        help="which free item comes next: sequential (row order), random (a seeded shuffle; each annotator starts "
+        "at their own place in it) or uncertainty (the items --rm is least sure of first: its preference "
+        "probability sigmoid(r_a - r_b) nearest 1/2, in rank mode the smallest gap between adjacent scores; the "
+        "reward model scores the items once, in the background, and row order serves until then) "
+        "(default: sequential)",
+    )
+    p.add_argument("--rm", metavar="rm:NAME[@V]", help="the reward model of --order uncertainty")
+
+
 def _add_address(p) -> None:
     """Where an app listens, and --expose, which lets it listen beyond this machine (ui.serving.check_exposure)."""
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
@@ -232,6 +252,8 @@ def cmd_label(args) -> int:
         args.candidates,
         mode=args.mode,
         rubric=args.rubric,
+        order=args.order,
+        rm=args.rm,
         overlap=args.overlap if args.overlap is not None else 1 if args.open else 2,
         host=args.host,
         port=args.port,
@@ -279,6 +301,9 @@ def cmd_serve(args) -> int:
         models=args.models or None,
         candidates=args.candidates,
         mode=args.mode,
+        rubric=args.rubric,
+        order=args.order,
+        rm=args.rm,
         overlap=args.overlap,
         arena=args.arena,
         lease_seconds=args.lease_minutes * 60,
