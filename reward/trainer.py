@@ -155,14 +155,14 @@ class PreferenceRewardTrainer(RewardTrainer):
                 "attribute_mask",
             ]
 
-    def __init__(self, *args, model, **kwargs):
+    def __init__(self, model, *args, **kwargs):
         # TRL refuses a model with more than one output; ours has one per head (reward/objectives.py): output 0 is
         # the preference score TRL expects, and compute_loss reads the others. Shown one label while TRL checks.
         config = model.config
         labels = config.id2label
         config.id2label = {0: labels[0]}
         try:
-            super().__init__(*args, model=model, **kwargs)
+            super().__init__(model, *args, **kwargs)
         finally:
             config.id2label = labels
         add_feature_scoring(self.model)

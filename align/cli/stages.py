@@ -173,7 +173,8 @@ def add_rm(commands, common) -> None:
         "eval",
         parents=[common],
         help="pairwise accuracy, margin, calibration and length bias on a preference version",
-        description="Pairwise accuracy, margin, calibration and length bias on a preference version.",
+        description="Pairwise accuracy, margin, calibration and length bias on a preference version; with a reward "
+        "model trained with --objectives, each attribute head's accuracy on the pairs whose rubric scores differ.",
     )
     add_model_list(
         q,
