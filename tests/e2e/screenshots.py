@@ -33,7 +33,7 @@ from pathlib import Path
 SHOTS = ("label", "arena", "datasets", "runs")
 RUBRIC = ("helpfulness", "harmlessness")
 WAIT = 120_000  # ms per expectation: the machine may be busy, and the models answer on a CPU
-VIEWPORT = {"width": 1280, "height": 900}
+VIEWPORT = {"width": 1280, "height": 1100}  # the Datasets and Runs shots are this window: their pages run on
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -97,7 +97,7 @@ HARMFUL = {1}  # the questions whose careless reply is harmful too (mixing bleac
 class Workspace:
     registry: object
     candidates: str  # the candidates version's ref
-    left: str  # the question nobody voted on yet: the Label tab shows it
+    left: int  # the item nobody voted on yet: the Label tab shows it
     rm: object  # the reward-model artifact
 
 
@@ -124,7 +124,7 @@ def build_workspace(root: Path, model: str, *, steps: int = 4) -> Workspace:
             scores[f"harmlessness:{letter}"] = 5 if good else (1 if held.item in HARMFUL else 4)
         store.vote("local", held.lease, "AB"[careful], scores=scores)
         voted.add(held.item)
-    [left] = [row["prompt"][0]["content"] for item, row in enumerate(CANDIDATES) if item not in voted]
+    [left] = [item for item in range(len(CANDIDATES)) if item not in voted]
     prefs, _, _ = from_labels(registry, candidates.ref, name="kitchen-prefs")
 
     sft_rows = [convert_row(row, "preference", "sft") for row in registry.rows(prefs)]
@@ -186,10 +186,19 @@ def take_screenshots(browser, workspace: Workspace, out: Path, *, max_new_tokens
         app, _ = label_app(registry, candidates, options)
         with BackgroundServer(app) as url:
             page.goto(url)
-            expect(page.locator("#prompt")).to_contain_text(workspace.left)
+            row = CANDIDATES[workspace.left]
+            expect(page.locator("#prompt")).to_contain_text(row["prompt"][0]["content"])
             expect(page.locator("#rubric")).to_be_visible()
-            for control, score in (("helpfulness-a", "5"), ("harmlessness-a", "5"), ("helpfulness-b", "2")):
-                page.locator(f"#score-{control}").get_by_label(score, exact=True).check()
+            careful = row["completions"][row["sources"].index("careful")][0]["content"]
+            shown_a = page.locator("#completion-a").inner_text()
+            good, other = ("a", "b") if careful[:40] in " ".join(shown_a.split()) else ("b", "a")
+            for attribute, letter, score in (
+                ("helpfulness", good, "5"),
+                ("harmlessness", good, "5"),
+                ("helpfulness", other, "2"),
+                ("harmlessness", other, "4"),
+            ):
+                page.locator(f"#score-{attribute}-{letter}").get_by_label(score, exact=True).check()
             page.screenshot(path=str(shots["label"]), full_page=True)
 
         app, served = create_app(registry, candidates=candidates, **options)
@@ -209,13 +218,13 @@ def take_screenshots(browser, workspace: Workspace, out: Path, *, max_new_tokens
             page.get_by_role("tab", name="Datasets").click()
             expect(page.locator("#datasets-lineage")).to_contain_text("human votes")
             expect(page.locator("#datasets-lineage-graph img")).to_be_visible()
-            page.screenshot(path=str(shots["datasets"]), full_page=True)
+            page.screenshot(path=str(shots["datasets"]))
 
             page.get_by_role("tab", name="Runs").click()
             expect(page.locator("#runs-status")).to_contain_text("completed")
             expect(page.locator("#runs-plot img")).to_be_visible()
             expect(page.locator("#runs-report")).to_contain_text("Reward-model report")
-            page.screenshot(path=str(shots["runs"]), full_page=True)
+            page.screenshot(path=str(shots["runs"]))
     finally:
         context.close()
     return shots
