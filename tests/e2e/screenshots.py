@@ -154,15 +154,14 @@ def build_workspace(root: Path, model: str, *, steps: int = 4) -> Workspace:
 
 
 def label_app(registry, candidates: str, serve_options: dict):
-    """(app, where): `align serve`'s app with the rubric when it takes one, else `align label --rubric`'s."""
+    """`align serve`'s app with the rubric when it takes one, else `align label --rubric`'s."""
     from ui import label_app as label_ui
     from ui.serve_app import create_app
 
     if "rubric" in inspect.signature(create_app).parameters:
-        app, _ = create_app(registry, candidates=candidates, rubric=",".join(RUBRIC), **serve_options)
-        return app, "serve"
+        return create_app(registry, candidates=candidates, rubric=",".join(RUBRIC), **serve_options)[0]
     desk = label_ui.LabelDesk(registry, candidates, overlap=1, open_access=True, rubric=",".join(RUBRIC))
-    return label_ui.create_app(desk), "label"
+    return label_ui.create_app(desk)
 
 
 def take_screenshots(browser, workspace: Workspace, out: Path, *, max_new_tokens: int = 48) -> dict[str, Path]:
@@ -183,7 +182,7 @@ def take_screenshots(browser, workspace: Workspace, out: Path, *, max_new_tokens
     expect.set_options(timeout=WAIT)
     page = context.new_page()
     try:
-        app, _ = label_app(registry, candidates, options)
+        app = label_app(registry, candidates, options)
         with BackgroundServer(app) as url:
             page.goto(url)
             row = CANDIDATES[workspace.left]

@@ -106,7 +106,8 @@ def test_each_pair_carries_its_replies_mean_scores_by_hand():
     assert "scores" not in aggregate(cands(), VOTES).rows[0]  # without scores, the rows are as before
 
 
-def test_from_labels_writes_them_into_the_rows(tmp_path):
+def test_from_labels_writes_them_into_the_rows(tmp_path, capsys):
+    from align import cli
     from align.labels import LabelStore
 
     registry = Registry(tmp_path / "ws")
@@ -116,9 +117,10 @@ def test_from_labels_writes_them_into_the_rows(tmp_path):
         held = store.current("local")
         store.vote("local", held.lease, "A", scores={"helpfulness:A": 4, "helpfulness:B": 1})
     version, _, _ = from_labels(registry, "cands", name="prefs")
-    assert [read_scores(row) for row in registry.rows(version)] == [
-        {"helpfulness": {"chosen": 4.0, "rejected": 1.0}}
-    ] * 2
+    expected = {"helpfulness": {"chosen": 4.0, "rejected": 1.0}}
+    assert [read_scores(row) for row in registry.rows(version)] == [expected] * 2
+    assert cli.main(["--workspace", str(registry.root), "data", "from-labels", "cands", "--name", "again"]) == 0
+    assert "2 of 2 pairs carry rubric scores (what `align rm --objectives` trains on)" in capsys.readouterr().out
     registry.close()
 
 
