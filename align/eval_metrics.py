@@ -11,6 +11,9 @@ shared by every row, so rows are compared on the same prompts):
     have at the baseline's length. The slope b has a unit Gaussian prior (an L2 penalty of 1), so when the
     lengths barely vary the fit stays near the raw win rate instead of extrapolating. (AlpacaEval's GLM also
     has a per-instruction difficulty term and is fit over many models at once; ours is per pair of rows.)
+  - per attribute, when the reward model has attribute heads (align rm --objectives): the head's mean predicted
+    rubric score, on the 1-5 scale, and its win rate against the baseline row, computed as the win rate above
+    but from that head's scores.
   - KL to a reference model: the mean over prompts of sum_t [log p_row(y_t) - log p_ref(y_t)] over the tokens
     of the row's own reply (re-tokenized from its text, prompt as the row generated it): a one-sample estimate
     of KL(row || reference) per prompt. Needs the same vocabulary (`same_vocabulary`).
@@ -85,6 +88,27 @@ def win_rate_with_ci(
     win = mean_with_ci(y, rounds=rounds, seed=seed)
     low, high = bootstrap_ci(lambda idx: length_controlled_win_rate(y[idx], d[idx]), len(y), rounds=rounds, seed=seed)
     return {"win_rate": win, "lc_win_rate": {"value": length_controlled_win_rate(y, d), "low": low, "high": high}}
+
+
+def attribute_entries(
+    scores: dict[str, Sequence[float]],
+    baseline: dict[str, Sequence[float]] | None,
+    *,
+    rounds: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Per attribute head: {"score": the mean predicted rubric score (1-5) with its interval, "win_rate": the win
+    rate against the baseline row's scores from the same head, with its interval (not for the baseline itself,
+    `baseline` None)}. `scores`: attribute -> the head's raw output per prompt (reward/objectives.py's scale)."""
+    from reward.objectives import unscaled
+
+    out = {}
+    for name, values in scores.items():
+        entry = {"score": mean_with_ci([unscaled(v) for v in values], rounds=rounds, seed=seed)}
+        if baseline is not None:
+            entry["win_rate"] = mean_with_ci(win_outcomes(values, baseline[name]), rounds=rounds, seed=seed)
+        out[name] = entry
+    return out
 
 
 # Reference-based metrics (the packages behind `evaluate`'s rouge, sacrebleu and meteor, called directly)
@@ -397,6 +421,27 @@ def results_table(
     return "\n".join(table)
 
 
+def attributes_table(metrics: dict, names: Sequence[str], baseline: str) -> str:
+    """The report's Markdown table of the attribute heads: per row, each attribute's mean score (1-5) and win rate
+    against the baseline, with intervals and the verdict of the win rate's interval."""
+    from align.stats import verdict
+
+    attributes = metrics["attributes"]
+    header = ["row"]
+    for name in attributes:
+        header += [f"{name} score (1-5)", f"{name} win rate vs {baseline}"]
+    table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in names:
+        found = metrics["rows"][row]["attributes"]
+        cells = [f"`{row}`" + (" (baseline)" if row == baseline else "")]
+        for name in attributes:
+            win = found[name].get("win_rate")
+            verdict_text = f": {verdict(win['low'], win['high'])}" if win else ""
+            cells += [format_interval(found[name]["score"], 2), format_interval(win) + verdict_text]
+        table.append("| " + " | ".join(cells) + " |")
+    return "\n".join(table)
+
+
 def eval_plots(
     folder: Path,
     names: Sequence[str],
@@ -418,6 +463,8 @@ def eval_plots(
             ),
             plot_win_rates(folder / "win_rates.png", names, metrics, baseline),
         ]
+        if metrics.get("attributes"):
+            plots.append(plot_attribute_win_rates(folder / "attribute_win_rates.png", names, metrics, baseline))
     return plots
 
 
@@ -453,5 +500,27 @@ def plot_win_rates(path: Path, names: Sequence[str], metrics: dict, baseline: st
     axis.set_xlim(0, 1)
     axis.set_xlabel(f"win rate against {baseline} (95% bootstrap interval)")
     axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    axis.grid(alpha=0.3, axis="x")
+    return save_figure(figure, path)
+
+
+def plot_attribute_win_rates(path: Path, names: Sequence[str], metrics: dict, baseline: str) -> Path:
+    """Each row's win rate against the baseline by each attribute head, with their intervals."""
+    others = [name for name in names if name != baseline]
+    attributes = metrics["attributes"]
+    figure, axis = new_figure(figsize=(7, 0.4 * len(others) * len(attributes) + 2.0))
+    step = 0.6 / max(len(attributes), 1)
+    for number, attribute in enumerate(attributes):
+        offset = -0.3 + step * (number + 0.5)
+        values = [metrics["rows"][name]["attributes"][attribute]["win_rate"] for name in others]
+        xs = [v["value"] for v in values]
+        errors = [[v["value"] - v["low"] for v in values], [v["high"] - v["value"] for v in values]]
+        axis.errorbar(xs, [i + offset for i in range(len(others))], xerr=errors, fmt="o", capsize=4, label=attribute)
+    axis.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    axis.set_yticks(range(len(others)), _labels(others))
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1)
+    axis.set_xlabel(f"win rate against {baseline} by each attribute head (95% bootstrap interval)")
+    axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(attributes), 4), frameon=False)
     axis.grid(alpha=0.3, axis="x")
     return save_figure(figure, path)

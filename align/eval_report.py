@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from align.eval_metrics import eval_plots, format_interval, results_table
+from align.eval_metrics import attributes_table, eval_plots, format_interval, results_table
 from align.reports import write_metrics, write_report
 from align.stats import verdict
 
@@ -31,6 +31,12 @@ def write_eval_report(run, config, metrics, rows, generations, rewards) -> None:
         "tanh(length difference / its standard deviation), in characters, read at equal length. "
         "KL: mean over prompts of the summed per-token log-ratio on the row's own reply."
     )
+    if metrics.get("attributes"):
+        method += (
+            " Attributes: each attribute head of the reward model scores every reply (its predicted rubric score, "
+            "1-5); its win rate is computed as the reward's, from that head's scores. Verdicts: whether the win "
+            "rate's interval lies above 0.5 (better), below it (worse), or holds it (no detectable difference)."
+        )
     sampling = config["sampling"]
     setup = (
         f"`{metrics['dataset']}`: {metrics['prompts']} prompts. Each row samples one reply per prompt "
@@ -59,11 +65,17 @@ def write_eval_report(run, config, metrics, rows, generations, rewards) -> None:
         entry = metrics["rows"][row.name]
         if "win_rate" in entry:
             summary[f"win rate of {row.name}"] = entry["win_rate"]["value"]
+        for attribute, found in entry.get("attributes", {}).items():
+            if "win_rate" in found:
+                summary[f"{attribute} win rate of {row.name}"] = found["win_rate"]["value"]
+    results = [("Results", table)]
+    if metrics.get("attributes"):
+        results.append(("Attributes", attributes_table(metrics, names, baseline)))
     write_report(
         run,
         "Evaluation",
         summary=summary,
-        sections=[("Setup", setup), ("Results", table), ("Method", method)]
+        sections=[("Setup", setup), *results, ("Method", method)]
         + ([("Notes", "\n".join(f"- {note}" for note in notes))] if notes else []),
         plots=plots,
     )
@@ -71,7 +83,8 @@ def write_eval_report(run, config, metrics, rows, generations, rewards) -> None:
 
 def print_summary(result) -> None:
     """One line per row: mean reward, the win rate against the baseline with its 95% interval and what that
-    interval says (better, worse or no detectable difference), the length-controlled win rate, length, KL."""
+    interval says (better, worse or no detectable difference), the length-controlled win rate, length, KL; then,
+    with attribute heads, a line per attribute: its mean score and its win rate, with the same verdict."""
     print(f"{result.version.ref}  {result.version.num_rows} rows  kind=candidates")
     baseline = result.metrics.get("baseline")
     for name, entry in result.metrics["rows"].items():
@@ -86,4 +99,12 @@ def print_summary(result) -> None:
         if "kl" in entry and "value" in entry["kl"]:
             parts.append(f"KL {entry['kl']['value']:.3f}")
         print(f"  {name}: " + ", ".join(parts))
+        for attribute, found in entry.get("attributes", {}).items():
+            line = f"{attribute} {format_interval(found['score'], 2)} (1-5)"
+            if "win_rate" in found:
+                win = found["win_rate"]
+                line += (
+                    f", {attribute} win rate vs {baseline} {format_interval(win)}: {verdict(win['low'], win['high'])}"
+                )
+            print(f"    {line}")
     print(f"report: {result.run.dir / 'report.md'}")

@@ -24,7 +24,9 @@ rm`), which reads the prompt without the few-shot examples, so every row answers
 length-controlled win rate against the baseline row (the first model, or --baseline); reply length in tokens of
 the row's own tokenizer and in characters; KL to --kl-reference ("n/a" for a different vocabulary); and with
 --references (the prompts carry reference answers) ROUGE, BLEU and METEOR (unavailable, with the reason, without
-WordNet). How each is computed: align/eval_metrics.py.
+WordNet). When the reward model has attribute heads (`align rm --objectives`), each attribute gets its own numbers
+per row: the head's mean predicted rubric score (1-5) and its win rate against the baseline row, with intervals
+(the reward and the win rates above stay the preference head's). How each is computed: align/eval_metrics.py.
 
 Outputs. A `candidates` version (--name, default eval-PROMPTS: every row's reply per prompt, sources = row
 names, with lineage to the prompts, the models and the reward model), and the run: metrics.json, report.md with
@@ -43,6 +45,7 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.eval_metrics import (
+    attribute_entries,
     choose_examples,
     example_pairs,
     few_shot_prompt,
@@ -244,7 +247,9 @@ def _evaluate(registry: Registry, run, config: dict) -> EvalResult:
         "bootstrap": {"rounds": rounds, "seed": seed, "confidence": 0.95},
         "rows": {},
     }
-    rewards = _rewards(registry, config, rows, prompts, generations) if config["rm"] else None
+    rewards, attributes = _rewards(registry, config, rows, prompts, generations) if config["rm"] else (None, {})
+    if attributes:
+        metrics["attributes"] = list(attributes)
     base_index = [row.name for row in rows].index(config["baseline"])
     for index, row in enumerate(rows):
         made = generations[index]
@@ -265,6 +270,13 @@ def _evaluate(registry: Registry, run, config: dict) -> EvalResult:
                     rounds=rounds,
                     seed=seed,
                 )
+        if attributes:  # each attribute head's mean score, and its win rate against the baseline row
+            entry["attributes"] = attribute_entries(
+                {name: values[index] for name, values in attributes.items()},
+                None if index == base_index else {name: values[base_index] for name, values in attributes.items()},
+                rounds=rounds,
+                seed=seed,
+            )
         if config["kl_reference"]:
             kl = made.get("kl")
             entry["kl"] = mean_with_ci(kl, rounds=rounds, seed=seed) if kl is not None else {"error": made["kl_error"]}
@@ -277,7 +289,7 @@ def _evaluate(registry: Registry, run, config: dict) -> EvalResult:
     if config["references"]:
         metrics["reference_answers"] = sum(1 for ref in references if ref)
 
-    version = _register(registry, run, config, prompts_version, rows, prompts, generations, rewards)
+    version = _register(registry, run, config, prompts_version, rows, prompts, generations, rewards, attributes)
     metrics["candidates"] = version.ref
     write_eval_report(run, config, metrics, rows, generations, rewards)
     registry.finish_run(run, metrics=metrics, outputs=[version.ref])
@@ -377,21 +389,33 @@ def _write_json(path: Path, value) -> None:
     os.replace(temporary, path)  # a killed run leaves a whole file or none
 
 
-def _rewards(registry, config, rows, prompts, generations) -> list[list[float]]:
-    flat = _judge(registry, config, [(p, reply) for made in generations for p, reply in zip(prompts, made["replies"])])
+def _rewards(registry, config, rows, prompts, generations) -> tuple[list[list[float]], dict[str, list[list[float]]]]:
+    """(the preference head's reward [row][prompt], each attribute head's score {attribute: [row][prompt]})."""
+    pairs = [(p, reply) for made in generations for p, reply in zip(prompts, made["replies"])]
+    heads = _judge_heads(registry, config, pairs)
     n = len(prompts)
-    return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
+
+    def by_row(flat: list[float]) -> list[list[float]]:
+        return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
+
+    preference, *attributes = heads
+    return by_row(heads[preference]), {name: by_row(heads[name]) for name in attributes}
 
 
 def _judge(registry, config, pairs: list[tuple]) -> list[float]:
-    """The reward model's (--rm) score of each (prompt, reply)."""
+    """The reward model's (--rm) score of each (prompt, reply): its preference head's."""
+    return next(iter(_judge_heads(registry, config, pairs).values()))
+
+
+def _judge_heads(registry, config, pairs: list[tuple]) -> dict[str, list[float]]:
+    """Every head's score of each (prompt, reply): {head: scores}, the preference head first."""
     from reward.model import RewardModel
 
     rm = RewardModel.load(config["rm"], registry, max_length=config["rm_max_length"], seed=config["sampling"]["seed"])
-    return rm.score([prompt for prompt, _ in pairs], [reply for _, reply in pairs], progress=True)
+    return rm.score_heads([prompt for prompt, _ in pairs], [reply for _, reply in pairs], progress=True)
 
 
-def _register(registry, run, config, prompts_version, rows, prompts, generations, rewards):
+def _register(registry, run, config, prompts_version, rows, prompts, generations, rewards, attributes=None):
     generation = json.dumps({"n": 1, **config["sampling"]}, sort_keys=True)
     out = []
     for index, prompt in enumerate(prompts):
@@ -411,4 +435,9 @@ def _register(registry, run, config, prompts_version, rows, prompts, generations
     if rewards is not None:
         meta["rewards"] = [[rewards[r][i] for r in range(len(rows))] for i in range(len(prompts))]
         meta["rm"] = config["rm"]
+    if attributes:  # each attribute head's raw output, [prompt][row] as the rewards
+        meta["attribute_rewards"] = {
+            name: [[values[r][i] for r in range(len(rows))] for i in range(len(prompts))]
+            for name, values in attributes.items()
+        }
     return registry.register(out, name=config["name"], kind="candidates", parents=parents, run=run, meta=meta)

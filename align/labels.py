@@ -39,7 +39,8 @@ Feedback (`--kind feedback`). Each vote becomes labels on single completions: th
 undesirable; a both-bad vote makes every completion it showed undesirable; with `include_pairwise`, a pairwise
 vote makes the chosen completion desirable and the other undesirable (ties give nothing). Per completion, the
 majority label is kept; an even split is dropped. Rubric scores (`--rubric`, 1-5 per attribute) are averaged per
-completion and attribute into the version's meta, with how closely the annotators agreed.
+completion and attribute into the version's meta, with how closely the annotators agreed; a preference row also
+carries its two replies' means in its `scores` field (what `align rm --objectives` trains on).
 
 Agreement. On those pair judgments (first wins / second wins / tie / both-bad): Cohen's kappa for each pair of
 annotators over the pairs both judged, Krippendorff's alpha (nominal) overall, and the raw share of agreeing
@@ -304,8 +305,17 @@ class Aggregate:
     too_few: int = 0
 
 
-def aggregate(candidates: list[dict], votes: Iterable[Vote], *, ties: str = "drop", min_votes: int = 1) -> Aggregate:
-    """Preference rows from votes: majority per pair of completions, with margin and weight (see the docstring)."""
+def aggregate(
+    candidates: list[dict],
+    votes: Iterable[Vote],
+    *,
+    ties: str = "drop",
+    min_votes: int = 1,
+    scores: Mapping[tuple[int, int], dict] | None = None,
+) -> Aggregate:
+    """Preference rows from votes: majority per pair of completions, with margin and weight (see the docstring).
+    `scores`: (row, completion) -> {attribute: mean rubric score} (`completion_scores`); a pair with any of them
+    carries them in its `scores` field, {attribute: {"chosen": x, "rejected": y}} (a side nobody scored left out)."""
     if ties not in TIES:
         raise AlignError(f"--ties must be drop or keep (got {ties!r})")
     if min_votes < 1:
@@ -346,8 +356,32 @@ def aggregate(candidates: list[dict], votes: Iterable[Vote], *, ties: str = "dro
         }
         if ties == "keep":
             out["tie"] = wins == losses
+        if scores:
+            pair = _pair_scores(scores.get((item, chosen), {}), scores.get((item, rejected), {}))
+            if pair:
+                out["scores"] = pair
         result.rows.append(out)
     return result
+
+
+def completion_scores(rubric: dict) -> dict[tuple[int, int], dict[str, float]]:
+    """(row, completion) -> {attribute: mean score}, from `rubric_scores`'s items."""
+    found: dict[tuple[int, int], dict[str, float]] = defaultdict(dict)
+    for entry in rubric.get("items", []):
+        found[(entry["row"], entry["completion"])][entry["attribute"]] = entry["mean"]
+    return dict(found)
+
+
+def _pair_scores(chosen: dict[str, float], rejected: dict[str, float]) -> dict:
+    """{attribute: {"chosen": x, "rejected": y}} from each reply's {attribute: score}."""
+    pair: dict[str, dict[str, float]] = {}
+    for attribute in sorted(set(chosen) | set(rejected)):
+        pair[attribute] = {}
+        if attribute in chosen:
+            pair[attribute]["chosen"] = chosen[attribute]
+        if attribute in rejected:
+            pair[attribute]["rejected"] = rejected[attribute]
+    return pair
 
 
 # Agreement (the statistics themselves: align/stats.py)
@@ -986,7 +1020,8 @@ def from_labels(
             raise AlignError(
                 f"no pairwise or rank votes on {version.ref}: thumbs votes make feedback rows (--kind feedback)"
             )
-        result = aggregate(rows, votes, ties=ties, min_votes=min_votes)
+        scores = completion_scores(rubric_scores(rows, votes))
+        result = aggregate(rows, votes, ties=ties, min_votes=min_votes, scores=scores)
         if not result.rows:
             raise AlignError(
                 f"no preference pairs left from {len(votes)} votes on {version.ref}: {result.ties_dropped} ties "

@@ -383,8 +383,10 @@ def load_model(
     trainable_adapter: bool = False,
     trust_remote_code: bool = False,
     quantization_config: Any = None,
+    num_labels: int = 1,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode. Adapters are wrapped with PEFT; rm: gives a 1-label scorer."""
+    """Load (model, tokenizer) in eval mode. Adapters are wrapped with PEFT; rm: gives a scorer with `num_labels`
+    outputs (one per head of a multi-objective reward model)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     resolved = _as_resolved(ref, registry, trust_remote_code)
@@ -398,7 +400,7 @@ def load_model(
         kwargs["quantization_config"] = quantization_config
     model_class = AutoModelForCausalLM
     if resolved.artifact_kind == "rm":
-        model_class, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
+        model_class, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
     from safetensors import SafetensorError
 
     try:

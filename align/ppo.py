@@ -8,6 +8,8 @@
     # the same inputs and outputs with TRL's trainers instead of our PPO loop:
     align ppo --config recipes/ppo/smollm2-135m-rloo.yaml      (algo: rloo)
     align ppo --config recipes/ppo/smollm2-135m-grpo.yaml      (algo: grpo)
+    # with a multi-objective reward model (align rm --objectives): the reward is a weighted sum of its heads
+    align ppo --config recipes/ppo/smollm2-135m-grpo.yaml --reward_weights helpfulness=1.0,harmlessness=2.0
 
 TRL 1.16 has no PPOTrainer, so the PPO loop is ours (align/ppo_core.py). One base model in memory serves three
 roles, each a PEFT adapter on it:
@@ -17,10 +19,13 @@ roles, each a PEFT adapter on it:
     value      the value function: its own trainable LoRA plus a scalar head
 
 The reward comes from a registry reward model (`rm:NAME`); text is decoded and re-tokenised for it, so a
-reward model with another tokenizer works. Each update: sample a batch of prompts, roll out responses
-(batched, KV cache), score them, add a per-token KL penalty to the reference, compute GAE advantages, then
-run several epochs of clipped-surrogate and clipped-value updates over minibatches. Each update's numbers go to
-`report_to` (TensorBoard in runs/ID/logs by default), as the Trainer-based stages' do.
+reward model with another tokenizer works. With `reward_weights` (head -> weight; every algo) the reward is the
+weighted sum of the reward model's heads named there, the preference head (`preference`) only when named
+(reward/objectives.py); a head the reward model lacks is refused before anything starts. Each update: sample a
+batch of prompts, roll out responses (batched, KV cache), score them, add a per-token KL penalty to the
+reference, compute GAE advantages, then run several epochs of clipped-surrogate and clipped-value updates over
+minibatches. Each update's numbers go to `report_to` (TensorBoard in runs/ID/logs by default), as the
+Trainer-based stages' do.
 
 Where the time goes, and what keeps it down: sampling runs with the policy's LoRA folded into the weights (an
 unfolded LoRA slows every decoded token); every forward pass sees chunks of rows without the padding they all
@@ -57,11 +62,19 @@ from align.ppo_core import (
     save_checkpoint,
     trainer_arguments,
 )
-from align.ppo_shared import finish_policy_run, policy_inputs, policy_start, register_policy, registry_reward_fn
+from align.ppo_shared import (
+    finish_policy_run,
+    policy_inputs,
+    policy_start,
+    register_policy,
+    registry_reward_fn,
+    weights_text,
+)
 from align.registry import Registry
 from align.reports import plot_series, write_metrics, write_report
 from align.rl_utils import AdaptiveKLController, FixedKLController, RunningMoments
 from align.runs import LoopLoggers, append_live, failures_recorded, open_stage_run, run_recipe, stage_data
+from reward.objectives import parse_reward_weights
 
 ALGOS = ("ppo", "rloo", "grpo")
 
@@ -70,6 +83,14 @@ ALGOS = ("ppo", "rloo", "grpo")
 class PPOStageConfig(StageFields, AdapterFields):
     algo: str = field(default="ppo", metadata={"help": "ppo (ours) | rloo | grpo (TRL's trainers)"})
     reward_model: str | None = field(default=None, metadata={"help": "registry reward model, rm:NAME[@V]"})
+    reward_weights: dict[str, float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "the reward as a weighted sum of the reward model's heads: {helpfulness: 1.0, harmlessness: "
+            "2.0} (helpfulness=1,harmlessness=2 on the command line); `preference` names the pairwise head, "
+            "included only when named; null = the preference head alone"
+        },
+    )
     output_name: str | None = field(default="ppo", metadata={"help": "artifact name: adapter:NAME"})
     seed: int = 0
     # Rollouts
@@ -118,6 +139,7 @@ class PPOStageConfig(StageFields, AdapterFields):
             raise ValueError(f"config key 'algo' must be one of {', '.join(ALGOS)} (got {self.algo!r})")
         if not self.reward_model:
             raise ValueError("config key 'reward_model' is required: a registry reward model, rm:NAME[@V]")
+        self.reward_weights = parse_reward_weights(self.reward_weights)
         if self.peft != "lora":
             raise ValueError(f"config key 'peft' must be lora for PPO (got {self.peft!r}): the roles are LoRA adapters")
         for key in (
@@ -203,7 +225,7 @@ def run_ppo(
         roles, _ = load_roles(config.model, registry, config)
         broadcast_parameters(roles.trainable_parameters())  # every process starts from the main one's weights
         if reward_fn is None:
-            reward_fn = registry_reward_fn(config.reward_model, registry, roles)
+            reward_fn = registry_reward_fn(config.reward_model, registry, roles, weights=config.reward_weights)
         train_prompts = [row["prompt"] for row in registry.rows(train_version)]
         eval_prompts = [row["prompt"] for row in registry.rows(eval_version)][: config.eval_prompts]
         optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=config.learning_rate)
@@ -306,7 +328,8 @@ def _report(run, config, history, metrics, artifact) -> None:
         )
     write_metrics(run, metrics | {"history": history})
     setup = (
-        f"Policy from `{config.model}`, reward `{config.reward_model}`, prompts `{config.dataset}`; "
+        f"Policy from `{config.model}`, reward `{config.reward_model}`{weights_text(config)}, prompts "
+        f"`{config.dataset}`; "
         f"{config.num_updates} updates of {config.batch_size} rollouts ({config.response_length} tokens), "
         f"{config.ppo_epochs} epochs of minibatch {config.mini_batch_size}; KL coefficient {config.kl_coef}"
         f"{' (adaptive)' if config.adaptive_kl else ''}. Output `{artifact.ref}`."

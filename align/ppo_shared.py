@@ -3,7 +3,8 @@ reward model, resolved and checked before anything is registered; the reward, a 
 function of prompts and decoded responses; and the policy adapter it registers, with its lineage.
 
 When the reward model is a LoRA adapter on the policy's own base, it joins the policy's roles instead of loading
-that base again.
+that base again. With `reward_weights` the reward is the weighted sum of the reward model's heads named there
+(reward/objectives.py), each checked against the heads the artifact has before anything is registered.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from align.errors import AlignError
 from align.models import ResolvedModel, resolve_model
 from align.ppo_core import RewardFn, SharedBaseRoles, SharedBaseScorer
 from align.registry import Artifact, Registry
+from reward.objectives import check_reward_weights, head_names
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,11 @@ class PolicyInputs:
 
 
 def policy_inputs(config, registry: Registry, reward_fn: RewardFn | None = None) -> PolicyInputs:
-    """`model` and `reward_model` of a PPO config, resolved; a reference that does not resolve fails here."""
+    """`model` and `reward_model` of a PPO config, resolved; a reference that does not resolve fails here, and so
+    does a `reward_weights` head the reward model lacks."""
     reward_artifact = reward_model_artifact(config.reward_model, registry) if reward_fn is None else None
+    if reward_artifact is not None and config.reward_weights:
+        check_reward_weights(config.reward_weights, reward_heads(reward_artifact), reward_artifact.ref)
     start, base_ref = policy_start(config.model, registry)
     return PolicyInputs(start, base_ref, reward_artifact)
 
@@ -51,8 +56,27 @@ def reward_model_artifact(reward_ref: str, registry: Registry):
     return artifact
 
 
-def registry_reward_fn(reward_ref: str, registry: Registry, roles: SharedBaseRoles | None = None) -> RewardFn:
-    """Scores from a registry reward model, on decoded text re-tokenised with the reward model's tokenizer.
+def reward_heads(artifact: Artifact) -> tuple[str, ...]:
+    """The heads of a reward model artifact: the preference head, then its attribute heads (align rm --objectives)."""
+    return head_names(artifact.meta.get("objectives"))
+
+
+def weights_text(config) -> str:
+    """' (helpfulness x 1, harmlessness x 2)' for a report, '' without reward_weights."""
+    if not config.reward_weights:
+        return ""
+    return " (" + ", ".join(f"{name} x {weight:g}" for name, weight in config.reward_weights.items()) + ")"
+
+
+def registry_reward_fn(
+    reward_ref: str,
+    registry: Registry,
+    roles: SharedBaseRoles | None = None,
+    *,
+    weights: dict[str, float] | None = None,
+) -> RewardFn:
+    """Scores from a registry reward model, on decoded text re-tokenised with the reward model's tokenizer: its
+    preference head's, or with `weights` (head -> weight) the weighted sum of the heads named.
 
     When the reward model is a LoRA adapter on the policy's own base model, it joins the roles as the adapter
     "reward" (plus its score head) instead of loading the base a second time.
@@ -65,7 +89,7 @@ def registry_reward_fn(reward_ref: str, registry: Registry, roles: SharedBaseRol
 
     def score(prompts: list[list[dict]], responses: list[str]) -> list[float]:
         completions = [[{"role": "assistant", "content": text}] for text in responses]
-        return reward_model.score(prompts, completions)
+        return reward_model.score(prompts, completions, weights=weights)
 
     return score
 
@@ -96,7 +120,8 @@ def shared_base_reward_model(reward_ref: str, registry: Registry, roles: SharedB
     scorer = SharedBaseScorer(roles, score[0], tokenizer.pad_token_id)
     max_length = artifact.meta.get("max_length") or DEFAULT_MAX_LENGTH
     print(f"reward model {artifact.ref} shares the policy's base: loaded as an adapter, not a second model")
-    return RewardModel(scorer, tokenizer, max_length=max_length, ref=artifact.ref)
+    objectives = artifact.meta.get("objectives") or ()
+    return RewardModel(scorer, tokenizer, max_length=max_length, ref=artifact.ref, objectives=objectives)
 
 
 def register_policy(registry, run, config, model, tokenizer, *, policy: PolicyInputs, versions, metrics):
@@ -119,7 +144,8 @@ def register_policy(registry, run, config, model, tokenizer, *, policy: PolicyIn
         base_model=policy.base_ref,
         run=run,
         parents=parents,
-        meta={"algo": config.algo, "metrics": metrics},
+        meta={"algo": config.algo, "metrics": metrics}
+        | ({"reward_weights": config.reward_weights} if config.reward_weights else {}),
     )
 
 

@@ -2,7 +2,8 @@
 
 The policy starts from the SFT adapter (trainable); TRL keeps a frozen copy of it on the same base under the
 adapter name "ref" and uses it as the KL reference when `kl_coef` (TRL's `beta`) is above 0. The
-registry reward model is the reward function: completions are decoded text, re-tokenised by the reward model.
+registry reward model is the reward function: completions are decoded text, re-tokenised by the reward model
+(with `reward_weights`, the weighted sum of its heads).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from align.config import peft_config_for
 from align.distributed import broadcast_from_main, is_main_process, wait_for_everyone
 from align.models import load_model
 from align.ppo_core import mean_reward, trainer_arguments
-from align.ppo_shared import PolicyInputs, finish_policy_run, register_policy, registry_reward_fn
+from align.ppo_shared import PolicyInputs, finish_policy_run, register_policy, registry_reward_fn, weights_text
 from align.reports import history_series, plot_series, write_metrics, write_report
 from align.runs import failures_recorded, last_checkpoint, live_metrics_callback
 
@@ -57,7 +58,7 @@ def run_trl_algo(config, registry, run, policy: PolicyInputs, versions, *, resum
             model = peft.PeftModel.from_pretrained(base, str(policy.start.adapter_path), is_trainable=True)
         else:
             model, peft_config = base, peft_config_for(config)
-        score = reward_fn or registry_reward_fn(config.reward_model, registry)
+        score = reward_fn or registry_reward_fn(config.reward_model, registry, weights=config.reward_weights)
 
         def registry_reward(prompts, completions, **kwargs):
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -95,7 +96,8 @@ def run_trl_algo(config, registry, run, policy: PolicyInputs, versions, *, resum
         ]
         write_metrics(run, metrics | {"history": log})
         setup = (
-            f"TRL {config.algo.upper()} from `{config.model}`, reward `{config.reward_model}`, prompts "
+            f"TRL {config.algo.upper()} from `{config.model}`, reward `{config.reward_model}`{weights_text(config)}, "
+            "prompts "
             f"`{config.dataset}`, {config.num_generations} completions per prompt, beta {config.kl_coef}. "
             f"Output `{artifact.ref}`."
         )

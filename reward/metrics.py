@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from align.registry.schemas import read_scores
+from align.stats import wilson_interval
+from reward.objectives import PREFERENCE, scored_pairs, unscaled
+
 LENGTH_EDGES = (-50, -10, 10, 50)  # token differences (chosen - rejected) that split the length buckets
 
 
@@ -151,6 +155,108 @@ def pair_metrics(
         metrics["ties"] = len(ties)
         metrics["tie_mean_abs_gap"] = sum(abs(chosen[i] - rejected[i]) for i in ties) / len(ties)
     return metrics
+
+
+def head_metrics(rows: Sequence[dict], scores, objectives: Sequence[str]) -> dict:
+    """Each head of a multi-objective reward model against each kind of label. `scores`: reward.model.PairScores.
+
+    Per attribute, on the pairs whose two replies both carry its rubric score and different ones: the accuracy of
+    every head (the preference head and each attribute head) at ordering the two replies as the scores do, with
+    its 95% Wilson interval; and the attribute head's mean absolute error on the 1-5 scale over every reply that
+    carries the score. On the decided preference pairs: every attribute head's accuracy at the preference label.
+    Returns {"heads": {...}} plus flat numbers a table prints: accuracy_A and pairs_A (the head of A on A's pairs),
+    preference_accuracy_A (the preference head on them), mae_A."""
+    heads = {PREFERENCE: (scores.chosen, scores.rejected), **scores.attributes}
+    found: dict = {"attributes": {}, "preference_labels": {}}
+    flat: dict = {}
+    for attribute in objectives:
+        pairs = scored_pairs(rows, attribute)
+        truth = [read_scores(rows[i])[attribute] for i in pairs]
+        signs = [1.0 if t["chosen"] > t["rejected"] else -1.0 for t in truth]
+        accuracy = {}
+        for name, (chosen, rejected) in heads.items():
+            hits = [_correct(sign * (chosen[i] - rejected[i])) for sign, i in zip(signs, pairs)]
+            accuracy[name] = _rate(hits)
+        chosen, rejected = heads[attribute]
+        errors = []
+        for index, row in enumerate(rows):
+            sides = read_scores(row).get(attribute, {})
+            for side, predicted in (("chosen", chosen[index]), ("rejected", rejected[index])):
+                if sides.get(side) is not None:
+                    errors.append(abs(unscaled(predicted) - sides[side]))
+        mae = sum(errors) / len(errors) if errors else float("nan")
+        found["attributes"][attribute] = {"pairs": len(pairs), "replies": len(errors), "mae": mae, "accuracy": accuracy}
+        flat |= {f"accuracy_{attribute}": accuracy[attribute]["value"], f"pairs_{attribute}": len(pairs)}
+        flat |= {f"preference_accuracy_{attribute}": accuracy[PREFERENCE]["value"], f"mae_{attribute}": mae}
+    decided = [i for i, is_tie in enumerate(scores.tie) if not is_tie]
+    for name, (chosen, rejected) in heads.items():
+        found["preference_labels"][name] = _rate([_correct(chosen[i] - rejected[i]) for i in decided])
+    return {"heads": found} | flat
+
+
+def _rate(hits: list[float]) -> dict:
+    """{"value", "low", "high", "n"}: a share of hits with its 95% Wilson interval (nan without any)."""
+    if not hits:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    low, high = wilson_interval(sum(hits), len(hits))
+    return {"value": sum(hits) / len(hits), "low": low, "high": high, "n": len(hits)}
+
+
+def heads_markdown(metrics: dict) -> str:
+    """Every head's accuracy on each kind of label, as a Markdown table for a run's report."""
+    heads = metrics["heads"]
+    names = list(heads["preference_labels"])
+
+    def cell(rate: dict, own: bool) -> str:
+        if not rate["n"]:
+            return "-"
+        text = f"{rate['value']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}]"
+        return f"**{text}**" if own else text
+
+    lines = [
+        "| labels | pairs | " + " | ".join(f"{name} head" for name in names) + " |",
+        "| --- | --- |" + " --- |" * len(names),
+    ]
+    rates = heads["preference_labels"]
+    cells = " | ".join(cell(rates[name], name == PREFERENCE) for name in names)
+    lines.append(f"| preference (chosen over rejected) | {rates[PREFERENCE]['n']} | {cells} |")
+    for attribute, entry in heads["attributes"].items():
+        rates = entry["accuracy"]
+        cells = " | ".join(cell(rates[name], name == attribute) for name in names)
+        lines.append(f"| {attribute} scores differ | {entry['pairs']} | {cells} |")
+    lines += [
+        "",
+        "Accuracy: the share of pairs a head orders as the labels do (95% Wilson interval); bold: each head on its "
+        "own labels. Mean absolute error of each attribute head on the 1-5 scale: "
+        + ", ".join(
+            f"{attribute} {entry['mae']:.2f} on {entry['replies']} replies"
+            for attribute, entry in heads["attributes"].items()
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def head_lines(metrics: dict) -> list[str]:
+    """One line per attribute head (none without "heads"): its accuracy on the pairs whose scores for its attribute
+    differ, and the preference head's on the same pairs, each with its interval and what it says against chance."""
+    from align.stats import against_chance
+
+    lines = []
+    for attribute, entry in metrics.get("heads", {}).get("attributes", {}).items():
+        if not entry["pairs"]:
+            lines.append(
+                f"{attribute} head: no pairs whose {attribute} scores differ ({entry['replies']} replies scored)"
+            )
+            continue
+        own, preference = entry["accuracy"][attribute], entry["accuracy"][PREFERENCE]
+        what = f"pairs whose {attribute} scores differ"
+        lines.append(
+            f"{attribute} head: accuracy {against_chance(own['value'], own['n'], what)} (the preference head on "
+            f"them: {against_chance(preference['value'], preference['n'], 'pairs')}); mean absolute error "
+            f"{entry['mae']:.2f} on the 1-5 scale over {entry['replies']} scored replies"
+        )
+    return lines
 
 
 def _share(flags) -> float:

@@ -2,18 +2,23 @@
 
     align rm eval --rm rm:hh-rm --data hh-harmless-test          # accuracy, margin, ECE, length bias + report
     align rm eval --rm smollm2-135m --data hh-harmless-test      # the same base with an untrained head (seed 0)
+    align rm eval --rm rm:multi --data seed-prefs-test           # + each attribute head (align rm --objectives)
     align rm score --rm rm:hh-rm --data seed-candidates --name seed-candidates-rm
 
 Scoring writes a `preference` version labelled by the reward model: for each row, the reply it scores highest
 is `chosen`, the lowest `rejected`, the gap is the `margin` (a tie when the scores are equal). Every score
 (all completions of a candidates row; chosen and rejected of a preference row, in the source's order) is kept in
 the version's meta under "scores", with the agreement between the model and the source's labels.
+
+A multi-objective reward model (`align rm --objectives ...`) is evaluated head by head as well: each head's
+accuracy on the pairs whose rubric scores for an attribute differ, beside the preference head's
+(reward.metrics.head_metrics). Scoring uses its preference head.
 """
 
 from __future__ import annotations
 
 from align.reports import write_metrics, write_report
-from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
+from reward.metrics import headline, heads_markdown, markdown, plot_length_bias, plot_reliability
 from reward.model import RewardModel
 
 
@@ -40,7 +45,8 @@ def evaluate_rm(
             plot_reliability(metrics, run.dir / "reliability.png", f"reliability of {rm.ref} on {version.ref}"),
             plot_length_bias(metrics, run.dir / "length_bias.png"),
         ]
-        write_metrics(run, summary | {"length_buckets": metrics["length_buckets"]})
+        heads = {"heads": metrics["heads"]} if "heads" in metrics else {}
+        write_metrics(run, summary | {"length_buckets": metrics["length_buckets"]} | heads)
         setup = (
             f"Reward model `{rm.ref}`{'' if trained else f' (base model with an untrained head, seed {seed})'} on "
             f"`{version.ref}` ({version.num_rows} rows), max_length {rm.max_length}: "
@@ -50,11 +56,12 @@ def evaluate_rm(
             run,
             "Reward-model evaluation",
             summary=summary,
-            sections=[("Setup", setup), ("Length bias and calibration", markdown(metrics))],
+            sections=[("Setup", setup), ("Length bias and calibration", markdown(metrics))]
+            + ([("Heads", heads_markdown(metrics))] if heads else []),
             plots=plots,
         )
-        registry.finish_run(run, metrics=summary)
-        return run, summary
+        registry.finish_run(run, metrics=summary | heads)
+        return run, summary | heads
     except BaseException as exc:
         registry.finish_run(run, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise

@@ -5,6 +5,8 @@
     # any config key can be overridden; --resume continues the last interrupted rm run
     align rm --config recipes/rm/smollm2-135m-lora.yaml --dataset hh-harmless-train --max_steps 30
     align rm --config recipes/rm/smollm2-135m-lora.yaml --resume
+    # one head per rubric attribute beside the preference head (rows with rubric `scores`, reward/objectives.py)
+    align rm --config recipes/rm/smollm2-135m-lora.yaml --dataset seed-prefs --objectives helpfulness,harmlessness
     # several processes or GPUs, one run and one artifact (recipes/accelerate/, README "Scaling out")
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m align rm --config recipes/rm/smollm2-135m-lora.yaml
     # then: the same metrics on any preference version, and scores for any rows
@@ -19,6 +21,10 @@ dropped and counted. The loss is Bradley-Terry with the labels' margins and weig
 tie-aware term for ties (reward/loss.py). After training the model is evaluated on a held-out split: pairwise
 accuracy, mean margin, calibration (ECE and a reliability diagram) and length bias, all in the run's report.
 The output is registered as `rm:NAME@V` with lineage to the data, the base model and the run.
+
+With `objectives`, the score head has one more output per attribute, each trained by regression on the rows'
+rubric scores (reward/objectives.py says how and why), and the report has every head's accuracy on each kind of
+label; the artifact's meta names the heads, so every scorer loads them.
 """
 
 from __future__ import annotations
@@ -34,13 +40,15 @@ from align.distributed import broadcast_from_main, is_main_process, wait_for_eve
 from align.errors import AlignError
 from align.models import resolve_model
 from align.registry import Registry
+from align.registry.schemas import read_scores
 from align.reports import plot_history, write_metrics, write_report
 from align.runs import failures_recorded, last_checkpoint, live_metrics_callback, open_stage_run, run_recipe, stage_data
 from align.stats import against_chance
 from align.truncation import encode_rows
 from reward.features import POOLINGS, frozen_states, keep_layers, top_layers_only
-from reward.metrics import headline, markdown, plot_length_bias, plot_reliability
+from reward.metrics import headline, heads_markdown, markdown, plot_length_bias, plot_reliability
 from reward.model import DEFAULT_MAX_LENGTH, RewardModel, load_saved_scorer, load_scorer
+from reward.objectives import check_objectives
 from reward.trainer import (
     CachedStateCollator,
     PairCollator,
@@ -95,10 +103,18 @@ class RewardStageConfig(StageFields, AdapterFields, RewardConfig):
             "hidden x 4 bytes)"
         },
     )
+    objectives: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "rubric attributes, each with a head of its own beside the preference head (a list, or "
+            "helpfulness,harmlessness on the command line): trained on the rows' rubric `scores`; null = none"
+        },
+    )
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "tensorboard, none, ..."})
 
     def __post_init__(self):
         self.check_stage_fields()
+        self.objectives = check_objectives(self.objectives)
         self.check_adapter_fields()
         if self.peft not in RM_PEFT:
             raise ValueError(
@@ -149,17 +165,25 @@ def run_rm(
     resolve_model(config.model, registry)  # a reference that does not resolve fails now
 
     train_version, eval_version = data.split(registry)
+    train_rows = registry.rows(train_version)
+    check_scores(train_rows, config.objectives, train_version.ref)
     inputs = [data.dataset.ref, train_version.ref, eval_version.ref, config.model]
     run = open_stage_run(registry, "rm", config, inputs=inputs, recipe=recipe, resume=resume)
     print(f"run {run.id}: reward model on {config.model} from {train_version.ref} (eval on {eval_version.ref})")
     with failures_recorded(registry, run):
-        model, tokenizer, _ = load_scorer(config.model, registry, seed=config.seed, dtype=config.torch_dtype)
+        model, tokenizer, _ = load_scorer(
+            config.model, registry, seed=config.seed, dtype=config.torch_dtype, objectives=config.objectives
+        )
         if config.num_layers:
             keep_layers(model, config.num_layers)
-        train_rows = registry.rows(train_version)
         encoded, train_stats = encode_rows(tokenizer, train_rows, config.max_length, progress=True)
         examples, ties_dropped = training_examples(
-            train_rows, encoded, use_margins=config.use_margins, use_weights=config.use_weights, ties=config.ties
+            train_rows,
+            encoded,
+            use_margins=config.use_margins,
+            use_weights=config.use_weights,
+            ties=config.ties,
+            objectives=config.objectives,
         )
         if not examples:
             raise AlignError(f"no pair of {train_version.ref} fits max_length {config.max_length}: raise it")
@@ -179,7 +203,7 @@ def run_rm(
             eval_rows = registry.rows(eval_version)
             eval_encoded, _ = encode_rows(tokenizer, eval_rows, config.max_length, overflow="cut")
             eval_examples, _ = training_examples(
-                eval_rows, eval_encoded, use_margins=False, use_weights=False, ties="drop"
+                eval_rows, eval_encoded, use_margins=False, use_weights=False, ties="drop", objectives=config.objectives
             )
         reply_starts = config.pooling == "reply_mean"
         collator = PairCollator(pad_token_id=tokenizer.pad_token_id, reply_starts=reply_starts)
@@ -224,9 +248,16 @@ def run_rm(
         # Scored as `align rm eval` scores the registered artifact: reloaded from disk in the same precision and
         # batches, so the two report the same accuracy (the trainer's model runs under its autocast wrapper).
         saved, _ = load_saved_scorer(
-            config.model, output_dir, registry, dtype=config.torch_dtype, num_layers=config.num_layers
+            config.model,
+            output_dir,
+            registry,
+            dtype=config.torch_dtype,
+            num_layers=config.num_layers,
+            objectives=config.objectives,
         )
-        scorer = RewardModel(saved, tokenizer, max_length=eval_length, pooling=config.pooling)
+        scorer = RewardModel(
+            saved, tokenizer, max_length=eval_length, pooling=config.pooling, objectives=config.objectives
+        )
         evaluation, _ = scorer.evaluate(registry.rows(eval_version), progress=True)
         metrics = {
             **{f"eval_{key}": value for key, value in headline(evaluation).items()},
@@ -252,6 +283,7 @@ def run_rm(
                 "train_max_length": config.max_length,
                 "num_layers": config.num_layers,  # every scorer keeps these layers and pools this way
                 "pooling": config.pooling,
+                "objectives": config.objectives,  # the attribute heads, after the preference head
                 "metrics": metrics,
                 "truncation": train_stats.summary(),
             },
@@ -264,7 +296,23 @@ def run_rm(
             f"mean margin {metrics['eval_mean_margin']:.3f}, "
             f"ECE {metrics['eval_ece']:.3f}; report {run.dir / 'report.md'}"
         )
+        for attribute in config.objectives:
+            pairs = metrics[f"eval_pairs_{attribute}"]
+            found = against_chance(metrics[f"eval_accuracy_{attribute}"], pairs) if pairs else "no held-out pairs"
+            print(f"  {attribute} head on the pairs whose {attribute} scores differ: {found}")
         return broadcast_from_main(artifact)
+
+
+def check_scores(rows: list[dict], objectives: list[str], ref: str) -> None:
+    """Each objective has rubric scores in the training rows; else an AlignError naming the ones it has."""
+    present = {attribute for row in rows for attribute in read_scores(row)}
+    missing = [attribute for attribute in objectives if attribute not in present]
+    if missing:
+        has = f"its rows score {', '.join(sorted(present))}" if present else "its rows carry no rubric scores"
+        raise AlignError(
+            f"config key 'objectives': {', '.join(missing)} has no rubric score in {ref} ({has}); rubric scores come "
+            "from `align label --rubric ...` votes, through `align data from-labels`"
+        )
 
 
 def cache_states(model, examples: list[dict], cut: int, tokenizer, config) -> list[tuple]:
@@ -306,12 +354,21 @@ def _report(run, config, log_history, metrics, evaluation, train_stats, artifact
         plot_reliability(evaluation, run.dir / "reliability.png", "reliability on the held-out pairs"),
         plot_length_bias(evaluation, run.dir / "length_bias.png"),
     ]
-    write_metrics(run, metrics | {"eval_length_buckets": evaluation["length_buckets"]})
+    heads = {"eval_heads": evaluation["heads"]} if "heads" in evaluation else {}
+    write_metrics(run, metrics | {"eval_length_buckets": evaluation["length_buckets"]} | heads)
     pairs_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     layers_text = f" (its bottom {config.num_layers} layers)" if config.num_layers else ""
     pooling_text = "the mean of the reply's tokens" if config.pooling == "reply_mean" else "the last token"
+    heads_text = (
+        "a one-output score head"
+        if not config.objectives
+        else (
+            f"a score head of {1 + len(config.objectives)} outputs (the preference head, then one per attribute: "
+            f"{', '.join(config.objectives)}; each attribute head regresses the rubric scores)"
+        )
+    )
     setup = (
-        f"Base `{config.model}`{layers_text} with a one-output score head reading {pooling_text}, "
+        f"Base `{config.model}`{layers_text} with {heads_text} reading {pooling_text}, "
         f"PEFT `{config.peft}` (r={config.lora_r}), data `{config.dataset}`, "
         f"learning rate {config.learning_rate}, {metrics['steps']} steps of "
         f"{pairs_per_step} pairs, max_length {config.max_length}, ties `{config.ties}`. "
@@ -329,7 +386,8 @@ def _report(run, config, log_history, metrics, evaluation, train_stats, artifact
             ("Setup", setup),
             ("Data and truncation", data),
             ("Length bias and calibration", markdown(evaluation)),
-        ],
+        ]
+        + ([("Heads", heads_markdown(evaluation))] if config.objectives else []),
         plots=plots,
     )
 

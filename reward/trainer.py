@@ -1,7 +1,8 @@
 """Reward-model machinery: which layers LoRA trains, the tokenized pairs with their labels, the collator and the
 trainer with our loss. Kept free of the registry, so that tests and benchmarks use it directly.
 
-    training_examples         token ids per pair plus the label columns in use (margin, weight, tie)
+    training_examples         token ids per pair plus the label columns in use (margin, weight, tie, and the
+                              attribute heads' targets: reward/objectives.py)
     PairCollator              TRL's preference collator plus per-pair weights and tie flags
     PreferenceRewardTrainer   TRL's RewardTrainer with the loss of reward/loss.py (margins, weights, ties)
     CachedStateCollator       batches of cached frozen-layer states (reward/features.py) instead of token ids
@@ -10,6 +11,7 @@ trainer with our loss. Kept free of the registry, so that tests and benchmarks u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,8 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from align.errors import AlignError
 from reward.features import add_feature_scoring, pad_states
-from reward.loss import preference_loss
+from reward.loss import attribute_loss, preference_loss
+from reward.objectives import attribute_targets
 
 
 def layer_linear_names(model, target_modules) -> list[str]:
@@ -47,12 +50,19 @@ def top_layers(model, count: int) -> list[int]:
 
 
 def training_examples(
-    rows: list[dict], encoded: list, *, use_margins: bool, use_weights: bool, ties: str
+    rows: list[dict],
+    encoded: list,
+    *,
+    use_margins: bool,
+    use_weights: bool,
+    ties: str,
+    objectives: Sequence[str] = (),
 ) -> tuple[list[dict], int]:
     """Token ids per pair plus the label columns in use; returns (examples, ties dropped).
 
     `encoded` is align.truncation.encode_rows's output for `rows` (None for a pair that does not fit). `ties`:
-    together (tie flags for the tie-aware loss) or drop (tied pairs are left out).
+    together (tie flags for the tie-aware loss) or drop (tied pairs are left out). `objectives`: the attribute
+    heads, whose targets and masks ([2][A]: chosen, rejected) come from the rows' rubric `scores`.
     """
     has_margin = use_margins and any("margin" in row for row in rows)
     has_weight = use_weights and any("weight" in row for row in rows)
@@ -77,6 +87,8 @@ def training_examples(
             example["weight"] = float(row.get("weight", 1.0))
         if has_tie:
             example["tie"] = bool(row.get("tie", False))
+        if objectives:
+            example["attribute_targets"], example["attribute_mask"] = attribute_targets(row, objectives)
         examples.append(example)
     return examples, ties_dropped
 
@@ -103,6 +115,9 @@ def _label_columns(batch: dict, examples: list[dict], *, margin: bool = True, re
         batch["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float)
     if "tie" in examples[0]:
         batch["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
+    if "attribute_targets" in examples[0]:  # [pairs, 2 (chosen, rejected), attributes]
+        for key in ("attribute_targets", "attribute_mask"):
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float)
     return batch
 
 
@@ -136,10 +151,20 @@ class PreferenceRewardTrainer(RewardTrainer):
                 "length",
                 "index",
                 "reply_start",
+                "attribute_targets",
+                "attribute_mask",
             ]
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, *args, **kwargs):
+        # TRL refuses a model with more than one output; ours has one per head (reward/objectives.py): output 0 is
+        # the preference score TRL expects, and compute_loss reads the others. Shown one label while TRL checks.
+        config = model.config
+        labels = config.id2label
+        config.id2label = {0: labels[0]}
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            config.id2label = labels
         add_feature_scoring(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -153,15 +178,16 @@ class PreferenceRewardTrainer(RewardTrainer):
                     reply_start=inputs.get("reply_start"),
                     cached_states=True,
                 )
-            outputs = {"logits": scores.unsqueeze(-1)}
         elif "reply_start" in inputs:  # the head reads the mean of each reply's tokens
             ids, mask = inputs["input_ids"], inputs["attention_mask"]
             scores = model(input_ids=ids, attention_mask=mask, reply_start=inputs["reply_start"])
-            outputs = {"logits": scores.unsqueeze(-1)}
         else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-            scores = outputs.logits.squeeze(-1)
-        chosen, rejected = scores.float().chunk(2)  # the loss in fp32 under bf16 autocast
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            scores = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        heads = scores.reshape(scores.shape[0], -1)  # [2 x pairs, heads]: the preference head first
+        outputs = {"logits": heads}
+        heads = heads.float()  # the loss in fp32 under bf16 autocast
+        chosen, rejected = heads[:, 0].chunk(2)
         tie = inputs.get("tie")
         loss = preference_loss(
             chosen,
@@ -171,6 +197,12 @@ class PreferenceRewardTrainer(RewardTrainer):
             tie=tie,
             center_coefficient=self.args.center_rewards_coefficient,
         )
+        if "attribute_targets" in inputs:  # the attribute heads regress the rubric scores (reward/objectives.py)
+            predicted = torch.stack(heads[:, 1:].chunk(2), dim=1)  # [pairs, 2 (chosen, rejected), attributes]
+            attributes = attribute_loss(predicted, inputs["attribute_targets"], inputs["attribute_mask"])
+            loss = loss + attributes
+            gathered = self.accelerator.gather_for_metrics(attributes.detach())
+            self._metrics[mode]["attribute_loss"].append(gathered.mean().item())
         with torch.no_grad():
             decided = ~tie if tie is not None else torch.ones_like(chosen, dtype=torch.bool)
             if decided.any():

@@ -252,6 +252,9 @@ def cmd_data_from_labels(args) -> int:
             f"rubric {attribute}: {summary['scores']} scores on {summary['completions']} replies, mean "
             f"{summary['mean']:.2f}, annotators within one point: " + ("-" if within is None else f"{within:.0%}")
         )
+    scored = sum("scores" in row for row in result.rows) if version.kind == "preference" else 0
+    if scored:
+        print(f"{scored} of {len(result.rows)} pairs carry rubric scores (what `align rm --objectives` trains on)")
     print(
         "agreement: Krippendorff's alpha "
         + ("-" if alpha is None else f"{alpha:.3f}")

@@ -209,7 +209,8 @@ def add_rm(commands, common) -> None:
         "eval",
         parents=[common],
         help="pairwise accuracy, margin, calibration and length bias on a preference version",
-        description="Pairwise accuracy, margin, calibration and length bias on a preference version.",
+        description="Pairwise accuracy, margin, calibration and length bias on a preference version; with a reward "
+        "model trained with --objectives, each attribute head's accuracy on the pairs whose rubric scores differ.",
     )
     add_model_list(
         q,
@@ -370,7 +371,7 @@ class _TrainOrActions(argparse._SubParsersAction):
 
 def cmd_rm_eval(args) -> int:
     from align.stats import against_chance
-    from reward.metrics import headline
+    from reward.metrics import head_lines, headline
     from reward.score import evaluate_rm
 
     registry = open_registry(args)
@@ -385,7 +386,10 @@ def cmd_rm_eval(args) -> int:
     print_table(rows)
     for ref, (run, metrics) in zip(args.rm, results):
         accuracy = against_chance(metrics["accuracy"], metrics["pairs"])
-        print(f"{ref}: accuracy {accuracy}; report {run.dir / 'report.md'}")
+        heads = head_lines(metrics)
+        print(f"{ref}: {'preference head: ' if heads else ''}accuracy {accuracy}; report {run.dir / 'report.md'}")
+        for line in heads:
+            print(f"  {line}")
     return 0
 
 

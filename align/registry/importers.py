@@ -556,7 +556,7 @@ def convert_trl(row: dict, kind: str) -> tuple[dict, set]:
         "sft": {"messages", "prompt", "completion"},
         "prompts": {"prompt", "reference"},
         "candidates": {"prompt", "completions", "sources", "gold", "generation"},
-        "preference": {"prompt", "chosen", "rejected", "margin", "tie", "weight"},
+        "preference": {"prompt", "chosen", "rejected", "margin", "tie", "weight", "scores"},
         "feedback": {"prompt", "completion", "label"},
     }[kind]
     ignored = set(row) - known

@@ -8,7 +8,10 @@ Rows follow TRL's conversational formats, so a registry version loads straight i
     candidates   {"prompt": [...], "completions": [[msg, ...], ...], "sources": [str, ...]}
                                                                (+ optional "gold": int, "generation": str)
     preference   {"prompt": [...], "chosen": [msg, ...], "rejected": [msg, ...]}
-                                                               (+ optional "margin", "tie", "weight")
+                                                               (+ optional "margin", "tie", "weight", and
+                                                               "scores": str, JSON of rubric scores 1-5 per
+                                                               attribute and reply, {"helpfulness": {"chosen":
+                                                               4.5, "rejected": 2}}, either side optional)
     feedback     {"prompt": [...], "completion": [msg, ...], "label": true | false}
                                                                (TRL's unpaired preference format, for KTO:
                                                                true = a desirable reply, false = an undesirable one)
@@ -54,7 +57,7 @@ SCHEMAS = {
     "sft": KindSchema(required=("messages",), optional=("origin",)),
     "prompts": KindSchema(required=("prompt",), optional=("reference",)),
     "candidates": KindSchema(required=("prompt", "completions", "sources"), optional=("gold", "generation")),
-    "preference": KindSchema(required=("prompt", "chosen", "rejected"), optional=("margin", "tie", "weight")),
+    "preference": KindSchema(required=("prompt", "chosen", "rejected"), optional=("margin", "tie", "weight", "scores")),
     "feedback": KindSchema(required=("prompt", "completion", "label"), optional=()),
 }
 
@@ -117,6 +120,47 @@ def _json_object(field: str, value: object) -> str:
     raise RowError(field, value, "must be a string holding a JSON object")
 
 
+RUBRIC_SCALE = (1.0, 5.0)  # a rubric score (align label --rubric), or the mean of several
+REPLY_SIDES = ("chosen", "rejected")
+
+
+def _pair_scores(value: object) -> str:
+    """A preference row's rubric scores as canonical JSON (sorted keys): an object, or a string holding one, of
+    attribute -> {"chosen": score, "rejected": score}, each score from 1 to 5 and at least one side given."""
+    scores = value
+    if isinstance(value, str):
+        try:
+            scores = json.loads(value)
+        except ValueError:
+            raise RowError("scores", value, "must be a JSON object of attribute -> {chosen, rejected}") from None
+    if not isinstance(scores, dict):
+        raise RowError("scores", value, 'must map each attribute to {"chosen": 1-5, "rejected": 1-5}')
+    low, high = RUBRIC_SCALE
+    clean = {}
+    for attribute, sides in scores.items():
+        where = f"scores.{attribute}"
+        if not isinstance(attribute, str) or not attribute.isidentifier():
+            raise RowError("scores", value, f"names an attribute that is not a plain name ({attribute!r})")
+        if not isinstance(sides, dict) or not sides or set(sides) - set(REPLY_SIDES):
+            raise RowError(where, sides, 'must be {"chosen": score, "rejected": score} (either side may be left out)')
+        clean[attribute] = {}
+        for side in REPLY_SIDES:
+            if sides.get(side) is not None:
+                score = _number(f"{where}.{side}", sides[side])
+                if not low <= score <= high:
+                    raise RowError(f"{where}.{side}", sides[side], f"must be a rubric score from {low:g} to {high:g}")
+                clean[attribute][side] = score
+    return json.dumps(clean, sort_keys=True)
+
+
+def read_scores(row: dict) -> dict[str, dict[str, float]]:
+    """A preference row's rubric scores as {attribute: {"chosen": x, "rejected": y}} ({} without any)."""
+    scores = row.get("scores")
+    if scores is None:
+        return {}
+    return json.loads(scores) if isinstance(scores, str) else scores
+
+
 def validate_row(kind: str, row: dict) -> dict:
     """Return the canonical form of one row of `kind`, or raise RowError naming the field."""
     if not isinstance(row, dict):
@@ -158,6 +202,8 @@ def validate_row(kind: str, row: dict) -> dict:
             if not isinstance(row["tie"], bool):
                 raise RowError("tie", row["tie"], "must be true or false")
             out["tie"] = row["tie"]
+        if row.get("scores") is not None:
+            out["scores"] = _pair_scores(row["scores"])
         return out
 
     if kind == "feedback":
@@ -253,6 +299,7 @@ def arrow_schema(kind: str, columns: list[str]):
         "margin": pa.float64(),
         "tie": pa.bool_(),
         "weight": pa.float64(),
+        "scores": pa.string(),
         "completion": messages,
         "label": pa.bool_(),
     }
