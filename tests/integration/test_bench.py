@@ -35,4 +35,4 @@ def test_quick_bench_on_two_rows(tmp_path):
     assert data["rows"]["registry"]["details"]["rows"] == 2000  # every synthesised pair imported, none a duplicate
     assert loaded["ours"] > 0
     markdown = path.with_suffix(".md").read_text()
-    assert "QUICK" in markdown and "| Registry import and load | import 2,000 pairs, s |" in markdown
+    assert "QUICK" in markdown and "| Registry import and load | import 2,000 pairs, s (at 2,000 pairs" in markdown
