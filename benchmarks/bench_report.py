@@ -190,7 +190,8 @@ def readme_block(results: dict | None, path: str = "") -> str:
         env = results.get("environment", {})
         body = [
             f"Measured {results['date']} on {results['cpu']} ({env.get('cpus', '?')} CPUs, torch threads "
-            f"{env.get('threads', '?')}) by `make bench`, every peer in the same run; from `{path}` (the .md beside "
+            f"{env.get('threads', '?')}) by `{env.get('command', 'make bench')}`, every peer in the same run; from "
+            f"`{path}` (the .md beside "
             "it says how each row was measured and what was tried where a target is missed).",
             "",
             *figures_table(results, with_notes=False),
