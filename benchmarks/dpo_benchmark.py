@@ -203,6 +203,40 @@ class Contestant:
         self.steps_left -= 1
 
 
+# For benchmarks/bench.py: each trainer in its own process, taking its steps in turn (benchmarks/lockstep.py).
+
+
+def contestant(spec: dict, callback) -> dict:
+    """One trainer of VARIANTS or LEVERS, built as above, trained by `Trainer.train` with the lockstep callback."""
+    import json
+
+    args = argparse.Namespace(**spec["args"])
+    rows = json.loads(Path(spec["rows"]).read_text())
+    kind, changes, threads = (VARIANTS | LEVERS)[spec["variant"]]
+    build = trl_trainer if kind == "trl" else our_trainer
+    trainer, _, _, pairs = build(spec["base"], rows, args, changes)
+    threads = threads or getattr(trainer, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)  # what `align dpo` sets for its run
+    trainer.add_callback(callback)
+    trainer.train()
+    return {"items": pairs}
+
+
+def contestants(base: str, rows: list[dict], folder: Path, args, variants=VARIANTS) -> dict:
+    """The specs benchmarks/lockstep.py runs: {variant: ("dpo_benchmark:contestant", spec)}."""
+    import json
+
+    path = folder / "dpo-pairs.json"
+    path.write_text(json.dumps(rows))
+    spec = {
+        "base": base,
+        "rows": str(path),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    return {name: ("dpo_benchmark:contestant", spec | {"variant": name}) for name in variants}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=48, help="pairs to train on (default 48: 6 steps of 8)")

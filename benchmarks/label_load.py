@@ -521,8 +521,7 @@ def quiet_client_threads() -> None:
     threading.excepthook = hook
 
 
-def main() -> int:
-    quiet_client_threads()
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotators", default="1,20,50", help="the N to measure, in order (default: 1,20,50)")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each N votes (default: 20)")
@@ -535,10 +534,20 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="give up on a vote after this many seconds")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill -9 check")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    quiet_client_threads()
+    return 1 if measure(parser().parse_args())["failed"] else 0
+
+
+def measure(args) -> dict:
+    """The whole benchmark, printed as it goes. Returns {"rows": [one dict per N], "kill": the kill -9 check's
+    figures or None, "failed": bool, "not_measured": why, or None}."""
     levels = [int(n) for n in args.annotators.split(",")]
     people = [f"bench-{i:02d}" for i in range(max(levels + [args.kill_annotators]))]
-
+    measured = {"rows": [], "kill": None, "failed": False, "not_measured": None}
     print(f"label load benchmark, {datetime.now(timezone.utc).isoformat(timespec='seconds')}", flush=True)
     print(f"code: {ROOT}; python {sys.version.split()[0]}; cpus allowed: {sorted(os.sched_getaffinity(0))}")
     with tempfile.TemporaryDirectory(prefix="label-load-") as folder:
@@ -576,6 +585,7 @@ def main() -> int:
                 row["cpu"] = [(server.cpu_seconds() - before[0]) / votes, (sum(os.times()[:2]) - before[1]) / votes]
                 row["load"] = os.getloadavg()[0]
                 print_row(row)
+                measured["rows"].append(row)
                 failed |= bool(row["errors"])
             for annotator in everyone:
                 annotator.close()
@@ -595,13 +605,15 @@ def main() -> int:
                 ok = check["stored"] == check["distinct"] and check["duplicated"] == 0
                 ok &= check["rows"] == check["distinct"]
                 print(f"  {'passed' if ok else 'FAILED'}: every acknowledged vote stored once, nothing else stored")
+                measured["kill"] = check | {"passed": ok}
                 failed |= not ok
         except NoPage as exc:
             print(f"not measured: {exc}")
+            measured["not_measured"] = str(exc)
             failed = True
         finally:
             server.stop()
-    return 1 if failed else 0
+    return measured | {"failed": failed}
 
 
 if __name__ == "__main__":

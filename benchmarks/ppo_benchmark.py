@@ -34,8 +34,9 @@ TRL_PEER_VERSION = "1.9.2"
 TRL_19_QUOTED = {"seconds_per_update": 24.3, "peak_rss_gb": 6.1}  # the issue's figure, printed for reference only
 
 
-def prepare(workspace: Path) -> None:
-    """A registry with HH prompts, an SFT-like adapter and a reward model on the embedded SmolLM2."""
+def prepare(workspace: Path, base: str | None = None) -> None:
+    """A registry with HH prompts, an SFT-like adapter and a reward model on `base` (default: the embedded
+    SmolLM2; benchmarks/bench.py --quick gives a tiny model built from a config)."""
     import peft
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -46,15 +47,16 @@ def prepare(workspace: Path) -> None:
     registry = Registry(workspace)
     registry.import_file(HH, name="hh")
     registry.convert("hh", name="hh-prompts", kind="prompts")
-    base = str(embedded_checkpoint())
+    base_model = base or "smollm2-135m"
+    base = base or str(embedded_checkpoint())
     torch.manual_seed(0)
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(workspace / "sft")
-    registry.register_artifact("adapter", "sft", workspace / "sft", base_model="smollm2-135m")
+    registry.register_artifact("adapter", "sft", workspace / "sft", base_model=base_model)
     scorer = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     rm_lora = peft.LoraConfig(task_type="SEQ_CLS", r=16, target_modules="all-linear", modules_to_save=["score"])
     peft.get_peft_model(scorer, rm_lora).save_pretrained(workspace / "rm")
-    registry.register_artifact("rm", "rm", workspace / "rm", base_model="smollm2-135m")
+    registry.register_artifact("rm", "rm", workspace / "rm", base_model=base_model)
 
 
 RECIPE = ROOT / "recipes" / "ppo" / "smollm2-135m-lora.yaml"
@@ -274,14 +276,14 @@ def run_trl_peer(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from align.models import embedded_checkpoint, load_tokenizer, resolve_model
+    from align.models import load_tokenizer, resolve_model
     from align.ppo_core import encode_prompts
     from align.registry import Registry
 
     torch.manual_seed(0)
     registry = Registry(args.workspace)
     config = config_for(args)
-    base = str(embedded_checkpoint())
+    base = str(resolve_model(config.model, registry).base)  # the embedded SmolLM2 (a tiny model under --quick)
 
     tokenizer = load_tokenizer(config.model, registry)
     prompts = [row["prompt"] for row in registry.rows("hh-prompts")]

@@ -87,44 +87,52 @@ def held_out(rm: RewardModel, rows: list[dict], max_length: int) -> dict:
     }
 
 
-def run_floor(registry: Registry, train_ref: str, test_ref: str, args) -> dict:
+def floor_trainer(registry: Registry, train_ref: str, args, output_dir: str, base: str | None = None):
+    """TRL's RewardTrainer as documented (see the module's docstring), on `base` (default: the embedded SmolLM2)."""
     import peft
     from trl import RewardConfig, RewardTrainer
 
     from align.models import embedded_checkpoint, load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m")
+    base = base or str(embedded_checkpoint())
+    config = RewardConfig(
+        output_dir=output_dir,
+        learning_rate=2e-4,
+        num_train_epochs=1,
+        max_length=args.max_length,
+        per_device_train_batch_size=8,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        seed=args.seed,
+    )
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, lora_dropout=0.05)
+    return RewardTrainer(
+        model=base,
+        args=config,
+        train_dataset=registry.load(train_ref),
+        processing_class=load_tokenizer(base),
+        peft_config=lora,
+    )
+
+
+def run_floor(registry: Registry, train_ref: str, test_ref: str, args) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
-        config = RewardConfig(
-            output_dir=output_dir,
-            learning_rate=2e-4,
-            num_train_epochs=1,
-            max_length=args.max_length,
-            per_device_train_batch_size=8,
-            bf16=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10,
-            seed=args.seed,
-        )
-        lora = peft.LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, lora_dropout=0.05)
-        trainer = RewardTrainer(
-            model=str(embedded_checkpoint()),
-            args=config,
-            train_dataset=registry.load(train_ref),
-            processing_class=tokenizer,
-            peft_config=lora,
-        )
+        trainer = floor_trainer(registry, train_ref, args, output_dir)
         trained = len(trainer.train_dataset)
         result = trainer.train()
         runtime = result.metrics["train_runtime"]
-        rm = RewardModel(trainer.model, tokenizer, batch_size=16)
+        rm = RewardModel(trainer.model, trainer.processing_class, batch_size=16)
         figures = held_out(rm, registry.rows(test_ref), args.max_length)
     train_rows = registry.resolve(train_ref).num_rows
     return figures | {"trained": trained, "dropped": train_rows - trained, "seconds": runtime}
 
 
-def run_ours(registry: Registry, train_ref: str, test_ref: str, args, name: str, overrides: dict) -> dict:
+def run_ours(
+    registry: Registry, train_ref: str, test_ref: str | None, args, name: str, overrides: dict, callbacks=()
+) -> dict:
+    """`align rm` on the recipe; the saved artifact scored on `test_ref` (None: not scored)."""
     from reward.train import RewardStageConfig, run_rm
 
     values = {
@@ -138,11 +146,13 @@ def run_ours(registry: Registry, train_ref: str, test_ref: str, args, name: str,
     } | overrides
     config = load_config(RewardStageConfig, RECIPE, values)
     started = time.perf_counter()
-    artifact = run_rm(config, registry)
+    artifact = run_rm(config, registry, callbacks=callbacks)
     wall = time.perf_counter() - started  # loading, any caching of frozen layers, training, the stage's own eval
     metrics = registry.get_run(artifact.run_id).metrics
-    rm = RewardModel.load(artifact.ref, registry, batch_size=16)  # the saved artifact, reloaded
-    figures = held_out(rm, registry.rows(test_ref), args.max_length)
+    figures = {}
+    if test_ref is not None:
+        rm = RewardModel.load(artifact.ref, registry, batch_size=16)  # the saved artifact, reloaded
+        figures = held_out(rm, registry.rows(test_ref), args.max_length)
     return figures | {
         "trained": metrics["train_pairs"],
         "dropped": metrics["train_dropped"],
@@ -206,6 +216,50 @@ def gemm_gflops(size: int = 1024, repeats: int = 5) -> float:
     for _ in range(repeats):
         a @ b
     return repeats * 2 * size**3 / (time.perf_counter() - started) / 1e9
+
+
+# For benchmarks/bench.py: the floor and ours in processes of their own, taking their steps in turn
+# (benchmarks/lockstep.py), on a workspace `prepare` made. Only speed: the held-out scoring is left out.
+
+
+def fitting_pairs(registry: Registry, ref: str, base: str, max_length: int, count: int, seed: int) -> str:
+    """A seeded sample of `count` pairs of `ref` that fit `max_length` tokens whole, so that neither trainer cuts
+    or drops any (TRL drops a long pair, ours cuts its prompt): both train on the same tokens. Registered; its ref."""
+    from align.models import load_tokenizer
+
+    rows = registry.rows(ref)
+    random.Random(seed).shuffle(rows)
+    encoded, _ = encode_rows(load_tokenizer(base), rows, max_length, overflow="cut")
+    kept = [row for row, item in zip(rows, encoded) if item is not None and not item.truncated][:count]
+    if len(kept) < count:
+        raise SystemExit(f"only {len(kept)} pairs of {ref} fit {max_length} tokens; ask for fewer")
+    return registry.register(kept, name=f"bench-fit-{max_length}", kind="preference", parents=[ref]).ref
+
+
+def contestant(spec: dict, callback) -> dict:
+    args = argparse.Namespace(**spec["args"])
+    registry = Registry(Path(spec["workspace"]))
+    if spec["variant"] == "trl":
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainer = floor_trainer(registry, spec["train_ref"], args, output_dir, spec["base"])
+            trainer.add_callback(callback)
+            trainer.train()
+            return {"items": len(trainer.train_dataset)}
+    overrides = {"model": spec["base"]} | spec.get("overrides", {})
+    result = run_ours(registry, spec["train_ref"], None, args, "ours", overrides, callbacks=[callback])
+    return {"items": result["trained"], "stage_seconds": result["wall"]}
+
+
+def contestants(base: str, workspace: Path, train_ref: str, args, overrides: dict | None = None) -> dict:
+    """The specs benchmarks/lockstep.py runs: {"trl": ..., "ours": ...}."""
+    spec = {
+        "base": base,
+        "workspace": str(workspace),
+        "train_ref": train_ref,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "overrides": overrides or {},
+    }
+    return {name: ("rm_benchmark:contestant", spec | {"variant": name}) for name in ("trl", "ours")}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
