@@ -1,7 +1,8 @@
 """Active learning: does serving the reward model's least sure pairs first give a better reward model from fewer
 human labels? Simulated annotators label the HH train pairs in two orders, from the same starting reward model.
 
-    # the full run: the embedded SmolLM2-135M with the RM recipe (estimated 3.2 hours on one free core; see Cost)
+    # the full run: the embedded SmolLM2-135M with the RM recipe (about 2 hours on one free core; see Cost);
+    # started again after a stop, it goes on from its last finished round
     python benchmarks/active_learning.py
     # a smoke test: a tiny model built from a config, 80 pool pairs (under a minute)
     python benchmarks/active_learning.py --quick
@@ -31,18 +32,21 @@ PreferenceRewardTrainer and loss. To be affordable it trains as the recipe does 
 retraining and every scoring runs only the top 2 layers on those cached states: the same arithmetic as the whole
 model. One difference from the stage: every pair is cut to one length (--max-length, default the recipe's
 training length, 192 tokens), for training, scoring the pool and the held-out evaluation alike (`align rm eval`
-scores at 256), so one cache serves all three. Each retraining runs --epochs epochs (default 2: with 1, the
-100-label starting model takes 13 optimizer steps).
+scores at 256), so one cache serves all three. Each retraining runs --epochs epochs (default 1, the recipe's own:
+the 100-label starting model then takes 13 optimizer steps; --epochs 2 doubles the retraining time).
 
-Cost of the full run (estimated, not run end to end). Rates measured on a 64-pair probe with the embedded model
-(`--pool 48 --held-out 16 --seed-labels 16 --every 16 --budget 48`, 12 minutes on one core that other jobs shared,
-with 37% of it: the rates below are scaled to a free core): caching the frozen layers, 0.95 pairs/s; retraining
-on cached states, 1.9 pair-epochs/s; scoring cached states, about 4 pairs/s. The full run caches 1,597 pairs
-(about 28 minutes), retrains 15 times on 100 to 800 labels for 2 epochs, 14,200 pair-epochs in all (about 2.1
-hours), scores the unlabelled pool before each of the 7 uncertainty rounds (about 7,300 pairs, 30 minutes) and the
-160 held-out pairs 15 times (10 minutes): about 3.2 hours on one free core. `--epochs 1` (the recipe's own) saves
-about an hour; OMP_NUM_THREADS=2 on two free cores should save more. Memory: the cached states, about 1 GB. The
-script prints the measured speed of each part as it goes.
+The uncertainty order's next pairs are always picked by the model trained on its own labels so far. Every
+finished round is saved (the curves, the labels so far and the next picks) in active-learning-state.json beside
+the results, and the cached states in the align cache (about 1 GB): started again with the same settings, the run
+goes on from its last finished round, and on the same machine skips the caching too.
+
+Cost of the full run (estimated from rates measured on a 64-pair probe on one shared core, scaled to a free
+core): caching the frozen layers, 0.95 pairs/s; retraining on cached states, 1.9 pair-epochs/s; scoring cached
+states, about 4 pairs/s. The full run caches 1,597 pairs (about 28 minutes), retrains 15 times on 100 to 800
+labels (7,100 pair-epochs at one epoch, about an hour), scores the unlabelled pool after each of the 7
+uncertainty retrainings that pick a next round (about 7,300 pairs, 30 minutes) and the 160 held-out pairs 15
+times (10 minutes): a little over 2 hours on one free core. The script prints the measured speed of each part as
+it goes, and the results file the minutes the run took.
 
 Writes benchmarks/results/active-learning.png (accuracy against labels, both orders, with intervals) and
 benchmarks/results/active-learning.txt (the settings, the table and the verdict). --quick writes them to a
@@ -52,6 +56,7 @@ temporary folder instead, and its numbers mean nothing: a random tiny model on 8
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import random
@@ -137,7 +142,9 @@ def recipe_config(model: str, output_dir: str, args):
     return load_config(RewardStageConfig, RECIPE, overrides)
 
 
-def build(config, rows: list[dict]) -> Setup:
+def build(config, rows: list[dict], cache: Path | None = None) -> Setup:
+    """The model and the cached states; `cache`, a file that keeps the states for a resumed run."""
+    import torch
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -167,10 +174,19 @@ def build(config, rows: list[dict]) -> Setup:
     for index, example in enumerate(examples):
         example["index"] = index
     print(f"encoded: {stats.describe()}")
-    started = time.perf_counter()
-    states = cache_states(model, examples, cut, tokenizer, config)
-    seconds = time.perf_counter() - started
-    print(f"cached the frozen layers of {len(rows)} pairs in {seconds:.0f} s ({len(rows) / seconds:.2f} pairs/s)")
+    states = None
+    if cache is not None and cache.exists():
+        states = torch.load(cache)
+        print(f"read the cached frozen-layer states of {len(states)} pairs from {cache}")
+    if states is None or len(states) != len(examples):
+        started = time.perf_counter()
+        states = cache_states(model, examples, cut, tokenizer, config)
+        seconds = time.perf_counter() - started
+        print(f"cached the frozen layers of {len(rows)} pairs in {seconds:.0f} s ({len(rows) / seconds:.2f} pairs/s)")
+        if cache is not None:  # a resumed run on this machine skips the slowest part
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(states, cache.with_suffix(".partial"))
+            cache.with_suffix(".partial").replace(cache)
     return Setup(model, tokenizer, config, cut, initial, examples, states)
 
 
@@ -231,38 +247,95 @@ def correct(scores: list[tuple[float, float]]) -> list[float]:
 # The simulation
 
 
-def simulate(setup: Setup, pool: list[int], held_out: list[int], args) -> dict:
-    """{order: [(labels, per-pair correctness on the held-out pairs, seconds)]}, both orders from one start."""
+def simulate(setup: Setup, pool: list[int], held_out: list[int], args, state_path: Path | None = None) -> dict:
+    """{order: [(labels, per-pair correctness on the held-out pairs, seconds)]}, both orders from one start.
+
+    The uncertainty order's next pairs are picked by the model trained on its own labels so far, right after that
+    model is scored. With `state_path`, every finished round is written there (the curves, the uncertainty order's
+    labels and its next picks), and a run started again with the same settings goes on from the last round."""
     shuffled = pool[:]
     random.Random(args.seed).shuffle(shuffled)
     seed_set = shuffled[: args.seed_labels]
     counts = list(range(args.seed_labels, args.budget + 1, args.every))
-    seconds = retrain(setup, seed_set)
-    start = correct(score(setup, held_out))
-    print(f"starting reward model, {len(seed_set)} labels: accuracy {sum(start) / len(start):.3f} ({seconds:.0f} s)")
-    curves = {order: [(len(seed_set), start, seconds)] for order in ORDERS}
-    active = seed_set[:]
+    state = load_state(state_path, args)
+    if state:
+        curves, active, picks = state["curves"], state["active"], state["picks"]
+        print(f"resuming from {state_path}: {curves['random'][-1][0]} labels done")
+    else:
+        seconds = retrain(setup, seed_set)
+        start = correct(score(setup, held_out))
+        accuracy = sum(start) / len(start)
+        print(f"starting reward model, {len(seed_set)} labels: accuracy {accuracy:.3f} ({seconds:.0f} s)")
+        active = seed_set[:]
+        picks, choosing = least_sure(setup, pool, active, args.every)
+        curves = {
+            "random": [(len(seed_set), start, seconds)],
+            "uncertainty": [(len(seed_set), start, seconds + choosing)],
+        }
+        save_state(state_path, args, curves, active, picks)
     for labels in counts[1:]:
-        # uncertainty: the model trained on the labels so far picks the pairs it is least sure of
-        started = time.perf_counter()
-        labelled = set(active)
-        unlabelled = [i for i in pool if i not in labelled]
-        pool_scores = score(setup, unlabelled)
-        picked = uncertainty_order([(0, 1)] * len(unlabelled), range(len(unlabelled)), pool_scores)
-        active += [unlabelled[i] for i in picked[: labels - len(active)]]
-        choosing = time.perf_counter() - started
+        if labels <= curves["random"][-1][0]:
+            continue
+        active = active + picks[: labels - len(active)]
         for order, labelled in (("uncertainty", active), ("random", shuffled[:labels])):
             seconds = retrain(setup, labelled)
             hits = correct(score(setup, held_out))
-            spent = seconds + (choosing if order == "uncertainty" else 0.0)
-            curves[order].append((labels, hits, spent))
+            choosing, note = 0.0, ""
+            if order == "uncertainty" and labels < counts[-1]:  # this model picks the next round's pairs
+                picks, choosing = least_sure(setup, pool, active, args.every)
+                note = f"; scored {len(pool) - len(active)} pool pairs in {choosing:.0f} s"
+            curves[order].append((labels, hits, seconds + choosing))
             print(
                 f"{order:<12} {labels:>5} labels: accuracy {sum(hits) / len(hits):.3f} "
-                f"(retrained in {seconds:.0f} s, {len(labelled) * args.epochs / seconds:.2f} pairs/s"
-                + (f"; scored {len(unlabelled)} pool pairs in {choosing:.0f} s)" if order == "uncertainty" else ")"),
+                f"(retrained in {seconds:.0f} s, {len(labelled) * args.epochs / seconds:.2f} pairs/s{note})",
                 flush=True,
             )
+        save_state(state_path, args, curves, active, picks)
     return curves
+
+
+def least_sure(setup: Setup, pool: list[int], labelled: list[int], count: int) -> tuple[list[int], float]:
+    """The `count` unlabelled pool pairs the current model is least sure of, and the seconds scoring took."""
+    started = time.perf_counter()
+    taken = set(labelled)
+    unlabelled = [i for i in pool if i not in taken]
+    pool_scores = score(setup, unlabelled)
+    picked = uncertainty_order([(0, 1)] * len(unlabelled), range(len(unlabelled)), pool_scores)
+    return [unlabelled[i] for i in picked[:count]], time.perf_counter() - started
+
+
+# Resuming: the finished rounds, keyed by the settings that shape them
+
+SETTINGS = ("data", "pool", "held_out", "seed_labels", "every", "budget", "epochs", "max_length", "seed", "quick")
+
+
+def settings_of(args) -> dict:
+    return {key: str(getattr(args, key)) for key in SETTINGS}
+
+
+def load_state(path: Path | None, args) -> dict | None:
+    import json
+
+    if path is None or not path.exists():
+        return None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if state.get("settings") != settings_of(args):
+        print(f"{path} holds a run with other settings: starting afresh (it will be overwritten)")
+        return None
+    state["curves"] = {order: [tuple(point) for point in points] for order, points in state["curves"].items()}
+    return state
+
+
+def save_state(path: Path | None, args, curves: dict, active: list[int], picks: list[int]) -> None:
+    import json
+
+    if path is None:
+        return
+    state = {"settings": settings_of(args), "curves": curves, "active": active, "picks": picks}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(state), encoding="utf-8")
+    partial.replace(path)
 
 
 # The report
@@ -389,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=800, help="labels at the end")
     parser.add_argument("--reference", type=int, default=800, help="the random order's label count to match")
     parser.add_argument("--target", type=int, default=600, help="labels the uncertainty order may use to match it")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of each retraining")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of each retraining")
     parser.add_argument("--max-length", type=int, help="tokens per pair (default: the recipe's max_length)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="where the png and txt go (default: benchmarks/results/)")
@@ -409,17 +482,23 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="active-learning-") as scratch:
         scratch = Path(scratch)
         out = args.out or (Path(tempfile.mkdtemp(prefix="active-learning-quick-")) if args.quick else RESULTS)
+        name = "active-learning-quick" if args.quick else "active-learning"
         pool_rows, held_rows = split_rows(scratch / "ws", args)
         if args.budget > len(pool_rows):
             raise SystemExit(f"--budget {args.budget} is more than the {len(pool_rows)} pool pairs")
         model = tiny_model(scratch / "tiny") if args.quick else "smollm2-135m"
         config = recipe_config(model, str(scratch / "trainer"), args)
-        setup = build(config, pool_rows + held_rows)
+        cache = None
+        if not args.quick:  # keyed by the settings that shape the states
+            from align.models import cache_dir
+
+            key = hashlib.sha256(repr((settings_of(args), config.max_length)).encode()).hexdigest()[:16]
+            cache = cache_dir() / "active-learning" / f"states-{key}.pt"
+        setup = build(config, pool_rows + held_rows, cache)
         pool = list(range(len(pool_rows)))
         held_out = list(range(len(pool_rows), len(pool_rows) + len(held_rows)))
-        curves = simulate(setup, pool, held_out, args)
+        curves = simulate(setup, pool, held_out, args, out / f"{name}-state.json")
         text, goal, _ = verdict(curves, args.reference, args.target)
-        name = "active-learning-quick" if args.quick else "active-learning"
         what = "a tiny random model (--quick: the numbers mean nothing)" if args.quick else "SmolLM2-135M, RM recipe"
         title = f"Active learning on HH: {what}, retrained every {args.every} labels"
         plot(curves, goal, args.reference, out / f"{name}.png", title)

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import enum
 import re
+import socket
 import subprocess
 import sys
 import types
@@ -109,11 +110,19 @@ def _launch(args) -> int:
         raise AlignError("--num-processes starts a launch itself: drop it when running under accelerate launch")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"]
     command += ["--num_processes", str(args.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(free_port())]  # two launches on one machine would meet on 29500
     command += ["-m", "align", args.command]  # accelerate starts each process with this Python
     command += ["--workspace", str(args.workspace)] if hasattr(args, "workspace") else []
     command += (["--config", args.config] if args.config else []) + _resume_flag(args.resume) + args.overrides
     print("running: " + " ".join(command), flush=True)
     return subprocess.run(command).returncode
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now, for the launch's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _resume_flag(resume) -> list[str]:

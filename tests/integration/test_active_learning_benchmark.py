@@ -50,11 +50,17 @@ def test_the_verdict_by_hand(benchmark):
     assert lines[2].split()[:2] == ["600", "0.600"] and "+0.100" in lines[2]
 
 
-def test_quick_runs_both_orders_from_one_start_and_writes_the_plot_and_the_table(benchmark, tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(benchmark, tmp_path_factory):
     data = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
     if not data.is_file():
         pytest.skip(f"the shared HH data is not at {data}")
-    result = benchmark.main(["--quick", "--out", str(tmp_path)])
+    out = tmp_path_factory.mktemp("quick")
+    return benchmark.main(["--quick", "--out", str(out)]), out
+
+
+def test_quick_runs_both_orders_from_one_start_and_writes_the_plot_and_the_table(quick_run):
+    result, tmp_path = quick_run
     curves = result["curves"]
     assert [point[0] for point in curves["random"]] == [10, 20, 30, 40]
     assert [point[0] for point in curves["uncertainty"]] == [10, 20, 30, 40]
@@ -64,3 +70,26 @@ def test_quick_runs_both_orders_from_one_start_and_writes_the_plot_and_the_table
     assert "target (uncertainty reaches random's 30-label accuracy with <= 20 labels): " in text
     assert result["verdict"] in text
     assert (tmp_path / "active-learning-quick.png").stat().st_size > 10_000
+
+
+def test_a_stopped_run_goes_on_from_its_last_round_to_the_same_curves(benchmark, quick_run, tmp_path, monkeypatch):
+    whole, _ = quick_run
+    retrain, calls = benchmark.retrain, []
+
+    def stops_at_the_fourth(setup, labelled):  # the start, then both orders at 20 labels, then a kill at 30
+        calls.append(len(labelled))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return retrain(setup, labelled)
+
+    monkeypatch.setattr(benchmark, "retrain", stops_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--quick", "--out", str(tmp_path)])
+    assert calls == [10, 20, 20, 30]
+    monkeypatch.setattr(benchmark, "retrain", retrain)
+    resumed = benchmark.main(["--quick", "--out", str(tmp_path)])
+
+    def accuracies(curves):
+        return {order: [(labels, hits) for labels, hits, _ in points] for order, points in curves.items()}
+
+    assert accuracies(resumed["curves"]) == accuracies(whole["curves"])

@@ -11,7 +11,7 @@ weights after every update, and can make one process crash.
 import json
 import os
 import random
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +23,7 @@ from test_dpo import TEST_WORDS, TRAIN_WORDS, pairs
 from test_rm import marker_rows
 
 from align import cli
+from align.cli.stages import free_port
 from align.config import build_config, split_global_batch
 from align.dpo import DPOStageConfig, run_dpo
 from align.errors import AlignError
@@ -42,9 +43,7 @@ WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "lemon"]
 
 def launch(workspace: Path, *args: str, hook: Path | None = None, env: dict | None = None):
     """`accelerate launch` two processes of `python -m align --workspace WORKSPACE ARGS...` and wait for them."""
-    with socket.socket() as probe:  # a free port, so that launches of parallel test runs do not meet
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # so that launches of parallel test runs do not meet
     command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
     command += ["-m", "align", "--workspace", str(workspace), *args]
@@ -178,6 +177,8 @@ def test_num_processes_launches_accelerate_itself(tmp_path, tiny_model_dir):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "running: " in done.stdout and "--num_processes 2" in done.stdout
+    port = int(re.search(r"--main_process_port (\d+)", done.stdout).group(1))  # a free one, not always 29500
+    assert 1024 < port < 65536
     assert "global batch 4 = 2 per device x 2 processes x 1 accumulation step" in done.stdout
     registry = Registry(tmp_path / "ws")
     runs = registry.list_runs()
