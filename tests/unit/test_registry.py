@@ -472,3 +472,38 @@ def test_artifact_on_an_artifact_links_to_it(registry):
     with pytest.raises(AlignError, match="no artifact 'adapter:missing'"):
         registry.register_artifact("rm", "r", folder, base_model="adapter:missing")
     assert [a.ref for a in registry.list_artifacts()] == ["adapter:dpo@1", "model:merged@1"]
+
+
+def test_the_quick_turn_check_never_passes_a_row_the_full_check_refuses():
+    """check_turns skips its full check for rows that look plain; every row it skips must pass the full check."""
+    import itertools
+
+    from align.registry.schemas import RowError, _check_all_turns, _plain_turns
+
+    def turns(roles, contents):
+        return [{"role": r, "content": c} for r, c in zip(roles, contents)]
+
+    roles = ("system", "user", "assistant", "tool")
+    skipped = refused_by_full = 0
+    for n in (1, 2, 3):
+        for prompt_roles in itertools.product(roles, repeat=n):
+            for contents in (["hi"] * n, ["hi"] * (n - 1) + ["  "]):
+                prompt = turns(prompt_roles, contents)
+                for reply_roles in (("assistant",), ("user",), ("assistant", "tool"), ()):
+                    reply = turns(reply_roles, ["ok"] * len(reply_roles))
+                    rows = {
+                        "sft": {"messages": prompt},
+                        "prompts": {"prompt": prompt},
+                        "preference": {"prompt": prompt, "chosen": reply, "rejected": turns(["assistant"], ["no"])},
+                        "feedback": {"prompt": prompt, "completion": reply, "label": True},
+                    }
+                    for kind, row in rows.items():
+                        if not _plain_turns(kind, row):
+                            continue
+                        skipped += 1
+                        try:
+                            _check_all_turns(kind, row)
+                        except RowError:
+                            refused_by_full += 1
+    assert skipped > 50
+    assert refused_by_full == 0
