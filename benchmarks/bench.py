@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick            # tiny models, a few examples: a smoke run of every row's path
     python benchmarks/bench.py --rows gemm,registry   # some rows only
     python benchmarks/bench.py --resume           # skip the rows today's results file already holds
+    python benchmarks/bench.py --resume --date 2026-12-01   # go on with that day's file
     python benchmarks/bench.py --demo             # also `make demo` to the serve URL (long)
     python benchmarks/bench.py --readme           # the README's performance table from the latest results file
 
@@ -162,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models and a few examples: the path, not speed")
     parser.add_argument("--rows", help=f"comma-separated, of {', '.join(r.name for r in ROWS + [DEMO])}")
     parser.add_argument("--resume", action="store_true", help="skip the rows today's results file holds as ok")
+    parser.add_argument(
+        "--date",
+        help="with --resume: go on with the results file of this day (YYYY-MM-DD), for a run that crossed midnight",
+    )
     parser.add_argument("--demo", action="store_true", help="also time `make demo` to its serve URL (long)")
     parser.add_argument("--readme", action="store_true", help="only rewrite the README's table from the latest file")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the results folder (default benchmarks/results)")
@@ -183,10 +188,23 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = cpu_model()
     date = datetime.now(timezone.utc).date().isoformat()
+    if args.date:
+        if not args.resume:
+            parser.error("--date goes with --resume: a new run is dated the day it runs")
+        try:
+            date = datetime.strptime(args.date, "%Y-%m-%d").date().isoformat()
+        except ValueError:
+            parser.error(f"--date: expected YYYY-MM-DD, got {args.date!r}")
+        if not results_path(args.out, date, machine_slug(cpu), args.quick).exists():
+            parser.error(f"--date {date}: no results file of that day for this machine in {args.out}")
     path = results_path(args.out, date, machine_slug(cpu), args.quick)
     results = None
     if args.resume and path.exists():
         results = json.loads(path.read_text(encoding="utf-8"))
+        resumed = environment(argv)
+        results["environment"].setdefault("resumed", []).append(
+            {k: resumed[k] for k in ("command", "commit", "started")}
+        )
     if results is None:
         results = {"date": date, "machine": machine_slug(cpu), "cpu": cpu, "quick": args.quick, "rows": {}}
         results["environment"] = environment(argv)

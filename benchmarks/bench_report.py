@@ -147,6 +147,11 @@ def markdown(results: dict) -> str:
         f"at the end {env.get('load_end', '?')}. Every peer figure was measured in this run; ours / peer is the "
         "ratio of the figures as they are (for s/update and memory, below 1 is better); the json beside this file "
         "holds every figure.",
+        *[
+            f"Resumed with `{again['command']}`, commit {again['commit']}, from {again['started']}: the rows that "
+            "file did not yet hold were measured then."
+            for again in env.get("resumed", [])
+        ],
         "",
         *figures_table(results, with_notes=True),
         "",

@@ -244,6 +244,37 @@ def test_a_failing_row_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
     assert json.loads(path.read_text())["rows"]["fine"]["figures"][0]["ours"] == 55.0
 
 
+def test_resume_goes_on_with_an_earlier_days_file(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(bench, "ROWS", [bench.Row("a", "A", lambda ctx: calls.append("a") or {"figures": []})])
+    machine = bench.machine_slug(bench.cpu_model())
+    earlier = tmp_path / f"2026-01-31-{machine}.json"
+    earlier.write_text(
+        json.dumps(
+            {
+                "date": "2026-01-31",
+                "machine": machine,
+                "cpu": "x",
+                "quick": False,
+                "rows": {},
+                "environment": {"command": "python benchmarks/bench.py"},
+            }
+        )
+    )
+    assert bench.main(["--out", str(tmp_path), "--resume", "--date", "2026-01-31"]) == 0
+    assert calls == ["a"] and [p.name for p in tmp_path.glob("*.json")] == [earlier.name]
+    data = json.loads(earlier.read_text())
+    assert data["rows"]["a"]["status"] == "ok" and data["environment"]["resumed"][0]["command"].endswith("2026-01-31")
+    assert "Resumed with `python benchmarks/bench.py --out" in earlier.with_suffix(".md").read_text()
+    for argv, message in [
+        (["--date", "2026-01-31"], "--date goes with --resume"),
+        (["--resume", "--date", "2026-02-01"], "no results file of that day"),
+    ]:
+        with pytest.raises(SystemExit):
+            bench.main(["--out", str(tmp_path), *argv])
+        assert message in capsys.readouterr().err
+
+
 def test_unknown_row_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--rows", "gemm,nonsense"])
